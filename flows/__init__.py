@@ -1,0 +1,1 @@
+"""Prefect flows: ``ready`` stages a module's inputs, ``done`` commits its outputs."""

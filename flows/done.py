@@ -1,0 +1,123 @@
+"""The done flow: commit a module's outputs (``DESIGN.md``: One run).
+
+plan (read and validate ``out/``, no data-plane I/O) -> upload ``out/data/**`` -> upsert the insight ->
+upsert every child's event meta -> publish the child events. Metas are stored before any event is
+published, so a child never receives an event whose meta or files are missing. Every step is
+idempotent (same blob keys, same document ids, same message ids), so a failed ``/done`` can be retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from prefect import flow, task
+from prefect.runtime import flow_run
+
+from flows.runtime import TASK_OPTIONS, Runtime, blob_key, child_event_id, split_batches
+from sidecar.dataplane.blobs import BlobInfo, gather_bounded
+from sidecar.layout import DonePlan, OutputFile, PlannedEvent, plan_outputs
+from sidecar.models import BlobFile, DoneSummary, Event, EventContext, EventMeta, EventRef, Insight
+
+
+@task(name="upload-files", task_run_name="upload-{count}-files", **TASK_OPTIONS)
+async def upload_files(runtime: Runtime, files: list[OutputFile], count: int, limit: asyncio.Semaphore) -> list[BlobInfo]:
+    """Upload ``files`` to their blob keys; returns what the blob store holds for each."""
+    blobs = runtime.dataplane.blobs
+    return await gather_bounded(limit, [blobs.upload(f.local, blob_key(runtime.cfg, f.path)) for f in files])
+
+
+@task(name="upsert-insight", **TASK_OPTIONS)
+async def upsert_insight(runtime: Runtime, insight: Insight) -> None:
+    """Store the run's insight under its execution id."""
+    await asyncio.to_thread(runtime.dataplane.documents.upsert_insight, insight)
+
+
+@task(name="upsert-event-metas", task_run_name="upsert-{count}-event-metas", **TASK_OPTIONS)
+async def upsert_event_metas(runtime: Runtime, metas: list[EventMeta], count: int) -> None:
+    """Store each child's event meta under the child event id."""
+    await asyncio.to_thread(runtime.dataplane.documents.upsert_event_metas, metas)
+
+
+@task(name="publish-events", task_run_name="publish-{count}-events", **TASK_OPTIONS)
+async def publish_events(runtime: Runtime, events: list[Event], count: int) -> None:
+    """Publish the child events (message id = child event id, so a re-publish is dropped)."""
+    await runtime.dataplane.events.publish(events)
+
+
+def _insight(runtime: Runtime, plan: DonePlan) -> Insight:
+    ctx = runtime.cfg.context
+    return Insight(
+        id=ctx.execution_id(), executionId=ctx.execution_id(), eventId=ctx.eventid,
+        correlationId=ctx.correlationid, parentEventId=ctx.parenteventid, name=ctx.name, data=plan.insight,
+    )
+
+
+def _child(runtime: Runtime, planned: PlannedEvent, stored: dict[str, BlobInfo]) -> tuple[EventMeta, Event]:
+    cfg = runtime.cfg
+    ctx = cfg.context
+    child_id = child_event_id(cfg, planned.file)
+    blobs = runtime.dataplane.blobs
+    files = []
+    for path in planned.files:
+        info = stored[path]
+        url = blobs.url(info.key, cfg.azureblobprovider.sasexpiryseconds)
+        files.append(BlobFile(path=path, key=info.key, size=info.size, md5=info.md5, url=url))
+    meta = EventMeta(
+        id=child_id, eventId=child_id, correlationId=ctx.correlationid, parentEventId=ctx.eventid,
+        eventType=planned.event_type, producer=ctx.name, files=files, data=planned.data,
+    )
+    context = EventContext(eventId=child_id, correlationId=ctx.correlationid, parentEventId=ctx.eventid)
+    return meta, Event(context=context, type=planned.event_type)
+
+
+@flow(name="done", flow_run_name="done-{runtime.cfg.context.name}-{runtime.cfg.context.eventid}",
+      validate_parameters=False, persist_result=False)
+async def done(runtime: Runtime) -> DoneSummary:
+    """Commit the outputs under ``out/``; returns the summary ``/done`` answers.
+
+    Args:
+        runtime: the run's config, folders and data plane. Child events in ``runtime.published`` (an
+            earlier attempt published them) are not published again; this flow adds the ids it publishes.
+
+    Raises:
+        InputError: an output breaks the folder contract (HTTP 400); nothing was committed.
+        DataPlaneUnavailable: a service stayed unreachable through the task retries (HTTP 503).
+        DataPlaneError: a service refused a request for good (HTTP 502).
+    """
+    started = time.perf_counter()
+    cfg = runtime.cfg
+    plan = plan_outputs(runtime.layout, list(cfg.valideventtypes), cfg.maxeventbytes)
+    options = runtime.task_options()
+    stored: dict[str, BlobInfo] = {}
+    if plan.files:
+        limit = runtime.semaphore()
+        upload = upload_files.with_options(**options)
+        batches = split_batches(plan.files, cfg.transfer.tasks, lambda f: f.size)
+        results = await asyncio.gather(*(upload(runtime, b, len(b), limit) for b in batches))
+        for batch, infos in zip(batches, results):
+            stored.update({f.path: info for f, info in zip(batch, infos)})
+    insight = _insight(runtime, plan) if plan.insight else None
+    if insight:
+        await upsert_insight.with_options(**options)(runtime, insight)
+    children = [_child(runtime, planned, stored) for planned in plan.events]
+    if children:
+        metas = [meta for meta, _ in children]
+        await upsert_event_metas.with_options(**options)(runtime, metas, len(metas))
+        pending = [event for _, event in children if event.id not in runtime.published]
+        if pending:
+            await publish_events.with_options(**options)(runtime, pending, len(pending))
+            runtime.published.update(event.id for event in pending)
+    summary = DoneSummary(
+        flowRunId=str(flow_run.get_id()), files=len(plan.files), bytes=plan.bytes,
+        seconds=round(time.perf_counter() - started, 3),
+        events=[EventRef(eventId=event.id, eventType=event.type) for _, event in children],
+    )
+    dumps = runtime.dataplane.dumps
+    dumps.write("dev.done", {"summary": summary.model_dump(), "files": [f.path for f in plan.files]})
+    if insight:
+        dumps.write("insight.json", insight)
+    for meta, event in children:
+        dumps.write(f"events/{event.id}.json", event)
+        dumps.write(f"eventmeta/{meta.id}.json", meta)
+    return summary

@@ -1,0 +1,75 @@
+"""The ready flow: stage a module's inputs (``DESIGN.md``: One run).
+
+``get_event_meta(eventid)`` -> download the files it lists into ``in/data`` (parallel, bounded, in a few
+batch task runs) -> write ``in/meta.json`` from the meta's data pairs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.runtime import flow_run
+
+from flows.runtime import TASK_OPTIONS, Runtime, split_batches
+from sidecar.dataplane.blobs import BlobInfo, gather_bounded
+from sidecar.errors import DataPlaneError
+from sidecar.models import BlobFile, EventMeta, ReadySummary
+
+
+@task(name="get-event-meta", **TASK_OPTIONS)
+async def get_event_meta(runtime: Runtime, event_id: str) -> EventMeta | None:
+    """Read the event meta of ``event_id`` from the document store (None: first module of a graph)."""
+    return await asyncio.to_thread(runtime.dataplane.documents.get_event_meta, event_id)
+
+
+@task(name="download-files", task_run_name="download-{count}-files", **TASK_OPTIONS)
+async def download_files(runtime: Runtime, files: list[BlobFile], count: int, limit: asyncio.Semaphore) -> int:
+    """Download ``files`` into ``in/data`` at their relative paths; returns the bytes moved."""
+    blobs = runtime.dataplane.blobs
+    target = runtime.layout.in_data
+    jobs = [blobs.download(f.key, target / f.path, BlobInfo(f.key, f.size, f.md5)) for f in files]
+    infos = await gather_bounded(limit, jobs)
+    return sum(info.size for info in infos)
+
+
+def _check_paths(meta: EventMeta) -> None:
+    for f in meta.files:
+        normal = os.path.normpath(f.path)
+        if Path(f.path).is_absolute() or normal == ".." or normal.startswith(".." + os.sep):
+            raise DataPlaneError("document store", f"event meta '{meta.id}' lists unsafe path '{f.path}'")
+
+
+@flow(name="ready", flow_run_name="ready-{runtime.cfg.context.name}-{runtime.cfg.context.eventid}",
+      validate_parameters=False, persist_result=False)
+async def ready(runtime: Runtime) -> ReadySummary:
+    """Stage the inputs of ``runtime.cfg.context.eventid``; returns the summary ``/ready`` answers.
+
+    Raises:
+        DataPlaneUnavailable: a service stayed unreachable through the task retries (HTTP 503).
+        DataPlaneError: a blob is missing or the event meta is unusable (HTTP 502).
+    """
+    started = time.perf_counter()
+    layout = runtime.layout
+    layout.prepare()
+    options = runtime.task_options()
+    meta = await get_event_meta.with_options(**options)(runtime, runtime.cfg.context.eventid)
+    moved = 0
+    files = meta.files if meta else []
+    if meta:
+        _check_paths(meta)
+        limit = runtime.semaphore()
+        batches = split_batches(files, runtime.cfg.transfer.tasks, lambda f: f.size)
+        download = download_files.with_options(**options)
+        moved = sum(await asyncio.gather(*(download(runtime, b, len(b), limit) for b in batches)))
+    layout.write_input_meta(meta.data if meta else [])
+    summary = ReadySummary(
+        flowRunId=str(flow_run.get_id()), files=len(files), bytes=moved,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    dumps = runtime.dataplane.dumps
+    dumps.write("dev.ready", {"summary": summary.model_dump(), "eventMeta": meta.model_dump() if meta else None})
+    return summary

@@ -1,0 +1,95 @@
+"""What the ready and done flows share: the run's runtime objects and the task policy.
+
+Each unit of data-plane I/O is a Prefect task run with retries (``DESIGN.md``: One run); Prefect's task
+retries are the only retry layer, so providers are configured not to retry on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, Callable, Sequence, TypeVar
+
+from prefect import Task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from sidecar.config import ID_NAMESPACE, SidecarConfig
+from sidecar.dataplane import DataPlane
+from sidecar.errors import is_transient
+from sidecar.layout import ModuleLayout
+
+T = TypeVar("T")
+
+# Task options common to every data-plane task: no result persistence or caching (a retried /done
+# must really redo the I/O), and one retry policy.
+TASK_OPTIONS: dict[str, Any] = {"persist_result": False, "cache_policy": NO_CACHE}
+
+
+class Runtime:
+    """The objects a flow run needs: config, the module's folders and the data plane.
+
+    Has ``__slots__`` and no ``__dict__`` on purpose: Prefect records flow parameters in its API by
+    JSON-encoding them, and this object (which holds secrets) must be stored only as ``<Runtime>``.
+    """
+
+    __slots__ = ("cfg", "layout", "dataplane", "published")
+
+    def __init__(self, cfg: SidecarConfig, layout: ModuleLayout, dataplane: DataPlane):
+        self.cfg = cfg
+        self.layout = layout
+        self.dataplane = dataplane
+        # Ids of child events this process has published: a retried /done skips them.
+        self.published: set[str] = set()
+
+    def task_options(self) -> dict[str, Any]:
+        """Retries and back-off (seconds, doubling) from ``transfer.retries``/``retrydelayseconds``."""
+        retries = self.cfg.transfer.retries
+        delay = self.cfg.transfer.retrydelayseconds
+        return {
+            "retries": retries,
+            "retry_delay_seconds": [delay * 2**i for i in range(max(retries, 1))],
+            "retry_condition_fn": retry_transient,
+        }
+
+    def semaphore(self) -> asyncio.Semaphore:
+        """A fresh bound on blob transfers in flight for one flow run (``transfer.concurrency``)."""
+        return asyncio.Semaphore(max(1, self.cfg.transfer.concurrency))
+
+
+def retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Prefect ``retry_condition_fn``: retry transient failures only (see ``errors.is_transient``)."""
+    exc = state.data
+    return not isinstance(exc, BaseException) or is_transient(exc)
+
+
+def child_event_id(cfg: SidecarConfig, event_file: str) -> str:
+    """The child event id for ``out/events/{event_file}``: a UUID5 of (event id, module name, file
+    name), so a retried ``/done`` derives the same ids (``DESIGN.md``: Data plane records)."""
+    ctx = cfg.context
+    return str(uuid.uuid5(ID_NAMESPACE, f"{ctx.eventid}/{ctx.name}/{event_file}"))
+
+
+def blob_key(cfg: SidecarConfig, path: str) -> str:
+    """The blob key of output ``path`` (relative to out/data): ``{eventid}/{name}/{path}``."""
+    return f"{cfg.context.eventid}/{cfg.context.name}/{path}"
+
+
+def split_batches(items: Sequence[T], parts: int, size: Callable[[T], int]) -> list[list[T]]:
+    """Split ``items`` into at most ``parts`` non-empty batches of about equal total ``size``.
+
+    Few large batches keep the number of concurrent task runs (and so writes to Prefect's database)
+    small however many files move; order inside a batch follows ``items``.
+    """
+    if not items:
+        return []
+    parts = max(1, min(parts, len(items)))
+    bins: list[list[T]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for item in sorted(items, key=size, reverse=True):
+        lightest = loads.index(min(loads))
+        bins[lightest].append(item)
+        loads[lightest] += size(item)
+    order = {id(item): i for i, item in enumerate(items)}
+    return [sorted(b, key=lambda it: order[id(it)]) for b in bins if b]

@@ -1,0 +1,173 @@
+"""The HTTP API a module calls: ``GET /ready``, ``GET /done``, ``GET /healthz``.
+
+``DESIGN.md`` (The HTTP contract): every request but ``/healthz`` carries header ``secret`` (compared in
+constant time; 401 otherwise). ``/ready`` stages inputs once; repeats return the same summary and
+concurrent calls share one flow run. ``/done`` before ``/ready`` and ``/ready`` after ``/done`` are 409.
+A failed ``/done`` leaves the state at ready so the module can retry it. Errors are JSON
+``{"statusCode", "message"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+from contextlib import asynccontextmanager
+from typing import Any, Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from flows.done import done as done_flow
+from flows.ready import ready as ready_flow
+from flows.runtime import Runtime
+from sidecar.errors import SidecarError, StateError
+from sidecar.models import DoneSummary, ReadySummary
+from sidecar.orchestration import PrefectApi
+
+log = logging.getLogger(__name__)
+
+
+class Phase(str, enum.Enum):
+    """Where the run stands: nothing staged yet, inputs staged, outputs committed."""
+
+    new = "new"
+    ready = "ready"
+    done = "done"
+
+
+class RunState:
+    """The run's state machine; one per sidecar process (one module run).
+
+    ``phase`` moves new -> ready -> done and only on success; the summary of each successful step is
+    kept so repeats answer the same. ``inflight`` is the running step, which concurrent callers await.
+    """
+
+    def __init__(self) -> None:
+        self.phase = Phase.new
+        self.ready_summary: ReadySummary | None = None
+        self.done_summary: DoneSummary | None = None
+        self.inflight: tuple[Phase, asyncio.Task] | None = None
+
+    async def run(self, step: Phase, start: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``step`` (ready or done) once, sharing an in-flight run with concurrent callers.
+
+        Raises:
+            StateError: the step is out of order (HTTP 409).
+            Exception: whatever the step's flow raised; the phase is left unchanged.
+        """
+        if step is Phase.ready and (self.phase is Phase.done or self._running(Phase.done)):
+            raise StateError("/ready after /done: this module's run is already committed")
+        if step is Phase.done and self.phase is Phase.new:
+            raise StateError("/done before /ready: call /ready first and wait for it to succeed")
+        kept = self.ready_summary if step is Phase.ready else self.done_summary
+        if kept is not None:
+            return kept
+        if self.inflight is None:
+            self.inflight = (step, asyncio.create_task(start()))
+        task = self.inflight[1]
+        try:
+            # shield: a caller that disconnects must not cancel the run the others wait for.
+            summary = await asyncio.shield(task)
+        finally:
+            if task.done() and self.inflight and self.inflight[1] is task:
+                self.inflight = None
+        if step is Phase.ready:
+            self.ready_summary, self.phase = summary, Phase.ready
+        else:
+            self.done_summary, self.phase = summary, Phase.done
+        return summary
+
+    def _running(self, step: Phase) -> bool:
+        return self.inflight is not None and self.inflight[0] is step
+
+
+def error_body(status: int, message: str) -> JSONResponse:
+    """The JSON error body of the contract: ``{"statusCode": status, "message": message}``."""
+    return JSONResponse({"statusCode": status, "message": message}, status_code=status)
+
+
+def create_app(runtime: Runtime) -> FastAPI:
+    """The FastAPI app serving one module run with ``runtime``.
+
+    The lifespan starts the Prefect API (see :class:`~sidecar.orchestration.PrefectApi`) and, on
+    shutdown, stops any temporary Prefect server and closes the data-plane connections.
+    """
+    cfg = runtime.cfg
+    prefect_api = PrefectApi(cfg.prefectstartuptimeoutseconds)
+    state = RunState()
+    expected_secret = cfg.sharedsecret.encode()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime.layout.prepare()
+        prefect_api.start()
+        log.info("sidecar listening on %s:%s, base directory %s", cfg.host, cfg.serverport, runtime.layout.basedir)
+        try:
+            yield
+        finally:
+            await prefect_api.stop()
+            await runtime.dataplane.close()
+
+    app = FastAPI(title="ion-sidecar", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.run = state
+    app.state.prefect = prefect_api
+
+    @app.middleware("http")
+    async def require_secret(request: Request, call_next):
+        if request.url.path != "/healthz":
+            given = request.headers.get("secret", "").encode()
+            if not secrets.compare_digest(given, expected_secret):
+                return error_body(401, "missing or wrong 'secret' header")
+        return await call_next(request)
+
+    @app.exception_handler(SidecarError)
+    async def sidecar_error(request: Request, exc: SidecarError) -> JSONResponse:
+        level = logging.WARNING if exc.status_code < 500 else logging.ERROR
+        log.log(level, "%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc.message)
+        return error_body(exc.status_code, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_body(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def request_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_body(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_body(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        """200 once the Prefect API is usable, 503 while it starts; never needs the secret."""
+        body = {"status": "ok" if prefect_api.ready else "starting", "phase": state.phase.value}
+        return JSONResponse(body, status_code=200 if prefect_api.ready else 503)
+
+    @app.get("/ready", response_model=ReadySummary)
+    async def ready() -> ReadySummary:
+        async def start() -> ReadySummary:
+            await prefect_api.wait()
+            return await ready_flow(runtime)
+
+        summary = await state.run(Phase.ready, start)
+        log.info("ready: staged %s files, %s bytes in %ss", summary.files, summary.bytes, summary.seconds)
+        return summary
+
+    @app.get("/done", response_model=DoneSummary)
+    async def done() -> DoneSummary:
+        async def start() -> DoneSummary:
+            await prefect_api.wait()
+            return await done_flow(runtime)
+
+        summary = await state.run(Phase.done, start)
+        log.info("done: committed %s files, %s bytes, %s events in %ss",
+                 summary.files, summary.bytes, len(summary.events), summary.seconds)
+        return summary
+
+    return app

@@ -1,0 +1,220 @@
+"""Command line: the seed's flags and plain Hydra overrides -> composed config -> uvicorn.
+
+Hydra's own argv parser rejects ``--flag=value``, so this module translates the seed's flags
+(``spec/SIDECAR.md``, Running the Sidecar) before composing with Hydra's Compose API (which changes no
+working directory and writes no ``outputs/`` folder):
+
+- ``--azureblobprovider=true`` (and the other provider flags) choose an option of that config group:
+  ``azure``/``mongo``/``servicebus`` when true, ``dev`` when false;
+- every other ``--key=value`` (or ``--key value``) sets ``key`` after composition, taken as a literal
+  string (so secrets and connection strings need no quoting), converted and checked by the schema;
+- ``--valideventtypes=a,b`` is split on commas;
+- arguments without ``--`` are Hydra overrides, e.g. ``context.eventid=e1`` or ``transfer.tasks=2``.
+
+An unknown setting or a missing required value stops start-up with one line naming it (exit code 2).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from sidecar.config import PROVIDER_GROUPS, REQUIRED_KEYS, SECRET_KEYS, SidecarConfig, register
+
+EXIT_USAGE = 2
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+# Flags that are true when given without a value.
+_SWITCHES = {"printconfig", "development", *PROVIDER_GROUPS}
+
+USAGE = """usage: sidecar [--key=value ...] [hydra.override=value ...]
+
+Seed flags (spec/SIDECAR.md): --context.eventid --context.correlationid --context.parenteventid
+--context.name --loglevel --logfile --serverport --sharedsecret --valideventtypes --development
+--azureblobprovider[.blobaccountname|.blobaccountkey|.containername|.connectionstring]
+--mongodbdocprovider[.name|.password|.collection|.port|.uri]
+--servicebuseventprovider[.namespace|.topic|.key|.authorizationrulename|.connectionstring]
+plus --basedir, --host, --printconfig. README.md lists every setting."""
+
+
+class UsageError(Exception):
+    """A command line or configuration problem; the message is the one line printed."""
+
+
+@dataclass
+class Parsed:
+    """The command line split into Hydra overrides, literal values and ``--printconfig``."""
+
+    overrides: list[str] = field(default_factory=list)
+    values: list[tuple[str, str]] = field(default_factory=list)
+    printconfig: bool = False
+
+
+def _as_bool(flag: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise UsageError(f"--{flag} takes true or false, not '{value}'")
+
+
+def parse_args(argv: list[str]) -> Parsed:
+    """Split ``argv`` (without the program name) as described in the module docstring.
+
+    Raises:
+        UsageError: a flag without its value, or a provider flag that is not true/false.
+    """
+    parsed = Parsed()
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            parsed.overrides.append(arg)
+            continue
+        key, sep, value = arg[2:].partition("=")
+        if not key:
+            raise UsageError(f"'{arg}' is not a flag")
+        if not sep:
+            if key in _SWITCHES:
+                value = "true"
+            elif args and not args[0].startswith("--"):
+                value = args.pop(0)
+            else:
+                raise UsageError(f"--{key} needs a value (--{key}=VALUE)")
+        if key == "printconfig":
+            parsed.printconfig = _as_bool(key, value)
+        elif key in PROVIDER_GROUPS:
+            on, off = PROVIDER_GROUPS[key]
+            parsed.overrides.append(f"{key}={on if _as_bool(key, value) else off}")
+        else:
+            parsed.values.append((key, value))
+    return parsed
+
+
+def config_dir() -> Path:
+    """The Hydra config folder: ``SIDECAR_CONFIG_DIR``, else ``conf/`` beside the packages."""
+    return Path(os.environ.get("SIDECAR_CONFIG_DIR") or Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_config(argv: list[str]) -> tuple[SidecarConfig, Parsed]:
+    """Compose the configuration for ``argv``.
+
+    Returns:
+        The typed config (interpolations such as ``SHARED_SECRET`` resolved) and the parsed argv.
+
+    Raises:
+        UsageError: unknown setting, bad value, missing required value or contradictory settings.
+    """
+    parsed = parse_args(argv)
+    register()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=parsed.overrides)
+    except HydraException as exc:
+        raise UsageError(str(exc).strip().splitlines()[0]) from None
+    for key, value in parsed.values:
+        _set(cfg, key, value)
+    for key in REQUIRED_KEYS:
+        flag = f"--{key}" + (" or SHARED_SECRET" if key == "sharedsecret" else "")
+        if OmegaConf.is_missing(cfg, key) if "." not in key else OmegaConf.select(cfg, key, throw_on_missing=False) is None:
+            raise UsageError(f"missing required setting {key} ({flag})")
+        if not str(OmegaConf.select(cfg, key)).strip():
+            raise UsageError(f"missing required setting {key} ({flag})")
+    typed: SidecarConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    check(typed)
+    return typed, parsed
+
+
+def _set(cfg: DictConfig, key: str, value: str) -> None:
+    node_value: object = value
+    if key == "valideventtypes":
+        node_value = [v.strip() for v in value.split(",") if v.strip()]
+    try:
+        OmegaConf.update(cfg, key, node_value, merge=False, force_add=False)
+    except OmegaConfBaseException as exc:
+        if "not in struct" in str(exc) or "Key '" in str(exc) and "not" in str(exc):
+            raise UsageError(f"unknown flag --{key}") from None
+        shown = "***" if key in SECRET_KEYS else value
+        raise UsageError(f"--{key}={shown}: {str(exc).splitlines()[0]}") from None
+
+
+def check(cfg: SidecarConfig) -> None:
+    """Reject contradictory or incomplete provider settings (``DESIGN.md``: Configuration).
+
+    Raises:
+        UsageError: naming the setting.
+    """
+    enabled = [name for name in PROVIDER_GROUPS if getattr(cfg, name).enabled]
+    if cfg.development and enabled:
+        raise UsageError(f"--development=true contradicts --{enabled[0]}=true: development mode uses local providers")
+    if not 1 <= cfg.serverport <= 65535:
+        raise UsageError(f"--serverport={cfg.serverport} is not a TCP port")
+    blob = cfg.azureblobprovider
+    if blob.enabled:
+        if not blob.containername:
+            raise UsageError("missing required setting azureblobprovider.containername (--azureblobprovider.containername)")
+        if not blob.connectionstring and not (blob.blobaccountname and blob.blobaccountkey):
+            raise UsageError("--azureblobprovider=true needs --azureblobprovider.blobaccountname and "
+                             ".blobaccountkey, or --azureblobprovider.connectionstring")
+    mongo = cfg.mongodbdocprovider
+    if mongo.enabled and not mongo.uri and not (mongo.name and mongo.password):
+        raise UsageError("--mongodbdocprovider=true needs --mongodbdocprovider.name and .password, "
+                         "or --mongodbdocprovider.uri")
+    if mongo.enabled and not mongo.collection:
+        raise UsageError("missing required setting mongodbdocprovider.collection (--mongodbdocprovider.collection)")
+    bus = cfg.servicebuseventprovider
+    if bus.enabled and not bus.connectionstring and not (bus.namespace and bus.key and bus.authorizationrulename):
+        raise UsageError("--servicebuseventprovider=true needs --servicebuseventprovider.namespace, .key and "
+                         ".authorizationrulename, or --servicebuseventprovider.connectionstring")
+
+
+def redacted_yaml(cfg: SidecarConfig) -> str:
+    """``cfg`` as YAML with every non-empty secret shown as ``***`` (for ``--printconfig``)."""
+    node = OmegaConf.structured(cfg)
+    for key in SECRET_KEYS:
+        if OmegaConf.select(node, key):
+            OmegaConf.update(node, key, "***")
+    return OmegaConf.to_yaml(node)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``sidecar`` console script: compose the config, then serve until stopped."""
+    argv = sys.argv[1:] if argv is None else argv
+    # Prefect's server telemetry fights its own SQLite writes ("database is locked"); it is not ours to send.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return
+    try:
+        cfg, parsed = compose_config(argv)
+    except UsageError as exc:
+        print(f"sidecar: error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    if parsed.printconfig:
+        print(redacted_yaml(cfg), flush=True)
+    serve(cfg)
+
+
+def serve(cfg: SidecarConfig) -> None:
+    """Build the runtime for ``cfg`` and run the API under uvicorn until SIGINT/SIGTERM."""
+    import uvicorn
+
+    from flows.runtime import Runtime
+    from sidecar.api import create_app
+    from sidecar.dataplane import build_dataplane
+    from sidecar.layout import ModuleLayout
+    from sidecar.logs import configure_logging
+
+    configure_logging(cfg)
+    runtime = Runtime(cfg, ModuleLayout(Path(cfg.basedir).resolve()), build_dataplane(cfg))
+    app = create_app(runtime)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.serverport, log_config=None, lifespan="on"))
+    server.run()

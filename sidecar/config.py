@@ -1,0 +1,173 @@
+"""The typed configuration schema, registered with Hydra's ConfigStore.
+
+The field names are the seed's flags (``spec/SIDECAR.md``): ``--context.eventid`` sets
+``context.eventid``, ``--azureblobprovider=true`` chooses the ``azure`` option of the
+``azureblobprovider`` config group (``conf/azureblobprovider/azure.yaml``), and so on. Additions a
+real deployment needs follow the same style (``DESIGN.md``, Configuration).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Iterator
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+# Namespace for the deterministic ids this sidecar derives (execution ids, child event ids), so a
+# retried or restarted run derives the same ids and every upsert and publish stays idempotent.
+ID_NAMESPACE = uuid.UUID("5b1d6a0e-6c3f-4c8e-9a57-0f2d8f3c1e11")
+
+
+class LogLevel(str, Enum):
+    """``--loglevel`` values, as in the seed."""
+
+    debug = "debug"
+    info = "info"
+    warn = "warn"
+    error = "error"
+
+
+@dataclass
+class ContextConfig:
+    """The run's context: which module handles which event (``--context.*``)."""
+
+    eventid: str = MISSING
+    correlationid: str = MISSING
+    parenteventid: str = ""
+    name: str = "module"
+    # Derived from (eventid, name) when empty, so a restarted sidecar keys its insight the same way.
+    executionid: str = ""
+
+    def execution_id(self) -> str:
+        """The execution id: ``executionid`` if set, else a UUID5 of (eventid, name)."""
+        return self.executionid or str(uuid.uuid5(ID_NAMESPACE, f"{self.eventid}/{self.name}"))
+
+
+@dataclass
+class AzureBlobConfig:
+    """``--azureblobprovider``: Azure Blob Storage through adlfs. Off: blobs on disk under devdir."""
+
+    enabled: bool = False
+    blobaccountname: str = ""
+    blobaccountkey: str = ""
+    containername: str = ""
+    # Azurite or any non-default endpoint; when set it wins over name and key.
+    connectionstring: str = ""
+    # Lifetime of the read-only SAS URL recorded in a child's event meta, seconds (0: none).
+    sasexpiryseconds: int = 86400
+    # Block size of chunked uploads and range size of downloads, bytes.
+    chunkbytes: int = 4 * 1024 * 1024
+
+
+@dataclass
+class MongoConfig:
+    """``--mongodbdocprovider``: MongoDB (or Cosmos DB's API for MongoDB). Off: JSON files."""
+
+    enabled: bool = False
+    name: str = ""
+    password: str = ""
+    collection: str = "ion"
+    port: int = 10255
+    # A full MongoDB URI for self-hosted Mongo; without it name/password/port mean Cosmos DB over TLS.
+    uri: str = ""
+    host: str = "{name}.documents.azure.com"
+    serverselectiontimeoutseconds: float = 10.0
+    connecttimeoutseconds: float = 10.0
+    sockettimeoutseconds: float = 30.0
+
+
+@dataclass
+class ServiceBusConfig:
+    """``--servicebuseventprovider``: Azure Service Bus topics. Off: events written as files."""
+
+    enabled: bool = False
+    namespace: str = ""
+    topic: str = ""
+    key: str = ""
+    authorizationrulename: str = ""
+    # The emulator or a SAS connection string; when set it wins over namespace/key/rule.
+    connectionstring: str = ""
+    # Hard deadline for publishing one /done's events, seconds.
+    publishtimeoutseconds: float = 30.0
+
+
+@dataclass
+class TransferConfig:
+    """How blob transfers and retries run."""
+
+    # Blob transfers in flight at once, per /ready or /done.
+    concurrency: int = 16
+    # At most this many transfer task runs per flow run (each moves a batch of files).
+    tasks: int = 4
+    # Prefect task retries for data-plane I/O, and the back-off between them (seconds, doubled).
+    retries: int = 3
+    retrydelayseconds: float = 1.0
+
+
+@dataclass
+class SidecarConfig:
+    """The whole configuration; ``conf/config.yaml`` composes it."""
+
+    context: ContextConfig = field(default_factory=ContextConfig)
+    loglevel: LogLevel = LogLevel.info
+    logfile: str = ""
+    serverport: int = 8080
+    host: str = "127.0.0.1"
+    sharedsecret: str = "${oc.env:SHARED_SECRET,''}"
+    valideventtypes: list[str] = field(default_factory=list)
+    basedir: str = "/ion"
+    development: bool = False
+    # Where development providers keep blobs, documents, events and debug dumps.
+    devdir: str = ".dev"
+    # Largest event file accepted, bytes (Service Bus standard tier's message limit).
+    maxeventbytes: int = 256 * 1024
+    # How long /ready waits for the Prefect API at start-up, seconds.
+    prefectstartuptimeoutseconds: float = 60.0
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    azureblobprovider: AzureBlobConfig = field(default_factory=AzureBlobConfig)
+    mongodbdocprovider: MongoConfig = field(default_factory=MongoConfig)
+    servicebuseventprovider: ServiceBusConfig = field(default_factory=ServiceBusConfig)
+
+
+# Settings whose values never appear in --printconfig or a log line.
+SECRET_KEYS = (
+    "sharedsecret",
+    "azureblobprovider.blobaccountkey",
+    "azureblobprovider.connectionstring",
+    "mongodbdocprovider.password",
+    "mongodbdocprovider.uri",
+    "servicebuseventprovider.key",
+    "servicebuseventprovider.connectionstring",
+)
+
+# Settings that have no usable default.
+REQUIRED_KEYS = ("context.eventid", "context.correlationid", "sharedsecret")
+
+# The provider flags of the seed, each a Hydra config group: option when true, option when false.
+PROVIDER_GROUPS = {
+    "azureblobprovider": ("azure", "dev"),
+    "mongodbdocprovider": ("mongo", "dev"),
+    "servicebuseventprovider": ("servicebus", "dev"),
+}
+
+
+def lookup(cfg: SidecarConfig, dotted: str) -> Any:
+    """Return the value at a dotted key such as ``"context.eventid"``."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def secret_values(cfg: SidecarConfig) -> Iterator[str]:
+    """Yield the non-empty secret values of ``cfg`` (for redaction), longest first."""
+    values = {str(lookup(cfg, key)) for key in SECRET_KEYS}
+    yield from sorted((v for v in values if v), key=len, reverse=True)
+
+
+def register() -> None:
+    """Register the schema as ``sidecar_schema`` so ``conf/config.yaml`` can extend it."""
+    ConfigStore.instance().store(name="sidecar_schema", node=SidecarConfig)

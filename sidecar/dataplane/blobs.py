@@ -1,0 +1,165 @@
+"""BlobStore: the blob slot of the data plane, one class over fsspec.
+
+Development mode uses fsspec's local file system below ``{devdir}/blobs``; the Azure provider uses
+adlfs (``abfs://``) on a container. The flows see only :class:`BlobStore`, never the file system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.asyn import AsyncFileSystem
+from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+from sidecar.errors import DataPlaneError, DataPlaneUnavailable
+
+log = logging.getLogger(__name__)
+
+STORE = "blob store"
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """What the store holds under ``key``: ``size`` in bytes and, where recorded, the MD5 (hex)."""
+
+    key: str
+    size: int
+    md5: str | None = None
+
+
+class BlobVerificationError(DataPlaneUnavailable):
+    """A transferred blob's size or MD5 differs from the source. Transient: the task retries it."""
+
+    def __init__(self, key: str, detail: str):
+        super().__init__(STORE, f"blob '{key}' failed verification: {detail}")
+
+
+class BlobStore:
+    """Blobs under ``root`` of an fsspec file system, moved with bounded parallelism.
+
+    Args:
+        fs: any fsspec file system; a synchronous one is wrapped to be awaited.
+        root: the prefix all keys live under (a folder, or an Azure container).
+        signer: optional ``(key, seconds) -> url`` giving a read-only URL for a blob.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, signer: Any = None):
+        self.fs: AsyncFileSystem = fs if fs.async_impl else AsyncFileSystemWrapper(fs)
+        self.root = root.rstrip("/")
+        self._signer = signer
+
+    def path(self, key: str) -> str:
+        """The file system path of blob ``key``."""
+        return f"{self.root}/{key}"
+
+    async def upload(self, local: Path, key: str) -> BlobInfo:
+        """Copy the local file ``local`` to blob ``key`` (overwriting) and verify its size.
+
+        Raises:
+            BlobVerificationError: the stored size differs (transient: retried by the task).
+            DataPlaneUnavailable / DataPlaneError: from :meth:`_translate`.
+        """
+        size = local.stat().st_size
+        try:
+            await self._put(local, key)
+            info = await self.info(key)
+        except Exception as exc:  # noqa: BLE001 - translated to the sidecar's errors
+            raise self._translate(exc, key) from exc
+        if info is None or info.size != size:
+            raise BlobVerificationError(key, f"stored {info.size if info else 'nothing'}, sent {size} bytes")
+        return info
+
+    async def download(self, key: str, local: Path, expected: BlobInfo | None = None) -> BlobInfo:
+        """Copy blob ``key`` to ``local`` (atomically: temp file, then rename) and verify it.
+
+        Args:
+            expected: size (and MD5) recorded when the blob was written; checked when given.
+
+        Raises:
+            DataPlaneError: the blob does not exist (not retried).
+            BlobVerificationError: the received size differs (retried).
+        """
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".{local.name}.partial")
+        try:
+            await self._get(key, partial)
+        except FileNotFoundError:
+            partial.unlink(missing_ok=True)
+            raise DataPlaneError(STORE, f"blob '{key}' does not exist") from None
+        except Exception as exc:  # noqa: BLE001
+            partial.unlink(missing_ok=True)
+            raise self._translate(exc, key) from exc
+        size = partial.stat().st_size
+        if expected is not None and expected.size != size:
+            partial.unlink(missing_ok=True)
+            raise BlobVerificationError(key, f"received {size}, expected {expected.size} bytes")
+        os.replace(partial, local)
+        return BlobInfo(key, size, expected.md5 if expected else None)
+
+    async def info(self, key: str) -> BlobInfo | None:
+        """Size (and MD5) of blob ``key``, or None when it does not exist."""
+        try:
+            raw = await self.fs._info(self.path(key))
+        except FileNotFoundError:
+            return None
+        return BlobInfo(key, int(raw["size"]), _md5_of(raw))
+
+    def url(self, key: str, seconds: int) -> str | None:
+        """A read-only URL to blob ``key`` valid ``seconds`` seconds, or None where none can be made."""
+        if self._signer is None or seconds <= 0:
+            return None
+        return self._signer(key, seconds)
+
+    async def close(self) -> None:
+        """Release connections (a no-op for local files)."""
+
+    async def _put(self, local: Path, key: str) -> None:
+        await self.fs._put_file(str(local), self.path(key))
+
+    async def _get(self, key: str, local: Path) -> None:
+        await self.fs._get_file(self.path(key), str(local))
+
+    def _translate(self, exc: Exception, key: str) -> Exception:
+        """Map a provider exception to DataPlaneUnavailable (retried) or DataPlaneError (not)."""
+        if isinstance(exc, (DataPlaneUnavailable, DataPlaneError)):
+            return exc
+        if isinstance(exc, PermissionError):
+            return DataPlaneError(STORE, f"blob '{key}': {exc}")
+        return DataPlaneUnavailable(STORE, f"blob '{key}': {type(exc).__name__}: {exc}")
+
+
+def _md5_of(raw: dict[str, Any]) -> str | None:
+    settings = raw.get("content_settings") or {}
+    digest = settings.get("content_md5") if isinstance(settings, dict) else getattr(settings, "content_md5", None)
+    if not digest:
+        return None
+    return bytes(digest).hex() if not isinstance(digest, str) else digest
+
+
+def local_blob_store(root: Path) -> BlobStore:
+    """The development BlobStore: files below ``root`` on this machine."""
+    root.mkdir(parents=True, exist_ok=True)
+    return BlobStore(fsspec.filesystem("file", auto_mkdir=True), str(root.resolve()))
+
+
+async def gather_bounded(limit: asyncio.Semaphore, jobs: list[Any]) -> list[Any]:
+    """Await the coroutines ``jobs`` at most ``limit`` at a time; the first error cancels the rest."""
+
+    async def one(job: Any) -> Any:
+        async with limit:
+            return await job
+
+    tasks = [asyncio.ensure_future(one(job)) for job in jobs]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -1,0 +1,40 @@
+"""Debug dumps of development mode: ``{devdir}/{eventid}/...`` shows what a run committed.
+
+``DESIGN.md`` (Development mode): ``dev.ready``, ``dev.done``, the insight, and each child's event and
+event meta, so a module author can see exactly what would have been committed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote
+
+from pydantic import BaseModel
+
+from sidecar.layout import write_json_atomic
+
+
+class DebugDumps:
+    """Writes the dumps of one event id below ``root`` (``{devdir}/{eventid}``)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def write(self, name: str, value: BaseModel | list | dict) -> None:
+        """Write ``value`` as JSON to ``root/name`` (``name`` may contain one subfolder)."""
+        payload = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+        write_json_atomic(self.root / name, payload)
+
+    @staticmethod
+    def for_event(devdir: Path, event_id: str) -> "DebugDumps":
+        return DebugDumps(devdir / quote(event_id, safe=""))
+
+
+class NoDumps(DebugDumps):
+    """Outside development mode nothing is dumped."""
+
+    def __init__(self) -> None:
+        super().__init__(Path())
+
+    def write(self, name: str, value: BaseModel | list | dict) -> None:
+        pass

@@ -1,0 +1,97 @@
+"""Logging for the sidecar: every line names the module, event, correlation and execution, and no
+line carries a secret (``--loglevel``, ``--logfile``)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Iterable
+
+from sidecar.config import LogLevel, SidecarConfig, secret_values
+
+FORMAT = (
+    "%(asctime)s %(levelname)s %(name)s "
+    "[module=%(ion_module)s event=%(ion_event)s correlation=%(ion_correlation)s "
+    "execution=%(ion_execution)s] %(message)s"
+)
+
+LEVELS = {
+    LogLevel.debug: logging.DEBUG,
+    LogLevel.info: logging.INFO,
+    LogLevel.warn: logging.WARNING,
+    LogLevel.error: logging.ERROR,
+}
+
+REDACTED = "***"
+
+
+class ContextFilter(logging.Filter):
+    """Adds the run's context to each record and replaces secret values with ``***``.
+
+    Args:
+        context: ``{"ion_module", "ion_event", "ion_correlation", "ion_execution"}`` strings.
+        secrets: values that must never be written (shared secret, account keys, passwords, ...).
+    """
+
+    def __init__(self, context: dict[str, str], secrets: Iterable[str]):
+        super().__init__()
+        self.context = context
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self.context.items():
+            setattr(record, key, value)
+        if self.secrets:
+            message = record.getMessage()
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            clean, exc_text = self.redact(message), self.redact(record.exc_text or "")
+            if clean != message or exc_text != (record.exc_text or ""):
+                record.msg, record.args = clean, None
+                record.exc_text = exc_text or None
+        return True
+
+    def redact(self, text: str) -> str:
+        """``text`` with every secret value replaced by ``***``."""
+        for secret in self.secrets:
+            text = text.replace(secret, REDACTED)
+        return text
+
+
+def configure_logging(cfg: SidecarConfig) -> ContextFilter:
+    """Send the sidecar's, uvicorn's and Prefect's log records to stderr (and ``cfg.logfile``)
+    through one :class:`ContextFilter`; returns that filter."""
+    ctx = cfg.context
+    context_filter = ContextFilter(
+        {
+            "ion_module": ctx.name,
+            "ion_event": str(ctx.eventid),
+            "ion_correlation": str(ctx.correlationid),
+            "ion_execution": ctx.execution_id(),
+        },
+        secret_values(cfg),
+    )
+    formatter = logging.Formatter(FORMAT)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if cfg.logfile:
+        handlers.append(logging.FileHandler(cfg.logfile, encoding="utf-8"))
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(context_filter)
+        root.addHandler(handler)
+    level = LEVELS[LogLevel(cfg.loglevel)]
+    root.setLevel(level)
+    # Prefect and uvicorn configure their own handlers; route them through ours instead.
+    for name in ("prefect", "uvicorn", "uvicorn.error", "uvicorn.access", "httpx"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler).__name__ != "APILogHandler":
+                logger.removeHandler(handler)
+            else:
+                handler.addFilter(context_filter)
+        logger.propagate = True
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
+    return context_filter

@@ -1,0 +1,95 @@
+"""The Prefect API the flows report to: an existing server (``PREFECT_API_URL``) or a temporary one.
+
+Facts from Prefect 3.9 that shape this: without ``PREFECT_API_URL`` the first flow run starts a
+temporary server subprocess (8 to 15 s, about 200 MB) through ``SubprocessASGIServer``. The sidecar
+starts it at start-up instead, in a thread, so the first ``/ready`` does not pay for it, and stops it on
+shutdown (SIGTERM included: uvicorn runs the lifespan shutdown before it re-raises the signal).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
+from prefect.settings import PREFECT_API_URL
+
+from sidecar.errors import SidecarError
+
+log = logging.getLogger(__name__)
+
+
+class PrefectUnavailable(SidecarError):
+    """The Prefect API did not come up (or answer) in time. HTTP 503."""
+
+    status_code = 503
+
+
+class PrefectApi:
+    """Starts (or checks) the Prefect API in the background and tells when it is usable.
+
+    Args:
+        timeout: seconds to wait for the API at start-up and in :meth:`wait`.
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.url: str | None = None
+        self._server = None
+        self._ready = asyncio.Event()
+        self._error: Exception | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Begin bringing the API up; returns at once."""
+        self._task = asyncio.create_task(self._start())
+
+    async def _start(self) -> None:
+        try:
+            configured = PREFECT_API_URL.value()
+            if configured:
+                async with httpx.AsyncClient(timeout=self.timeout) as client:
+                    response = await client.get(f"{configured.rstrip('/')}/health")
+                    response.raise_for_status()
+                self.url = configured
+                log.info("Prefect API: %s (from PREFECT_API_URL)", configured)
+            else:
+                from prefect.server.api.server import SubprocessASGIServer
+
+                # Prefect's client reuses this instance (same key) instead of starting a second one.
+                self._server = SubprocessASGIServer()
+                await asyncio.to_thread(self._server.start, int(self.timeout))
+                self.url = self._server.api_url
+                log.info("Prefect API: temporary server at %s (set PREFECT_API_URL to keep run history)", self.url)
+        except Exception as exc:  # noqa: BLE001 - reported to every caller of wait()
+            self._error = exc
+            log.error("Prefect API unavailable: %s", exc)
+        finally:
+            self._ready.set()
+
+    async def wait(self) -> None:
+        """Wait until the API is usable.
+
+        Raises:
+            PrefectUnavailable: it failed to start, or did not within ``timeout`` seconds.
+        """
+        try:
+            await asyncio.wait_for(self._ready.wait(), self.timeout)
+        except asyncio.TimeoutError:
+            raise PrefectUnavailable("Prefect API is still starting; try again") from None
+        if self._error is not None:
+            raise PrefectUnavailable(f"Prefect API unavailable: {self._error}")
+
+    @property
+    def ready(self) -> bool:
+        """True once the API answered."""
+        return self._ready.is_set() and self._error is None
+
+    async def stop(self) -> None:
+        """Stop the temporary server, if this process started one."""
+        if self._task is not None and not self._task.done():
+            await asyncio.wait([self._task], timeout=self.timeout)
+        if self._server is not None:
+            await asyncio.to_thread(self._server.stop)
+            self._server = None
+            log.info("stopped the temporary Prefect server")
