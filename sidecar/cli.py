@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -119,18 +120,35 @@ def compose_config(argv: list[str]) -> tuple[SidecarConfig, Parsed]:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             cfg = compose(config_name="config", overrides=parsed.overrides)
     except HydraException as exc:
-        raise UsageError(str(exc).strip().splitlines()[0]) from None
+        raise UsageError(_describe_hydra_error(exc, parsed.overrides)) from None
     for key, value in parsed.values:
         _set(cfg, key, value)
     for key in REQUIRED_KEYS:
         flag = f"--{key}" + (" or SHARED_SECRET" if key == "sharedsecret" else "")
-        if OmegaConf.is_missing(cfg, key) if "." not in key else OmegaConf.select(cfg, key, throw_on_missing=False) is None:
-            raise UsageError(f"missing required setting {key} ({flag})")
-        if not str(OmegaConf.select(cfg, key)).strip():
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if value is None or not str(value).strip():
             raise UsageError(f"missing required setting {key} ({flag})")
     typed: SidecarConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     check(typed)
     return typed, parsed
+
+
+def _describe_hydra_error(exc: HydraException, overrides: list[str]) -> str:
+    """One line for a Hydra composition error, naming the override at fault."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if isinstance(exc, OverrideParseException):
+        parser = OverridesParser.create()
+        for override in overrides:
+            try:
+                parser.parse_overrides([override])
+            except OverrideParseException:
+                return (f"cannot parse override '{override}': {lines[0]} (quote values that contain '=' or ',', "
+                        f"as key='a=b', or use --key=value)")
+    if isinstance(exc, MissingConfigException) and "Available options" in str(exc):
+        options = [line for line in lines[lines.index(next(l for l in lines if l.startswith("Available"))) + 1:]
+                   if "=" not in line and not line.startswith("Config search path")]
+        return f"{lines[0]} (available: {', '.join(options)})"
+    return lines[0]
 
 
 def _set(cfg: DictConfig, key: str, value: str) -> None:

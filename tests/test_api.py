@@ -1,0 +1,155 @@
+"""The HTTP contract and the run's state machine (sidecar/api.py), in process with real flows on the
+session's Prefect server and the development providers."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from flows.runtime import Runtime
+from sidecar.cli import compose_config
+from sidecar.dataplane import build_dataplane
+from sidecar.errors import DataPlaneUnavailable
+from sidecar.layout import ModuleLayout
+
+SECRET = "api-secret"
+H = {"secret": SECRET}
+
+
+def make_runtime(tmp_path: Path, *extra: str) -> Runtime:
+    cfg, _ = compose_config([
+        "--context.eventid=evt-api", "--context.correlationid=corr-api", "--context.name=mod",
+        f"--sharedsecret={SECRET}", "--valideventtypes=found", f"--basedir={tmp_path / 'ion'}",
+        f"--devdir={tmp_path / '.dev'}", "--development=true", "--transfer.retries=0", *extra,
+    ])
+    return Runtime(cfg, ModuleLayout(Path(cfg.basedir)), build_dataplane(cfg))
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Runtime:
+    return make_runtime(tmp_path)
+
+
+@pytest.fixture
+def client(runtime: Runtime):
+    from sidecar.api import create_app
+
+    with TestClient(create_app(runtime)) as c:
+        yield c
+
+
+def write_outputs(runtime: Runtime, n: int = 2) -> None:
+    lay = runtime.layout
+    for i in range(n):
+        (lay.out_data / f"f{i}.txt").write_text(f"file {i}")
+        (lay.out_events / f"e{i}.json").write_text(json.dumps(
+            [{"key": "eventType", "value": "found"}, {"key": "files", "value": f"f{i}.txt"}]))
+
+
+def test_healthz_needs_no_secret_everything_else_does(client: TestClient) -> None:
+    assert client.get("/healthz").status_code == 200
+    for path in ("/ready", "/done", "/nowhere"):
+        for headers in ({}, {"secret": "wrong"}, {"secret": SECRET + "x"}):
+            response = client.get(path, headers=headers)
+            assert response.status_code == 401, (path, headers)
+            assert response.json() == {"statusCode": 401, "message": "missing or wrong 'secret' header"}
+
+
+def test_order_is_enforced_and_repeats_return_the_same_summary(client: TestClient, runtime: Runtime) -> None:
+    response = client.get("/done", headers=H)
+    assert response.status_code == 409 and response.json()["statusCode"] == 409
+    assert "/done before /ready" in response.json()["message"]
+    first = client.get("/ready", headers=H)
+    assert first.status_code == 200 and set(first.json()) == {"flowRunId", "files", "bytes", "seconds"}
+    assert client.get("/ready", headers=H).json() == first.json()
+    assert json.loads(runtime.layout.in_meta.read_text()) == []
+    write_outputs(runtime)
+    done = client.get("/done", headers=H)
+    assert done.status_code == 200, done.text
+    body = done.json()
+    assert body["files"] == 2 and [e["eventType"] for e in body["events"]] == ["found", "found"]
+    assert client.get("/done", headers=H).json() == body
+    again = client.get("/ready", headers=H)
+    assert again.status_code == 409 and "/ready after /done" in again.json()["message"]
+
+
+def test_concurrent_calls_share_one_flow_run(client: TestClient) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: client.get("/ready", headers=H), range(4)))
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.json()["flowRunId"] for a in answers}) == 1
+
+
+def test_bad_output_is_400_naming_the_file_and_retry_after_fix(client: TestClient, runtime: Runtime) -> None:
+    client.get("/ready", headers=H)
+    write_outputs(runtime)
+    (runtime.layout.out_events / "e1.json").write_text('[{"key": "eventType", "value": "lost"}]')
+    bad = client.get("/done", headers=H)
+    assert bad.status_code == 400
+    assert bad.json()["message"].startswith("out/events/e1.json: key 'eventType'")
+    assert not (Path(runtime.cfg.devdir) / "events").exists()
+    write_outputs(runtime)
+    assert client.get("/done", headers=H).status_code == 200
+
+
+class FlakyDocuments:
+    """Wraps a DocumentStore; the first ``failures`` event-meta upserts raise DataPlaneUnavailable."""
+
+    def __init__(self, inner, failures: int):
+        self.inner, self.failures, self.calls = inner, failures, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def upsert_event_metas(self, metas):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise DataPlaneUnavailable("document store", "connection refused (injected)")
+        self.inner.upsert_event_metas(metas)
+
+
+class CountingEvents:
+    def __init__(self, inner):
+        self.inner, self.published = inner, []
+
+    async def publish(self, events):
+        self.published += [e.id for e in events]
+        await self.inner.publish(events)
+
+    async def close(self):
+        await self.inner.close()
+
+
+def test_failed_done_is_503_publishes_nothing_and_retry_publishes_once(tmp_path: Path) -> None:
+    from sidecar.api import create_app
+
+    runtime = make_runtime(tmp_path)
+    runtime.dataplane.documents = FlakyDocuments(runtime.dataplane.documents, failures=1)
+    runtime.dataplane.events = events = CountingEvents(runtime.dataplane.events)
+    with TestClient(create_app(runtime)) as client:
+        client.get("/ready", headers=H)
+        write_outputs(runtime, 3)
+        failed = client.get("/done", headers=H)
+        assert failed.status_code == 503 and "document store" in failed.json()["message"]
+        assert events.published == []
+        ok = client.get("/done", headers=H)
+        assert ok.status_code == 200
+        assert sorted(events.published) == sorted(e["eventId"] for e in ok.json()["events"])
+        assert len(events.published) == 3
+        assert client.get("/done", headers=H).json() == ok.json() and len(events.published) == 3
+
+
+def test_task_retries_recover_a_transient_failure(tmp_path: Path) -> None:
+    from sidecar.api import create_app
+
+    runtime = make_runtime(tmp_path, "--transfer.retries=2", "--transfer.retrydelayseconds=0.05")
+    runtime.dataplane.documents = flaky = FlakyDocuments(runtime.dataplane.documents, failures=2)
+    with TestClient(create_app(runtime)) as client:
+        client.get("/ready", headers=H)
+        write_outputs(runtime, 1)
+        assert client.get("/done", headers=H).status_code == 200
+    assert flaky.calls == 3

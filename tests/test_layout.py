@@ -1,0 +1,128 @@
+"""Validation of a module's outputs (sidecar/layout.py): one bad file -> InputError naming it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from flows.runtime import split_batches
+from sidecar.errors import InputError
+from sidecar.layout import ModuleLayout, plan_outputs
+
+TYPES = ["file_discovered", "face_detected"]
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> ModuleLayout:
+    lay = ModuleLayout(tmp_path / "ion")
+    lay.prepare()
+    (lay.out_data / "sub").mkdir()
+    (lay.out_data / "sub" / "a.txt").write_text("a")
+    (lay.out_data / "b.bin").write_bytes(b"bb")
+    return lay
+
+
+def event(layout: ModuleLayout, name: str, content: object) -> Path:
+    path = layout.out_events / name
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def pairs(**kv: str) -> list[dict]:
+    return [{"key": k, "value": v} for k, v in kv.items()]
+
+
+def test_good_outputs_plan(layout: ModuleLayout) -> None:
+    event(layout, "1.json", pairs(eventType="file_discovered", files="sub/a.txt, b.bin", colour="red"))
+    event(layout, "2.json", pairs(eventType="face_detected"))
+    (layout.out_meta).write_text(json.dumps(pairs(score="0.9")))
+    plan = plan_outputs(layout, TYPES, 1024)
+    assert [f.path for f in plan.files] == ["b.bin", "sub/a.txt"] and plan.bytes == 3
+    assert [e.file for e in plan.events] == ["1.json", "2.json"]
+    assert plan.events[0].files == ["sub/a.txt", "b.bin"]
+    assert [(p.key, p.value) for p in plan.events[0].data] == [("colour", "red")]
+    assert plan.events[1].files == [] and [(p.key, p.value) for p in plan.insight] == [("score", "0.9")]
+
+
+def test_absent_or_empty_insight_means_none(layout: ModuleLayout) -> None:
+    assert plan_outputs(layout, TYPES, 1024).insight == []
+    layout.out_meta.write_text("  \n")
+    assert plan_outputs(layout, TYPES, 1024).insight == []
+
+
+BAD_EVENTS = [
+    ("malformed JSON", '[{"key": "eventType", "value": ', "malformed JSON"),
+    ("not a list", {"eventType": "file_discovered"}, "got dict"),
+    ("not pairs", [["eventType", "file_discovered"]], "item 0"),
+    ("number value", [{"key": "eventType", "value": "file_discovered"}, {"key": "n", "value": 3}], "item 1 (key 'n')"),
+    ("missing value", [{"key": "eventType"}], "field 'value'"),
+    ("missing eventType", pairs(files="b.bin"), "key 'eventType': required key is missing"),
+    ("invalid eventType", pairs(eventType="cat_found"), "key 'eventType': event type 'cat_found'"),
+    ("missing file", pairs(eventType="file_discovered", files="nope.txt"), "key 'files': 'nope.txt' is not a file"),
+    ("dotdot", pairs(eventType="file_discovered", files="../meta.json"), "'../meta.json' escapes out/data"),
+    ("absolute", pairs(eventType="file_discovered", files="/etc/passwd"), "'/etc/passwd' is an absolute path"),
+    ("directory", pairs(eventType="file_discovered", files="sub"), "'sub' is not a file"),
+    ("empty", "", "the file is empty"),
+    ("blank", "  \n", "the file is empty"),
+    ("too large", pairs(eventType="file_discovered", pad="x" * 2000), "over the limit of 1024 bytes"),
+    ("duplicate eventType", pairs(eventType="file_discovered") + pairs(eventType="face_detected"), "appears more than once"),
+]
+
+
+@pytest.mark.parametrize("case, content, expected", BAD_EVENTS, ids=[c[0] for c in BAD_EVENTS])
+def test_bad_event_file_names_file_and_problem(layout: ModuleLayout, case: str, content: object, expected: str) -> None:
+    event(layout, "0-good.json", pairs(eventType="file_discovered"))
+    event(layout, "bad.json", content)
+    with pytest.raises(InputError) as err:
+        plan_outputs(layout, TYPES, 1024)
+    assert err.value.file == "out/events/bad.json"
+    assert str(err.value).startswith("out/events/bad.json") and expected in str(err.value)
+
+
+def test_bad_insight_names_out_meta(layout: ModuleLayout) -> None:
+    layout.out_meta.write_text('{"score": 1}')
+    with pytest.raises(InputError, match=r"^out/meta.json: .*got dict"):
+        plan_outputs(layout, TYPES, 1024)
+
+
+def test_symlink_out_of_out_data_is_rejected(layout: ModuleLayout, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("s")
+    os.symlink(secret, layout.out_data / "leak.txt")
+    with pytest.raises(InputError, match="out/data/leak.txt: is a link that points outside out/data"):
+        plan_outputs(layout, TYPES, 1024)
+
+
+def test_symlinked_folder_out_of_out_data_is_rejected(layout: ModuleLayout, tmp_path: Path) -> None:
+    os.symlink(tmp_path, layout.out_data / "escape")
+    with pytest.raises(InputError, match="out/data/escape"):
+        plan_outputs(layout, TYPES, 1024)
+
+
+def test_symlink_inside_out_data_is_a_file(layout: ModuleLayout) -> None:
+    os.symlink(layout.out_data / "b.bin", layout.out_data / "alias.bin")
+    event(layout, "1.json", pairs(eventType="file_discovered", files="alias.bin"))
+    plan = plan_outputs(layout, TYPES, 1024)
+    assert "alias.bin" in [f.path for f in plan.files] and plan.events[0].files == ["alias.bin"]
+
+
+def test_non_json_files_in_events_are_ignored(layout: ModuleLayout) -> None:
+    (layout.out_events / "notes.txt").write_text("scratch")
+    assert plan_outputs(layout, TYPES, 1024).events == []
+
+
+def test_no_valid_event_types_rejects_every_event(layout: ModuleLayout) -> None:
+    event(layout, "1.json", pairs(eventType="file_discovered"))
+    with pytest.raises(InputError, match="--valideventtypes is empty"):
+        plan_outputs(layout, [], 1024)
+
+
+def test_split_batches_balances_and_bounds() -> None:
+    sizes = [100, 1, 1, 1, 50, 50]
+    batches = split_batches(sizes, 3, lambda s: s)
+    assert len(batches) == 3 and sorted(x for b in batches for x in b) == sorted(sizes)
+    assert max(sum(b) for b in batches) == 100
+    assert split_batches([], 4, len) == [] and split_batches([5], 4, lambda s: s) == [[5]]
