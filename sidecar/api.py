@@ -97,7 +97,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     shutdown, stops any temporary Prefect server and closes the data-plane connections.
     """
     cfg = runtime.cfg
-    prefect_api = PrefectApi(cfg.prefectstartuptimeoutseconds)
+    prefect_api = PrefectApi(cfg.prefectstartuptimeoutseconds, flows=[ready_flow, done_flow])
     state = RunState()
     expected_secret = cfg.sharedsecret.encode()
 

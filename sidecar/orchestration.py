@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from typing import Sequence
+
 import httpx
+from prefect import Flow
 from prefect.settings import PREFECT_API_URL
 
 from sidecar.errors import SidecarError
@@ -30,10 +33,12 @@ class PrefectApi:
 
     Args:
         timeout: seconds to wait for the API at start-up and in :meth:`wait`.
+        flows: the flows to register with the API once it is up.
     """
 
-    def __init__(self, timeout: float):
+    def __init__(self, timeout: float, flows: Sequence[Flow] = ()):
         self.timeout = timeout
+        self.flows = list(flows)
         self.url: str | None = None
         self._server = None
         self._ready = asyncio.Event()
@@ -61,11 +66,23 @@ class PrefectApi:
                 await asyncio.to_thread(self._server.start, int(self.timeout))
                 self.url = self._server.api_url
                 log.info("Prefect API: temporary server at %s (set PREFECT_API_URL to keep run history)", self.url)
+            await self._warm_up()
         except Exception as exc:  # noqa: BLE001 - reported to every caller of wait()
             self._error = exc
             log.error("Prefect API unavailable: %s", exc)
         finally:
             self._ready.set()
+
+    async def _warm_up(self) -> None:
+        """Do at start-up what the first flow run would otherwise do inside the first /ready: import
+        Prefect's run engines (imported lazily), open a client and register the flows."""
+        import prefect.flow_engine  # noqa: F401
+        import prefect.task_engine  # noqa: F401
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            for flow in self.flows:
+                await client.create_flow(flow)
 
     async def wait(self) -> None:
         """Wait until the API is usable.
