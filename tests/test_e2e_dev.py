@@ -40,11 +40,16 @@ def test_parent_then_child_chain(tmp_path: Path) -> None:
                       if json.loads((dev / "evt-root" / "eventmeta" / p.name).read_text())["files"][0]["path"] == "found/file2.txt")
     event = json.loads(event_file.read_text())
     assert event["type"] == "file_discovered" and event["context"]["parentEventId"] == "evt-root"
-    child_dir = tmp_path  # same working directory: the chain goes through .dev/
     child_args = dev_args(event["context"]["eventId"], event["context"]["correlationId"], "child",
                           parent=event["context"]["parentEventId"])
+    run_child_of_file2(tmp_path, child_args)
+
+
+def run_child_of_file2(tmp_path: Path, child_args: list[str]) -> list[dict]:
+    """Run the child sidecar and module for the parent's file2 event in the same working directory
+    (the chain goes through the data plane), check what it staged; returns the module's JSON lines."""
     (tmp_path / "ion").rename(tmp_path / "ion-parent")
-    with SidecarProcess(child_dir, child_args) as child:
+    with SidecarProcess(tmp_path, child_args) as child:
         lines = run_module(child, EVENT_LABEL="child", FILES="1")
     staged = lines[0]
     assert staged["inputs"] == ["found/file2.txt"]
@@ -52,3 +57,4 @@ def test_parent_then_child_chain(tmp_path: Path) -> None:
         (tmp_path / "ion-parent" / "out" / "data" / "found" / "file2.txt").read_bytes()
     assert staged["meta"]["index"] == "2" and "eventType" not in staged["meta"] and "files" not in staged["meta"]
     assert staged["ready"]["files"] == 1 and staged["ready"]["bytes"] > 0
+    return lines
