@@ -49,6 +49,11 @@ def pytest_configure(config) -> None:
 def pytest_unconfigure(config) -> None:
     proc = _server.get("proc")
     if isinstance(proc, subprocess.Popen):
+        if "prefect.logging.handlers" in sys.modules:
+            # Send the in-process flow runs' last log lines while the server still listens.
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(15)
