@@ -27,6 +27,7 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from sidecar import flags
 from sidecar.config import PROVIDER_GROUPS, REQUIRED_KEYS, SECRET_KEYS, SidecarConfig, register
 
 EXIT_USAGE = 2
@@ -37,12 +38,9 @@ _SWITCHES = {"printconfig", "development", *PROVIDER_GROUPS}
 
 USAGE = """usage: sidecar [--key=value ...] [hydra.override=value ...]
 
-Seed flags (spec/SIDECAR.md): --context.eventid --context.correlationid --context.parenteventid
---context.name --loglevel --logfile --serverport --sharedsecret --valideventtypes --development
---azureblobprovider[.blobaccountname|.blobaccountkey|.containername|.connectionstring]
---mongodbdocprovider[.name|.password|.collection|.port|.uri]
---servicebuseventprovider[.namespace|.topic|.key|.authorizationrulename|.connectionstring]
-plus --basedir, --host, --printconfig. README.md lists every setting."""
+Every setting below is a flag (--key=value or --key value) and a Hydra override (key=value); the seed's
+flags (spec/SIDECAR.md) work verbatim. SHARED_SECRET in the environment supplies --sharedsecret.
+"""
 
 
 class UsageError(Exception):
@@ -209,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     # Prefect's server telemetry fights its own SQLite writes ("database is locked"); it is not ours to send.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if any(a in ("-h", "--help") for a in argv):
-        print(USAGE)
+        print(USAGE + "\nSettings:\n" + flags.text(), end="")
         return
     try:
         cfg, parsed = compose_config(argv)

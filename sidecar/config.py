@@ -34,10 +34,15 @@ class LogLevel(str, Enum):
 class ContextConfig:
     """The run's context: which module handles which event (``--context.*``)."""
 
+    # The event this module run handles (Ion's dispatcher gives it).
     eventid: str = MISSING
+    # The id shared by every event of one graph run; passed on to child events.
     correlationid: str = MISSING
+    # The event that produced this one; empty for the first module of a graph.
     parenteventid: str = ""
+    # The module's name: part of blob keys, run names and the producer of child events.
     name: str = "module"
+    # The id this run's insight is stored under.
     # Derived from (eventid, name) when empty, so a restarted sidecar keys its insight the same way.
     executionid: str = ""
 
@@ -51,8 +56,11 @@ class AzureBlobConfig:
     """``--azureblobprovider``: Azure Blob Storage through adlfs. Off: blobs on disk under devdir."""
 
     enabled: bool = False
+    # The storage account's name.
     blobaccountname: str = ""
+    # The storage account's access key.
     blobaccountkey: str = ""
+    # The blob container all blobs go to.
     containername: str = ""
     # Azurite or any non-default endpoint; when set it wins over name and key.
     connectionstring: str = ""
@@ -67,15 +75,23 @@ class MongoConfig:
     """``--mongodbdocprovider``: MongoDB (or Cosmos DB's API for MongoDB). Off: JSON files."""
 
     enabled: bool = False
+    # The Cosmos DB account (and database) name.
     name: str = ""
+    # The Cosmos DB account's key or the MongoDB user's password.
     password: str = ""
+    # The collection that holds event metas and insights.
     collection: str = "ion"
+    # The Cosmos DB MongoDB API port.
     port: int = 10255
     # A full MongoDB URI for self-hosted Mongo; without it name/password/port mean Cosmos DB over TLS.
     uri: str = ""
+    # The Cosmos DB host; {name} is replaced by the account name.
     host: str = "{name}.documents.azure.com"
+    # How long to wait for a usable MongoDB server before a call fails, seconds.
     serverselectiontimeoutseconds: float = 10.0
+    # How long opening a connection may take, seconds.
     connecttimeoutseconds: float = 10.0
+    # How long one call may wait for its answer, seconds.
     sockettimeoutseconds: float = 30.0
 
 
@@ -84,9 +100,13 @@ class ServiceBusConfig:
     """``--servicebuseventprovider``: Azure Service Bus topics. Off: events written as files."""
 
     enabled: bool = False
+    # The Service Bus namespace (the host is {namespace}.servicebus.windows.net).
     namespace: str = ""
+    # The topic child events are published to.
     topic: str = ""
+    # The shared access key of the authorization rule.
     key: str = ""
+    # The shared access policy (authorization rule) the key belongs to.
     authorizationrulename: str = ""
     # The emulator or a SAS connection string; when set it wins over namespace/key/rule.
     connectionstring: str = ""
@@ -102,8 +122,9 @@ class TransferConfig:
     concurrency: int = 16
     # At most this many transfer task runs per flow run (each moves a batch of files).
     tasks: int = 4
-    # Prefect task retries for data-plane I/O, and the back-off between them (seconds, doubled).
+    # Prefect task retries for data-plane I/O (the one retry layer: providers do not retry).
     retries: int = 3
+    # The back-off before the first retry, seconds; doubled before each further one.
     retrydelayseconds: float = 1.0
 
 
@@ -112,13 +133,21 @@ class SidecarConfig:
     """The whole configuration; ``conf/config.yaml`` composes it."""
 
     context: ContextConfig = field(default_factory=ContextConfig)
+    # The lowest level logged.
     loglevel: LogLevel = LogLevel.info
+    # Also write log lines to this file (besides stderr).
     logfile: str = ""
+    # The TCP port of the HTTP API.
     serverport: int = 8080
+    # The address the HTTP API binds to; the module shares the pod's network, so loopback by default.
     host: str = "127.0.0.1"
+    # The value every request's `secret` header must carry.
     sharedsecret: str = "${oc.env:SHARED_SECRET,''}"
+    # The event types this module may publish, comma-separated.
     valideventtypes: list[str] = field(default_factory=list)
+    # The volume shared with the module, holding in/ and out/.
     basedir: str = "/ion"
+    # Local providers for every slot and debug dumps under devdir; no external service needed.
     development: bool = False
     # Where development providers keep blobs, documents, events and debug dumps.
     devdir: str = ".dev"

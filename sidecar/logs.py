@@ -84,14 +84,24 @@ def configure_logging(cfg: SidecarConfig) -> ContextFilter:
         root.addHandler(handler)
     level = LEVELS[LogLevel(cfg.loglevel)]
     root.setLevel(level)
-    # Prefect and uvicorn configure their own handlers; route them through ours instead.
+    # Prefect and uvicorn configure their own handlers; route them through ours instead. Prefect's
+    # API handlers stay (they feed the run history), with the filter: a record reaches the handlers of
+    # its own logger (prefect.flow_runs, prefect.task_runs, ...) before it propagates to ours.
     for name in ("prefect", "uvicorn", "uvicorn.error", "uvicorn.access", "httpx"):
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            if type(handler).__name__ != "APILogHandler":
-                logger.removeHandler(handler)
-            else:
-                handler.addFilter(context_filter)
-        logger.propagate = True
+        _route(logging.getLogger(name), context_filter)
+        logging.getLogger(name).propagate = True
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("prefect.") and isinstance(logger, logging.Logger):
+            _route(logger, context_filter)
     logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
     return context_filter
+
+
+def _route(logger: logging.Logger, context_filter: ContextFilter) -> None:
+    """Filter ``logger``'s Prefect API handlers; replace its other handlers by propagation to ours."""
+    for handler in list(logger.handlers):
+        if any(cls.__name__ == "APILogHandler" for cls in type(handler).__mro__):
+            handler.addFilter(context_filter)
+        else:
+            logger.removeHandler(handler)
+            logger.propagate = True

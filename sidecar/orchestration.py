@@ -103,10 +103,26 @@ class PrefectApi:
         return self._ready.is_set() and self._error is None
 
     async def stop(self) -> None:
-        """Stop the temporary server, if this process started one."""
+        """Send what is still queued for the Prefect API, then stop the temporary server, if this
+        process started one."""
         if self._task is not None and not self._task.done():
             await asyncio.wait([self._task], timeout=self.timeout)
+        if self.ready:
+            await self._drain()
         if self._server is not None:
             await asyncio.to_thread(self._server.stop)
             self._server = None
             log.info("stopped the temporary Prefect server")
+
+    async def _drain(self) -> None:
+        # Prefect sends log lines and run events from background queues that it drains in an atexit
+        # hook; uvicorn re-raises SIGTERM after this shutdown, so that hook never runs and the last
+        # lines of the final /done would be lost from the run history.
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for worker in (APILogWorker, EventsWorker):
+            try:
+                await asyncio.wait_for(worker.drain_all(timeout=self.timeout), self.timeout)
+            except Exception as exc:  # noqa: BLE001 - shutting down; report, never block the exit
+                log.warning("could not send the remaining %s items to the Prefect API: %s", worker.__name__, exc)

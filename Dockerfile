@@ -1,0 +1,47 @@
+# The ion-sidecar image: `docker build -t ion-sidecar .` then `docker run ion-sidecar --context.eventid=...`.
+# Flags are arguments (see `docker run --rm ion-sidecar --help`); SHARED_SECRET may come from the environment.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# A fixed non-root uid/gid, so a volume shared with the module's container can be owned by it, and
+# so Kubernetes' runAsNonRoot can verify the numeric USER below.
+RUN groupadd --system --gid 10001 sidecar \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /home/sidecar --create-home sidecar \
+ && mkdir -p /ion /var/lib/sidecar \
+ && chown 10001:10001 /ion /var/lib/sidecar
+
+# A regular (not editable) install into site-packages; the Hydra config folder conf/ is not part of
+# the wheel, so SIDECAR_CONFIG_DIR tells sidecar/cli.py:config_dir() where it is.
+WORKDIR /opt/sidecar
+COPY pyproject.toml README.md ./
+COPY sidecar ./sidecar
+COPY flows ./flows
+RUN pip install . && rm -rf build *.egg-info
+COPY conf ./conf
+COPY examples ./examples
+
+# PREFECT_HOME: where a temporary Prefect server keeps its SQLite database when PREFECT_API_URL is not
+# set. SIDECAR_PORT: the port the health check probes; keep it equal to --serverport.
+ENV SIDECAR_CONFIG_DIR=/opt/sidecar/conf \
+    PREFECT_HOME=/var/lib/sidecar/prefect \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    SIDECAR_PORT=8080
+
+USER 10001:10001
+# Development mode keeps its data plane in ./.dev, so the working directory must be writable.
+WORKDIR /var/lib/sidecar
+VOLUME ["/ion"]
+EXPOSE 8080
+
+# /healthz answers 200 once the Prefect API is usable and needs no secret; the slim image has no curl.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('SIDECAR_PORT', '8080'), timeout=4)"]
+
+# Inside a container the loopback address is unreachable from the module's container, so bind all
+# addresses of the container's own network; a later --host on the command line still wins.
+ENTRYPOINT ["sidecar", "--host=0.0.0.0"]
+CMD ["--help"]

@@ -1,0 +1,135 @@
+"""sidecar/client.py, the module authors' client: the /ready retry loop against a sidecar that starts
+after the module, no retry of 4xx answers, retries of 5xx, and the folder contract its helpers write."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from sidecar.client import SidecarCallError, SidecarClient
+from sidecar.layout import ModuleLayout, plan_outputs
+from sidecar.models import KeyValuePair
+from tests.support import SECRET, SidecarProcess, dev_args, free_port
+
+
+class RecordingClient(SidecarClient):
+    """A SidecarClient that records the outcome of every request it sends (status or error name)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.outcomes: list[object] = []
+
+    def _get(self, path: str, timeout: float) -> dict:
+        try:
+            body = super()._get(path, timeout)
+        except SidecarCallError as exc:
+            self.outcomes.append(exc.status_code)
+            raise
+        except httpx.TransportError as exc:
+            self.outcomes.append(type(exc).__name__)
+            raise
+        self.outcomes.append(200)
+        return body
+
+
+def test_ready_waits_for_a_sidecar_that_starts_after_the_module(tmp_path: Path) -> None:
+    port = free_port()
+    client = RecordingClient(url=f"http://127.0.0.1:{port}", secret=SECRET, basedir=tmp_path / "ion")
+    result: dict = {}
+    caller = threading.Thread(target=lambda: result.update(client.ready(attempts=600, delay=0.2)), daemon=True)
+    caller.start()
+    deadline = time.monotonic() + 30
+    while len(client.outcomes) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.outcomes[:2] == ["ConnectError", "ConnectError"]  # nothing listened yet
+    # The sidecar starts now, on the port the module already calls (the later --serverport wins).
+    with SidecarProcess(tmp_path, dev_args("evt-late", "corr-late", "late") + [f"--serverport={port}"]) as sidecar:
+        caller.join(120)
+        assert not caller.is_alive(), sidecar.output()
+        assert result["flowRunId"] and result["files"] == 0
+        assert client.outcomes[-1] == 200 and len(client.outcomes) > 2
+        assert client.input_meta() == {}  # in/meta.json was staged
+        assert client.done()["events"] == []
+
+
+def test_4xx_answers_are_not_retried(idle_sidecar: SidecarProcess) -> None:
+    wrong = RecordingClient(url=idle_sidecar.url, secret="not-the-secret", basedir=idle_sidecar.basedir)
+    with pytest.raises(SidecarCallError) as refused:
+        wrong.ready(attempts=5, delay=0.01)
+    assert refused.value.status_code == 401 and wrong.outcomes == [401]
+    assert json.loads(refused.value.body)["statusCode"] == 401
+
+    early = RecordingClient(url=idle_sidecar.url, secret=SECRET, basedir=idle_sidecar.basedir)
+    with pytest.raises(SidecarCallError) as out_of_order:
+        early.done(attempts=5, delay=0.01)  # /done before /ready
+    assert out_of_order.value.status_code == 409 and early.outcomes == [409]
+
+
+@pytest.fixture
+def scripted_server() -> Iterator[tuple[str, list[int]]]:
+    """A loopback HTTP server answering each GET with the next status of the list (then 200)."""
+    statuses: list[int] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            status = statuses.pop(0) if statuses else 200
+            body = json.dumps({"statusCode": status, "message": "scripted"} if status != 200 else {"ok": True}).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", statuses
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_5xx_answers_are_retried_then_raised(scripted_server: tuple[str, list[int]], tmp_path: Path) -> None:
+    url, statuses = scripted_server
+    client = RecordingClient(url=url, secret=SECRET, basedir=tmp_path)
+    statuses.extend([503, 502])
+    assert client.done(attempts=3, delay=0) == {"ok": True}
+    assert client.outcomes == [503, 502, 200]
+
+    client.outcomes.clear()
+    statuses.extend([503, 503, 503])
+    with pytest.raises(SidecarCallError) as exhausted:
+        client.done(attempts=3, delay=0)
+    assert exhausted.value.status_code == 503 and client.outcomes == [503, 503, 503]
+
+
+def test_helpers_write_what_the_sidecar_accepts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHARED_SECRET", SECRET)
+    monkeypatch.setenv("SIDECAR_PORT", "9999")
+    monkeypatch.setenv("SIDECAR_BASEDIR", str(tmp_path))
+    client = SidecarClient()
+    assert client.url == "http://127.0.0.1:9999" and client.secret == SECRET and client.layout.basedir == tmp_path
+
+    layout = ModuleLayout(tmp_path)
+    layout.write_input_meta([KeyValuePair(key="index", value="2")])
+    assert client.input_meta() == {"index": "2"}
+    client.write_file("a/b.txt", b"hello")
+    client.write_event("first", "file_discovered", ["a/b.txt"], sha1="x")
+    client.write_event("second", "file_discovered")
+    client.write_insight(files="1")
+    plan = plan_outputs(layout, ["file_discovered"], 256 * 1024)  # the sidecar's own /done validation
+    assert [f.path for f in plan.files] == ["a/b.txt"] and plan.bytes == 5
+    assert [(e.file, e.files, [p.key for p in e.data]) for e in plan.events] == [
+        ("first.json", ["a/b.txt"], ["sha1"]), ("second.json", [], [])]
+    assert [(p.key, p.value) for p in plan.insight] == [("files", "1")]

@@ -1,0 +1,219 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine.
+
+``docker-compose config`` (Debian's docker-compose 1.29, installed by ``scripts/setup test``) parses,
+interpolates and validates the file as ``docker compose up`` would; the tests read its normalised
+output. The sidecar's flags are then composed by the sidecar's own parser, and the image's health
+check command is run against a real sidecar process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sidecar.cli import compose_config
+from tests.support import ROOT, SidecarProcess, free_port
+
+COMPOSE = ROOT / "docker-compose.yml"
+ENV_EXAMPLE = ROOT / ".env.example"
+DOCKERFILE = ROOT / "Dockerfile"
+EMULATOR_CONFIG = "/ServiceBus_Emulator/ConfigFiles/Config.json"
+
+
+def docker_compose(*args: str) -> subprocess.CompletedProcess:
+    """Run docker-compose in a bare environment (no stray SHARED_SECRET etc. from the caller)."""
+    exe = shutil.which("docker-compose")
+    assert exe, "docker-compose is missing: scripts/setup test installs Debian's docker-compose package"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/root")}
+    return subprocess.run([exe, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    """The compose file as ``docker-compose config`` normalises it, with .env.example's values."""
+    result = docker_compose("--env-file", str(ENV_EXAMPLE), "-f", str(COMPOSE), "config")
+    assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
+    return yaml.safe_load(result.stdout)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` of the Dockerfile, continuation lines joined, comments dropped."""
+    lines = [line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    return [(m.group(1).upper(), m.group(2).strip())
+            for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", joined, flags=re.MULTILINE)]
+
+
+def exec_form(arguments: str) -> list[str]:
+    """A JSON exec-form argument list (``["a", "b"]``)."""
+    value = json.loads(arguments)
+    assert isinstance(value, list), arguments
+    return value
+
+
+def flags(service: dict) -> dict[str, str]:
+    """``{"--key": "value"}`` of a service's command (the sidecar's flags)."""
+    return dict(arg.split("=", 1) for arg in service["command"])
+
+
+def test_compose_declares_every_service(compose: dict) -> None:
+    services = compose["services"]
+    assert set(services) == {"sidecar", "module", "azurite", "blob-container", "mongo", "servicebus", "sqledge", "prefect"}
+    assert services["azurite"]["image"].startswith("mcr.microsoft.com/azure-storage/azurite")
+    assert services["mongo"]["image"] == "mongo:7"
+    assert services["servicebus"]["image"].startswith("mcr.microsoft.com/azure-messaging/servicebus-emulator")
+    assert services["sqledge"]["image"].startswith("mcr.microsoft.com/azure-sql-edge")
+    assert services["prefect"]["image"] == "prefecthq/prefect:3-latest"
+    assert services["prefect"]["command"] == ["prefect", "server", "start", "--host", "0.0.0.0"]
+    for name in ("sidecar", "module", "blob-container"):
+        assert services[name]["build"]["context"] == str(ROOT)
+        assert services[name]["image"] == "ion-sidecar:local"
+
+
+def test_published_ports_are_loopback_only(compose: dict) -> None:
+    published = {name: svc.get("ports", []) for name, svc in compose["services"].items()}
+    assert "127.0.0.1:4200:4200/tcp" in published["prefect"]  # the Prefect UI
+    assert "127.0.0.1:8080:8080/tcp" in published["sidecar"]
+    assert "127.0.0.1:5672:5672/tcp" in published["servicebus"]
+    for name, ports in published.items():
+        for port in ports:
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond the loopback address"
+
+
+def test_missing_env_file_stops_compose_naming_the_variable() -> None:
+    # Secrets have no defaults in the file: without .env, compose refuses and says what to set.
+    result = docker_compose("-f", str(COMPOSE), "config")
+    assert result.returncode != 0
+    assert re.search(r"set (SHARED_SECRET|MONGO_ROOT_PASSWORD|AZURITE_ACCOUNT_KEY|MSSQL_SA_PASSWORD|ACCEPT_EULA)", result.stderr)
+
+
+def test_sidecar_flags_enable_all_three_real_providers(compose: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    sidecar = compose["services"]["sidecar"]
+    given = flags(sidecar)
+    assert given["--azureblobprovider"] == given["--mongodbdocprovider"] == given["--servicebuseventprovider"] == "true"
+    assert "BlobEndpoint=http://azurite:10000/" in given["--azureblobprovider.connectionstring"]
+    uri = given["--mongodbdocprovider.uri"]
+    assert re.fullmatch(r"mongodb://root:[^@]+@mongo:27017/\?authSource=admin", uri), uri
+    bus = given["--servicebuseventprovider.connectionstring"]
+    assert "Endpoint=sb://servicebus;" in bus and "UseDevelopmentEmulator=true" in bus
+    assert sidecar["environment"]["PREFECT_API_URL"] == "http://prefect:4200/api"
+
+    # The image's ENTRYPOINT plus compose's command, through the sidecar's own parser and checks.
+    entrypoint = exec_form(dict(dockerfile_instructions())["ENTRYPOINT"])
+    monkeypatch.setenv("SHARED_SECRET", sidecar["environment"]["SHARED_SECRET"])
+    cfg, _ = compose_config(entrypoint[1:] + sidecar["command"])
+    assert cfg.host == "0.0.0.0" and cfg.serverport == 8080 and cfg.basedir == "/ion"
+    assert cfg.azureblobprovider.enabled and cfg.mongodbdocprovider.enabled and cfg.servicebuseventprovider.enabled
+    assert not cfg.development and cfg.valideventtypes == ["file_discovered"]
+
+
+def test_secrets_of_the_services_match_the_sidecar_flags(compose: dict) -> None:
+    services = compose["services"]
+    given = flags(services["sidecar"])
+    mongo_env = services["mongo"]["environment"]
+    assert mongo_env["MONGO_INITDB_ROOT_USERNAME"] == "root"
+    assert f"root:{mongo_env['MONGO_INITDB_ROOT_PASSWORD']}@" in given["--mongodbdocprovider.uri"]
+
+    account, key = services["azurite"]["environment"]["AZURITE_ACCOUNTS"].split(":", 1)
+    blob = given["--azureblobprovider.connectionstring"]
+    assert f"AccountName={account};AccountKey={key};" in blob
+    assert services["blob-container"]["environment"]["BLOB_CONNECTION_STRING"] == blob
+    assert services["blob-container"]["environment"]["BLOB_CONTAINER"] == given["--azureblobprovider.containername"]
+
+    bus, sql = services["servicebus"]["environment"], services["sqledge"]["environment"]
+    assert bus["SQL_SERVER"] == "sqledge" and bus["MSSQL_SA_PASSWORD"] == sql["MSSQL_SA_PASSWORD"]
+    assert bus["ACCEPT_EULA"] == sql["ACCEPT_EULA"]
+    assert services["module"]["environment"]["SHARED_SECRET"] == services["sidecar"]["environment"]["SHARED_SECRET"]
+
+
+def test_placeholders_only_in_the_env_example() -> None:
+    values = dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
+                  if line and not line.startswith("#"))
+    for name in ("SHARED_SECRET", "MONGO_ROOT_PASSWORD", "MSSQL_SA_PASSWORD"):
+        assert "change-me" in values[name].lower(), f"{name} must be an obvious placeholder"
+    assert values["ACCEPT_EULA"] == "N"  # the user accepts the EULAs, not this repository
+    assert ".env" in (ROOT / ".gitignore").read_text().split() and ".env" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_module_shares_the_volume_and_reaches_the_sidecar(compose: dict) -> None:
+    services = compose["services"]
+    sidecar, module = services["sidecar"], services["module"]
+    given = flags(sidecar)
+    assert "ion:/ion:rw" in sidecar["volumes"] and "ion:/ion:rw" in module["volumes"]
+    assert module["environment"]["SIDECAR_HOST"] == "sidecar"
+    assert module["environment"]["SIDECAR_PORT"] == given["--serverport"] == sidecar["environment"]["SIDECAR_PORT"]
+    assert module["environment"]["SIDECAR_BASEDIR"] == given["--basedir"]
+    script = module["entrypoint"][-1]
+    assert module["entrypoint"][0] == "python" and script == "/opt/sidecar/examples/module.py"
+    assert (ROOT / "examples" / "module.py").is_file()
+    # Started at once with the sidecar: the module's /ready retry loop covers the start-up.
+    assert module["depends_on"]["sidecar"]["condition"] == "service_started"
+
+
+def test_health_checks_and_start_order(compose: dict) -> None:
+    services = compose["services"]
+    assert "mongosh" in services["mongo"]["healthcheck"]["test"]
+    assert any("/api/health" in part for part in services["prefect"]["healthcheck"]["test"])
+    depends = services["sidecar"]["depends_on"]
+    assert depends["prefect"]["condition"] == depends["mongo"]["condition"] == "service_healthy"
+    assert depends["blob-container"]["condition"] == "service_completed_successfully"
+    assert "servicebus" in depends and "sqledge" in services["servicebus"]["depends_on"]
+    # The sidecar's own health check is the image's; one-shot containers of the image turn it off.
+    assert "healthcheck" not in services["sidecar"]
+    assert services["module"]["healthcheck"]["test"] == ["NONE"]
+    assert services["blob-container"]["healthcheck"]["test"] == ["NONE"]
+
+
+def test_servicebus_emulator_config_declares_the_sidecars_topic(compose: dict) -> None:
+    services = compose["services"]
+    mount = next(v for v in services["servicebus"]["volumes"] if EMULATOR_CONFIG in v)
+    host_path = Path(mount.split(":")[0])
+    assert host_path == ROOT / "deploy" / "servicebus" / "Config.json"
+    config = json.loads(host_path.read_text())["UserConfig"]
+    assert config["Logging"]["Type"]
+    [namespace] = config["Namespaces"]
+    assert namespace["Name"] == "sbemulatorns"  # the only namespace name the emulator accepts
+    topics = {t["Name"]: t for t in namespace["Topics"]}
+    topic = topics[flags(services["sidecar"])["--servicebuseventprovider.topic"]]
+    # The publisher relies on message-id de-duplication so that a retried /done never duplicates.
+    assert topic["Properties"]["RequiresDuplicateDetection"] is True
+    subscriptions = {s["Name"]: s for s in topic["Subscriptions"]}
+    assert "all-events" in subscriptions and not subscriptions["all-events"].get("Rules")
+    [rule] = subscriptions["file-discovered"]["Rules"]
+    assert rule["Properties"]["CorrelationFilter"]["Properties"] == {"eventType": "file_discovered"}
+
+
+def test_dockerfile_runs_sidecar_as_non_root_with_health_check() -> None:
+    instructions = dockerfile_instructions()
+    values = dict(instructions)  # the last of each instruction wins, as in Docker
+    assert values["FROM"] == "python:3.11-slim"
+    user = values["USER"].split(":")[0]
+    assert user not in ("root", "0") and user.isdigit()
+    assert exec_form(values["ENTRYPOINT"]) == ["sidecar", "--host=0.0.0.0"]
+    assert "/healthz" in values["HEALTHCHECK"] and "python" in values["HEALTHCHECK"]
+    assert "SIDECAR_CONFIG_DIR=/opt/sidecar/conf" in " ".join(v for k, v in instructions if k == "ENV")
+    copies = [v for k, v in instructions if k == "COPY"]
+    assert "conf ./conf" in copies and any(v.startswith("sidecar ") for v in copies)
+    ignored = set((ROOT / ".dockerignore").read_text().split())
+    for needed in ("pyproject.toml", "README.md", "sidecar", "flows", "conf", "examples"):
+        assert needed not in ignored
+    for private in (".env", ".venv", ".git", ".dev"):
+        assert private in ignored
+
+
+def test_image_health_check_command_probes_healthz(idle_sidecar: SidecarProcess) -> None:
+    command = exec_form(dict(dockerfile_instructions())["HEALTHCHECK"].split(" CMD ", 1)[1])
+    assert command[0] == "python"
+    argv = [sys.executable, *command[1:]]
+    healthy = subprocess.run(argv, env={"SIDECAR_PORT": str(idle_sidecar.port)}, capture_output=True, timeout=30)
+    assert healthy.returncode == 0, healthy.stderr
+    nobody = subprocess.run(argv, env={"SIDECAR_PORT": str(free_port())}, capture_output=True, timeout=30)
+    assert nobody.returncode != 0
