@@ -27,7 +27,7 @@ async def upload_files(runtime: Runtime, files: list[OutputFile], count: int, li
     return await gather_bounded(limit, [blobs.upload(f.local, blob_key(runtime.cfg, f.path)) for f in files])
 
 
-@task(name="upsert-insight", **TASK_OPTIONS)
+@task(name="upsert-insight", task_run_name="upsert-insight", **TASK_OPTIONS)
 async def upsert_insight(runtime: Runtime, insight: Insight) -> None:
     """Store the run's insight under its execution id."""
     await asyncio.to_thread(runtime.dataplane.documents.upsert_insight, insight)

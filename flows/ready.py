@@ -20,7 +20,7 @@ from sidecar.errors import DataPlaneError
 from sidecar.models import BlobFile, EventMeta, ReadySummary
 
 
-@task(name="get-event-meta", **TASK_OPTIONS)
+@task(name="get-event-meta", task_run_name="get-event-meta", **TASK_OPTIONS)
 async def get_event_meta(runtime: Runtime, event_id: str) -> EventMeta | None:
     """Read the event meta of ``event_id`` from the document store (None: first module of a graph)."""
     return await asyncio.to_thread(runtime.dataplane.documents.get_event_meta, event_id)

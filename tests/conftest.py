@@ -26,12 +26,16 @@ def pytest_configure(config) -> None:
     home = Path(tempfile.mkdtemp(prefix="sidecar-prefect-"))
     port = free_port()
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_UI_ENABLED="false", PREFECT_API_URL="")
-    env.pop("PREFECT_API_URL")
+               PREFECT_UI_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    # Task runs reach the API as events that the task-run recorder service writes, so services run;
+    # the ones that schedule or police runs (none exist here) only add writes to SQLite.
+    for service in ("SCHEDULER", "LATE_RUNS", "FOREMAN", "PAUSE_EXPIRATIONS", "CANCELLATION_CLEANUP",
+                    "REPOSSESSOR", "TRIGGERS", "DB_VACUUM", "CLEANUP_RECONCILER", "EVENT_LOGGER"):
+        env[f"PREFECT_SERVER_SERVICES_{service}_ENABLED"] = "false"
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-         "--no-services"],
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}/api"
