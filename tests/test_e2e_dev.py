@@ -40,11 +40,17 @@ def test_parent_then_child_chain(tmp_path: Path) -> None:
                       if json.loads((dev / "evt-root" / "eventmeta" / p.name).read_text())["files"][0]["path"] == "found/file2.txt")
     event = json.loads(event_file.read_text())
     assert event["type"] == "file_discovered" and event["context"]["parentEventId"] == "evt-root"
-    child_dir = tmp_path  # same working directory: the chain goes through .dev/
     child_args = dev_args(event["context"]["eventId"], event["context"]["correlationId"], "child",
                           parent=event["context"]["parentEventId"])
+    run_child_of_file2(tmp_path, child_args)
+
+
+def run_child_of_file2(tmp_path: Path, child_args: list[str]) -> dict:
+    """Run the child sidecar (``child_args``) and module in ``tmp_path``, the parent's working directory
+    (the chain goes through the data plane), for the event of the parent's ``found/file2.txt``; checks
+    what the child staged and returns the module's first printed line."""
     (tmp_path / "ion").rename(tmp_path / "ion-parent")
-    with SidecarProcess(child_dir, child_args) as child:
+    with SidecarProcess(tmp_path, child_args) as child:
         lines = run_module(child, EVENT_LABEL="child", FILES="1")
     staged = lines[0]
     assert staged["inputs"] == ["found/file2.txt"]
@@ -52,3 +58,4 @@ def test_parent_then_child_chain(tmp_path: Path) -> None:
         (tmp_path / "ion-parent" / "out" / "data" / "found" / "file2.txt").read_bytes()
     assert staged["meta"]["index"] == "2" and "eventType" not in staged["meta"] and "files" not in staged["meta"]
     assert staged["ready"]["files"] == 1 and staged["ready"]["bytes"] > 0
+    return staged

@@ -13,6 +13,12 @@ even with ``send_messages(timeout=...)`` (measured; issue 4). So the SDK's own r
 (Prefect's task retries are the one retry layer) and every ``publish`` runs under a hard deadline,
 ``publishtimeoutseconds``; past it the half-open connection is torn down and the publish fails with
 :class:`~sidecar.errors.DataPlaneUnavailable` (HTTP 503).
+
+Errors: authentication or authorization refused is a :class:`~sidecar.errors.DataPlaneError` (HTTP
+502, not retried); connection failures, busy or throttled answers are ``DataPlaneUnavailable``. A
+topic that does not exist is refused by Service Bus with ``amqp:not-found`` on the link, but
+azure-servicebus 7.15 reports that as a failed send (``amqp:unknown-error``,
+``ServiceBusConnectionError``), so it surfaces as ``DataPlaneUnavailable`` naming the topic.
 """
 
 from __future__ import annotations
@@ -107,6 +113,8 @@ class ServiceBusEventPublisher:
             DataPlaneError: authentication or authorization refused, the topic does not exist or is
                 disabled, an event does not fit in a message, or the connection settings are invalid.
         """
+        if not events:
+            return
         by_topic: dict[str, list[Event]] = {}
         for event in events:
             by_topic.setdefault(topic_of(self.cfg, event), []).append(event)

@@ -26,8 +26,9 @@ and to receive from a subscription, when the connection string carries ``UseDeve
   :attr:`Topic.duplicates`;
 - receivers: peek-lock deliveries carry 16-byte delivery tags (the SDK reads them as lock tokens) and
   the outcome the receiver sends (complete = accepted, abandon = released/modified) is echoed back
-  settled, which the SDK waits for; a receive-and-delete receiver gets pre-settled deliveries. Locked
-  messages of a receiver that goes away return to its subscription.
+  settled, which the SDK waits for; a receive-and-delete receiver gets pre-settled deliveries; a drain
+  request uses up the credit left. Locked messages of a receiver that goes away return to its
+  subscription.
 
 Not implemented: sessions, the ``$management`` node (peek, lock renewal, scheduling), rules and
 filters, dead-lettering, TTL and lock expiry. :attr:`Topic.transfers` records how many messages each
@@ -127,6 +128,13 @@ def check_sas_token(token: str, keys: dict[str, str]) -> str | None:
     if int(fields.get("se", "0")) < time.time():
         return "token expired"
     return None
+
+
+def emulator_connection_string(port: int, key_name: str = "RootManageSharedAccessKey",
+                               key: str = "SAS_KEY_VALUE") -> str:
+    """A connection string as for the Service Bus emulator on ``127.0.0.1:port`` (plain AMQP)."""
+    return (f"Endpoint=sb://127.0.0.1:{port};SharedAccessKeyName={key_name};SharedAccessKey={key};"
+            "UseDevelopmentEmulator=true")
 
 
 class _Broker(Handler):
@@ -296,7 +304,6 @@ class _Broker(Handler):
                 if link.snd_settle_mode == Link.SND_SETTLED:
                     delivery.settle()
                 else:
-                    delivery.payload = payload
                     link.locked[tag] = payload
                     delivery.lock = tag
 
@@ -325,7 +332,7 @@ class _Broker(Handler):
         for connection in list(self.connections):
             connection.close()
         self.peer.injector.close()
-        event.container.stop()
+        self.peer._container.stop()
 
 
 class AmqpPeer:
@@ -358,8 +365,7 @@ class AmqpPeer:
 
     def connection_string(self, key_name: str = "RootManageSharedAccessKey", key: str = "SAS_KEY_VALUE") -> str:
         """The emulator-style connection string the SDK uses to reach this peer."""
-        return (f"Endpoint=sb://127.0.0.1:{self.port};SharedAccessKeyName={key_name};"
-                f"SharedAccessKey={key};UseDevelopmentEmulator=true")
+        return emulator_connection_string(self.port, key_name, key)
 
     def _run(self) -> None:
         try:

@@ -20,7 +20,7 @@ from azure.servicebus import ServiceBusReceiveMode
 from azure.servicebus.aio import ServiceBusClient
 
 from sidecar.models import Event
-from tests.servicebus.amqp_peer import AmqpPeer
+from tests.servicebus.amqp_peer import AmqpPeer, emulator_connection_string
 from tests.support import free_port
 
 
@@ -88,10 +88,14 @@ class SilentListener:
                 self.closed.set()
 
     def connection_string(self) -> str:
-        return (f"Endpoint=sb://127.0.0.1:{self.port};SharedAccessKeyName=RootManageSharedAccessKey;"
-                f"SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true")
+        return emulator_connection_string(self.port)
 
     def close(self) -> None:
+        """Stop listening (the port is free again once this returns)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
         self.sock.close()
 
 

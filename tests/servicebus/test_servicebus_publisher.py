@@ -14,7 +14,7 @@ from sidecar.config import ServiceBusConfig
 from sidecar.dataplane.servicebus import PER_EVENT_TYPE, ServiceBusEventPublisher, connection_string, topic_of
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
 from sidecar.models import Event
-from tests.servicebus.amqp_peer import AmqpPeer
+from tests.servicebus.amqp_peer import AmqpPeer, emulator_connection_string
 from tests.servicebus.conftest import SilentListener, receive_all_sync, unique
 from tests.servicebus.test_event_publisher_conformance import make_events
 from tests.support import free_port
@@ -107,8 +107,7 @@ def test_a_bus_that_never_answers_the_token_fails_at_the_deadline_and_leaves_no_
 
 
 def test_a_refused_connection_fails_within_the_deadline() -> None:
-    cs = (f"Endpoint=sb://127.0.0.1:{free_port()};SharedAccessKeyName=RootManageSharedAccessKey;"
-          "SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true")
+    cs = emulator_connection_string(free_port())  # nobody listens there
     error, elapsed = asyncio.run(timed_publish(publisher_for(cs, "nobody", DEADLINE), make_events(1, ["t"])))
     assert isinstance(error, DataPlaneUnavailable) and "event bus" in error.message and "'nobody'" in error.message
     assert elapsed <= DEADLINE + MARGIN
@@ -153,8 +152,7 @@ def test_one_connection_serves_many_publishes_and_close_releases_it(amqp_peer: A
 
 def test_a_publisher_recovers_when_the_bus_comes_back() -> None:
     port = free_port()
-    cs = (f"Endpoint=sb://127.0.0.1:{port};SharedAccessKeyName=RootManageSharedAccessKey;"
-          "SharedAccessKey=SAS_KEY_VALUE;UseDevelopmentEmulator=true")
+    cs = emulator_connection_string(port)
     events = make_events(3, ["t"])
 
     async def run(peer_holder: list[AmqpPeer]) -> None:
