@@ -1,0 +1,120 @@
+"""The production path's fixtures: Azurite, nx-27017 and the AMQP 1.0 peer at once, each behind a
+fault-injecting proxy (tests/faults.py), so a test can cut any data-plane service mid-run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pymongo
+import pytest
+from azure.storage.blob import ContainerClient
+
+from tests.azure.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, run_azurite
+from tests.faults import FaultProxy
+from tests.mongo.conftest import NxServer
+from tests.servicebus.amqp_peer import AmqpPeer
+from tests.servicebus.conftest import Received, receive_all_sync, unique
+from tests.support import free_port
+
+# Distinctive secret values that must never reach a log line or the Prefect API.
+MONGO_PASSWORD = "mongo-Pw-7f3e1c"
+BUS_KEY = "SAS_KEY_VALUE"
+
+
+@dataclass
+class Stack:
+    """Every real data-plane service of one test module, each reached through its fault proxy."""
+
+    azurite: Azurite
+    mongo: NxServer
+    peer: AmqpPeer
+    blob_proxy: FaultProxy
+    docs_proxy: FaultProxy
+    bus_proxy: FaultProxy
+    container: str
+    collection: str
+    topic: str
+    subscription: str = "next-module"
+
+    @property
+    def proxies(self) -> dict[str, FaultProxy]:
+        return {"blob store": self.blob_proxy, "document store": self.docs_proxy, "event bus": self.bus_proxy}
+
+    def blob_connection_string(self, direct: bool = False) -> str:
+        port = self.azurite.port if direct else self.blob_proxy.port
+        return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+                f"BlobEndpoint=http://127.0.0.1:{port}/{ACCOUNT};")
+
+    def mongo_uri(self, direct: bool = False) -> str:
+        port = self.mongo.port if direct else self.docs_proxy.port
+        return f"mongodb://127.0.0.1:{port}/?directConnection=true"
+
+    def bus_connection_string(self, direct: bool = False) -> str:
+        port = self.peer.port if direct else self.bus_proxy.port
+        return (f"Endpoint=sb://127.0.0.1:{port};SharedAccessKeyName=RootManageSharedAccessKey;"
+                f"SharedAccessKey={BUS_KEY};UseDevelopmentEmulator=true;")
+
+    def seed_flags(self) -> list[str]:
+        """The seed's provider flags for all three real providers, through the proxies."""
+        return [
+            "--azureblobprovider=true", f"--azureblobprovider.containername={self.container}",
+            f"--azureblobprovider.connectionstring={self.blob_connection_string()}",
+            "--mongodbdocprovider=true", f"--mongodbdocprovider.collection={self.collection}",
+            f"--mongodbdocprovider.uri={self.mongo_uri()}", "--mongodbdocprovider.name=iondb",
+            f"--mongodbdocprovider.password={MONGO_PASSWORD}",
+            "--servicebuseventprovider=true", f"--servicebuseventprovider.topic={self.topic}",
+            f"--servicebuseventprovider.connectionstring={self.bus_connection_string()}",
+        ]
+
+    # What the data plane holds, read directly (not through the proxies).
+    def blobs(self, prefix: str = "") -> dict[str, bytes]:
+        with ContainerClient.from_connection_string(self.blob_connection_string(direct=True), self.container) as c:
+            if not c.exists():
+                return {}
+            return {b.name: c.download_blob(b.name).readall() for b in c.list_blobs(name_starts_with=prefix or None)}
+
+    def documents(self, suffix: str = "") -> list[dict]:
+        with pymongo.MongoClient(self.mongo_uri(direct=True), serverSelectionTimeoutMS=5000) as client:
+            return list(client["ion"][self.collection + suffix].find({}))
+
+    def received(self) -> list[Received]:
+        """Drain the subscription: every message delivered since the last call."""
+        return receive_all_sync(self.bus_connection_string(direct=True), self.topic, self.subscription)
+
+    def up(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.up()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Azurite, nx-27017 and the AMQP peer for this module (fail, never skip, if one cannot start)."""
+    mongo = NxServer(tmp_path_factory.mktemp("nx"))
+    mongo.start()
+    peer = AmqpPeer(free_port()).start()
+    with run_azurite() as azurite:
+        proxies = [FaultProxy(azurite.port), FaultProxy(mongo.port), FaultProxy(peer.port)]
+        topic = peer.create_topic(unique("ion-events"), ["next-module"]).name
+        stack = Stack(azurite, mongo, peer, *proxies, container=unique("ion").lower().replace("_", "-"),
+                      collection=unique("ion"), topic=topic)
+        try:
+            yield stack
+        finally:
+            for proxy in proxies:
+                proxy.close()
+            peer.stop()
+            mongo.stop()
+
+
+def write_outputs(basedir: Path, files: int, size: int, label: str) -> None:
+    """A module's outputs: ``files`` files of ``size`` bytes, one event each, and an insight."""
+    from sidecar.client import SidecarClient
+
+    client = SidecarClient(url="http://unused", secret="unused", basedir=basedir)
+    for i in range(files):
+        path = f"out{i}/file{i}.bin"
+        client.write_file(path, (f"{label}:{i}:".encode() * (size // 8 + 1))[:size])
+        client.write_event(f"event{i}", "file_discovered", [path], index=str(i), label=label)
+    client.write_insight(files=str(files), label=label)
