@@ -13,7 +13,7 @@ from azure.storage.blob import ContainerClient
 
 from tests.azure.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, run_azurite
 from tests.faults import FaultProxy
-from tests.mongo.conftest import NxServer
+from tests.mongo.conftest import NxServer, collection_name
 from tests.servicebus.amqp_peer import AmqpPeer
 from tests.servicebus.conftest import Received, receive_all_sync, unique
 from tests.support import free_port
@@ -98,7 +98,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         proxies = [FaultProxy(azurite.port), FaultProxy(mongo.port), FaultProxy(peer.port)]
         topic = peer.create_topic(unique("ion-events"), ["next-module"]).name
         stack = Stack(azurite, mongo, peer, *proxies, container=unique("ion").lower().replace("_", "-"),
-                      collection=unique("ion"), topic=topic)
+                      collection=collection_name("prod"), topic=topic)
         try:
             yield stack
         finally:

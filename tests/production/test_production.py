@@ -145,7 +145,7 @@ TRIALS = [
     ("blob store", "during", FILES * SIZE * 2 // 3), ("blob store", "after", "before documents"),
     ("document store", "before", None), ("document store", "during", 300), ("document store", "during", 3000),
     ("document store", "after", "before events"),
-    ("event bus", "before", None), ("event bus", "during", 1500), ("event bus", "during", 6000),
+    ("event bus", "before", None), ("event bus", "during", 1500), ("event bus", "during", 3500),
     ("event bus", "after", "after events"),
 ]
 TALLY: dict[str, int] = collections.Counter()
@@ -205,7 +205,8 @@ def test_fault_injection_loses_and_duplicates_nothing(tmp_path: Path, stack: Sta
 
 
 def test_soak_back_to_back_runs_leak_nothing(tmp_path: Path, stack: Stack) -> None:
-    runs = int(os.environ.get("SOAK_RUNS", "100"))
+    # 100 runs take about 8 minutes here, over the suite's budget: CI runs 20, `SOAK_RUNS=100` the full soak.
+    runs = int(os.environ.get("SOAK_RUNS", "20"))
     stack.received()
     process = psutil.Process()
     fds: list[int] = []
