@@ -164,6 +164,14 @@ def check(cfg: SidecarConfig) -> None:
         if not blob.connectionstring and not (blob.blobaccountname and blob.blobaccountkey):
             raise UsageError("--azureblobprovider=true needs --azureblobprovider.blobaccountname and "
                              ".blobaccountkey, or --azureblobprovider.connectionstring")
+        if blob.connectionstring:
+            from azure.core.utils import parse_connection_string
+
+            try:
+                parse_connection_string(blob.connectionstring)
+            except ValueError:
+                raise UsageError("--azureblobprovider.connectionstring is not a connection string "
+                                 "(Key=Value pairs separated by ';')") from None
     mongo = cfg.mongodbdocprovider
     if mongo.enabled and not mongo.uri and not (mongo.name and mongo.password):
         raise UsageError("--mongodbdocprovider=true needs --mongodbdocprovider.name and .password, "
