@@ -93,5 +93,8 @@ def configure_logging(cfg: SidecarConfig) -> ContextFilter:
             else:
                 handler.addFilter(context_filter)
         logger.propagate = True
-    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
+    # httpx and the Azure SDKs log every HTTP request at INFO; at thousands of blobs per call that
+    # costs measurable time and buries the sidecar's own lines.
+    for name in ("httpx", "azure"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
     return context_filter

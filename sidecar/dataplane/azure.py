@@ -35,6 +35,7 @@ import os
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Any, Callable, TypeVar
+from urllib.parse import quote
 
 from adlfs import AzureBlobFileSystem
 from azure.core.exceptions import (
@@ -101,8 +102,9 @@ class AzureBlobStore(BlobStore):
         self._container_lock = asyncio.Lock()
 
     def blob_url(self, key: str) -> str:
-        """The URL of blob ``key`` (no credentials in it)."""
-        return self._client.get_blob_client(key).url
+        """The URL of blob ``key`` (no credentials in it), quoted as the SDK's ``BlobClient.url`` is;
+        built directly because a ``BlobClient`` per recorded file costs more than the string."""
+        return f"{self._client.url}/{quote(key, safe='~/')}"
 
     async def close(self) -> None:
         """Close the service client's HTTP session."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tests.support import ROOT, free_port, wait_http
+from tests.support import ROOT, dev_args, free_port, wait_http
 
 # Azurite's development account and its well-known key (public, in Azurite's documentation).
 ACCOUNT = "devstoreaccount1"
@@ -41,6 +41,15 @@ class Azurite:
         """A connection string for the development account, signing with ``key``."""
         return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={key};"
                 f"BlobEndpoint={self.endpoint};")
+
+
+def sidecar_args(azurite: Azurite, container: str, event_id: str, correlation_id: str, name: str,
+                 parent: str = "") -> list[str]:
+    """Seed flags of a sidecar whose blobs live in ``container`` on ``azurite``; documents and events
+    stay on the development providers (not development mode, which would contradict the provider)."""
+    context = [a for a in dev_args(event_id, correlation_id, name, parent=parent) if a != "--development=true"]
+    return context + ["--azureblobprovider=true", f"--azureblobprovider.containername={container}",
+                      f"--azureblobprovider.connectionstring={azurite.connection_string()}"]
 
 
 def azurite_executable() -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import parse_qs, urlparse
 
+import httpx
 import pytest
 from azure.storage.blob.aio import BlobServiceClient
 
@@ -169,14 +170,17 @@ async def test_service_answers_are_classified_and_sent_once(scripted, azurite: A
     assert len(blob_requests) == 1, "the SDK does not retry: Prefect's task retries are the only layer"
 
 
-async def test_sas_url_lifetime_follows_config(azurite: Azurite, small_file: Path) -> None:
-    store = azure_blob_store(azure_config(azurite, sasexpiryseconds=600))
+async def test_sas_url_has_the_asked_lifetime_and_quoting(azurite: Azurite, small_file: Path) -> None:
+    key = "e/m/a file ü+#%.txt"  # characters that must be quoted in the URL and signed unquoted
+    store = azure_blob_store(azure_config(azurite))
     try:
-        await store.upload(small_file, "e/m/f.txt")
-        url = store.url("e/m/f.txt", 600)
+        await store.upload(small_file, key)
+        url = store.url(key, 600)
+        assert url is not None and url.split("?")[0] == store._client.get_blob_client(key).url
     finally:
         await store.close()
-    assert url is not None and url.startswith(f"{azurite.endpoint}/")
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(url)).content == small_file.read_bytes()
     query = parse_qs(urlparse(url).query)
     expiry = datetime.strptime(query["se"][0], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
     assert abs((expiry - datetime.now(timezone.utc)).total_seconds() - 600) < 60
@@ -189,13 +193,15 @@ def test_no_sas_url_without_an_account_key(azurite: Azurite) -> None:
     assert store.url("e/m/f.txt", 600) is None
 
 
-def test_bad_connection_string_stops_start_up_with_one_line() -> None:
+@pytest.mark.parametrize("setting, value", [("connectionstring", "not-a-connection-string"),
+                                            ("containername", "Bad_Name"), ("containername", "ab")])
+def test_bad_settings_stop_start_up_with_one_line(setting: str, value: str) -> None:
+    settings = {"containername": "ion", "connectionstring": "AccountName=a;AccountKey=a2V5"} | {setting: value}
     with pytest.raises(UsageError) as caught:
-        compose_config(["--context.eventid=e", "--context.correlationid=c", "--sharedsecret=s",
-                        "--azureblobprovider=true", "--azureblobprovider.containername=c",
-                        "--azureblobprovider.connectionstring=not-a-connection-string"])
-    assert "azureblobprovider.connectionstring" in str(caught.value)
-    assert "not-a-connection-string" not in str(caught.value)
+        compose_config(["--context.eventid=e", "--context.correlationid=c", "--sharedsecret=s", "--azureblobprovider=true",
+                        *(f"--azureblobprovider.{k}={v}" for k, v in settings.items())])
+    assert f"azureblobprovider.{setting}" in str(caught.value)
+    assert setting == "containername" or value not in str(caught.value), "a connection string is never shown"
 
 
 def test_memory_stays_bounded_for_a_large_file(azurite: Azurite) -> None:

@@ -1,0 +1,54 @@
+"""End to end with the Azure provider: two real sidecar processes chained parent -> child through
+Azurite, each with a real module process (examples/module.py), as tests/test_e2e_dev.py does through
+``.dev/``. Documents and events stay on the development providers (a valid set-up, DESIGN.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+from azure.storage.blob.aio import BlobServiceClient
+
+from sidecar.dataplane.documents import JsonFileDocumentStore
+from tests.azure.azurite import Azurite, sidecar_args
+from tests.support import SidecarProcess
+from tests.test_e2e_dev import run_module
+
+CONTAINER = "ion-e2e"
+
+
+async def blob_names(azurite: Azurite) -> list[str]:
+    async with BlobServiceClient.from_connection_string(azurite.connection_string()) as service:
+        return sorted([b.name async for b in service.get_container_client(CONTAINER).list_blobs()])
+
+
+def test_parent_then_child_chain_through_azurite(azurite: Azurite, tmp_path: Path) -> None:
+    with SidecarProcess(tmp_path, sidecar_args(azurite, CONTAINER, "evt-az-root", "corr-az", "parent")) as parent:
+        done = run_module(parent, EVENT_LABEL="root")[-1]["done"]
+    assert done["files"] == 5 and len(done["events"]) == 5
+    assert asyncio.run(blob_names(azurite)) == [f"evt-az-root/parent/found/file{i}.txt" for i in range(5)]
+    assert not (tmp_path / ".dev" / "blobs").exists(), "no blob went to the development store"
+
+    documents = JsonFileDocumentStore(tmp_path / ".dev" / "documents")
+    metas = [documents.get_event_meta(e["eventId"]) for e in done["events"]]
+    meta = next(m for m in metas if m and m.files[0].path == "found/file2.txt")
+    parent_file = tmp_path / "ion" / "out" / "data" / "found" / "file2.txt"
+    recorded = meta.files[0]
+    assert recorded.key == "evt-az-root/parent/found/file2.txt" and recorded.size == parent_file.stat().st_size
+    assert recorded.md5 and recorded.url and recorded.url.startswith(f"{azurite.endpoint}/{CONTAINER}/")
+    assert httpx.get(recorded.url).content == parent_file.read_bytes(), "the SAS URL serves the blob"
+
+    # The child starts from its event as Ion's dispatcher would: the event id from the bus.
+    event = json.loads((tmp_path / ".dev" / "events" / f"{meta.id}.json").read_text())
+    (tmp_path / "ion").rename(tmp_path / "ion-parent")
+    child_args = sidecar_args(azurite, CONTAINER, event["context"]["eventId"], event["context"]["correlationId"], "child",
+                            parent=event["context"]["parentEventId"])
+    with SidecarProcess(tmp_path, child_args) as child:
+        staged = run_module(child, EVENT_LABEL="child", FILES="1")[0]
+    assert staged["inputs"] == ["found/file2.txt"]
+    assert (tmp_path / "ion" / "in" / "data" / "found" / "file2.txt").read_bytes() == \
+        (tmp_path / "ion-parent" / "out" / "data" / "found" / "file2.txt").read_bytes()
+    assert staged["meta"]["index"] == "2" and staged["ready"]["files"] == 1
+    assert f"{event['context']['eventId']}/child/found/file0.txt" in asyncio.run(blob_names(azurite))
