@@ -12,10 +12,12 @@ it times, interleaved, at least three rounds of
   healthy before the clock starts;
 - plain: the same upload then download with ``azure.storage.blob.aio`` only: ``asyncio.gather`` under a
   semaphore of 32, 4 MiB chunks (``max_single_put_size``/``max_block_size``/``max_single_get_size``/
-  ``max_chunk_get_size``), in its own process,
+  ``max_chunk_get_size``), otherwise the SDK's defaults, in its own process (the issue's baseline);
+- plain-noenv: the same with ``use_env_settings=False``, which the provider also sets (see
+  ``sidecar/dataplane/azure.py``), to show what is left of the sidecar's own cost,
 
-and prints the medians, the ratio sidecar/plain, and the peak RSS of each sidecar process during its
-call (and of the plain client's process). Last, one parent/child pair moves a 1 GiB file and the rise
+and prints the medians, the ratios sidecar/plain and sidecar/plain-noenv, and the peak RSS of each
+sidecar process during its call (and of the plain client's process). Last, one parent/child pair moves a 1 GiB file and the rise
 of each sidecar's RSS above its idle RSS (just before the call) is printed.
 
 Run: ``scripts/setup test && .venv/bin/python bench/azure_transfers.py [--rounds 3]``.
@@ -47,19 +49,22 @@ WORKLOADS = {"1000 x 4 KiB": (1000, 4 * KiB), "8 x 64 MiB": (8, 64 * MiB)}
 EVENT_TYPE = "file_discovered"
 
 
-# --- the plain client (runs in its own process: ``azure_transfers.py plain SRC DST PREFIX``) --------
+# --- the plain client (in its own process: ``azure_transfers.py plain SRC DST PREFIX ENV``) ------------
 
-async def plain_transfer(connection_string: str, container: str, src: Path, dst: Path, prefix: str) -> float:
-    """Upload every file under ``src`` then download them into ``dst``; returns the seconds taken."""
+async def plain_transfer(connection_string: str, src: Path, dst: Path, prefix: str, env_settings: bool) -> float:
+    """Upload every file under ``src`` then download them into ``dst``; returns the seconds taken.
+
+    ``env_settings`` is the SDK's ``use_env_settings`` (default True: aiohttp looks up ~/.netrc and the
+    proxy variables on every request; the provider turns it off and resolves the proxy once)."""
     from azure.core.exceptions import ResourceExistsError
     from azure.storage.blob.aio import BlobServiceClient
 
     files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
     service = BlobServiceClient.from_connection_string(
         connection_string, max_single_put_size=CHUNK, max_block_size=CHUNK, max_single_get_size=CHUNK,
-        max_chunk_get_size=CHUNK)
+        max_chunk_get_size=CHUNK, use_env_settings=env_settings)
     async with service:
-        client = service.get_container_client(container)
+        client = service.get_container_client("bench-plain")
         try:
             await client.create_container()
         except ResourceExistsError:
@@ -114,15 +119,16 @@ class RssSampler:
         self._thread.join()
 
 
+APPROACHES = ("plain", "plain-noenv", "sidecar")
+
+
 @dataclass
 class Rounds:
-    """The rounds of one workload: seconds and peak RSS (bytes) of each, per approach."""
+    """Seconds and peak RSS (bytes) of each round of one workload, per approach (``APPROACHES``);
+    for the sidecar the RSS is the larger of the parent's during ``/done`` and the child's during ``/ready``."""
 
-    plain: list[float] = field(default_factory=list)
-    plain_rss: list[int] = field(default_factory=list)
-    sidecar: list[float] = field(default_factory=list)
-    done_rss: list[int] = field(default_factory=list)
-    ready_rss: list[int] = field(default_factory=list)
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in APPROACHES})
+    rss: dict[str, list[int]] = field(default_factory=lambda: {a: [] for a in APPROACHES})
 
 
 def make_files(root: Path, count: int, size: int, sparse: bool = False) -> list[str]:
@@ -140,11 +146,13 @@ def make_files(root: Path, count: int, size: int, sparse: bool = False) -> list[
     return rels
 
 
-def plain_round(azurite, src: Path, work: Path, prefix: str) -> tuple[float, int]:
+def plain_round(azurite, src: Path, work: Path, prefix: str, env_settings: bool) -> tuple[float, int]:
+    """One plain upload + download in a fresh process; returns its seconds and peak RSS (bytes)."""
     from tests.support import python_env
 
     dst = work / f"plain-{prefix}"
-    proc = subprocess.Popen([sys.executable, __file__, "plain", str(src), str(dst), prefix], stdout=subprocess.PIPE,
+    argv = [sys.executable, __file__, "plain", str(src), str(dst), prefix, str(int(env_settings))]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
                             env=python_env(BENCH_CONNECTION_STRING=azurite.connection_string()))
     with RssSampler(proc.pid) as rss:
         out, _ = proc.communicate(timeout=900)
@@ -167,8 +175,10 @@ def sidecar_round(azurite, src: Path, rels: list[str], work: Path, tag: str) -> 
     devdir = f"--devdir={work / f'dev-{tag}'}"  # the document store the two share
     (work / f"parent-{tag}").mkdir()
     (work / f"child-{tag}").mkdir()
-    parent = SidecarProcess(work / f"parent-{tag}", sidecar_args(azurite, "bench-sidecar", parent_id, correlation, "parent") + [devdir])
-    child = SidecarProcess(work / f"child-{tag}", sidecar_args(azurite, "bench-sidecar", child_id, correlation, "child", parent=parent_id) + [devdir])
+    parent_args = sidecar_args(azurite, "bench-sidecar", parent_id, correlation, "parent") + [devdir]
+    child_args = sidecar_args(azurite, "bench-sidecar", child_id, correlation, "child", parent=parent_id) + [devdir]
+    parent = SidecarProcess(work / f"parent-{tag}", parent_args)
+    child = SidecarProcess(work / f"child-{tag}", child_args)
     try:
         parent.wait_healthy(120)
         child.wait_healthy(120)
@@ -196,7 +206,8 @@ def sidecar_round(azurite, src: Path, rels: list[str], work: Path, tag: str) -> 
     shutil.rmtree(work / f"parent-{tag}", ignore_errors=True)
     shutil.rmtree(work / f"child-{tag}", ignore_errors=True)
     return {"seconds": done_seconds + ready_seconds, "done": done_seconds, "ready": ready_seconds,
-            "done_idle": done_rss.idle, "done_peak": done_rss.peak, "ready_idle": ready_rss.idle, "ready_peak": ready_rss.peak}
+            "done_idle": done_rss.idle, "done_peak": done_rss.peak,
+            "ready_idle": ready_rss.idle, "ready_peak": ready_rss.peak}
 
 
 def mib(n: float) -> str:
@@ -224,21 +235,17 @@ def main(rounds: int) -> None:
                 sources[name] = (work / f"src-{count}", make_files(work / f"src-{count}", count, size))
             for r in range(rounds):
                 for w, (name, (src, rels)) in enumerate(sources.items()):
-                    tag = f"{r}-{w}"
-                    # Alternate which approach goes first, so drift in the machine's load evens out.
-                    order = ("plain", "sidecar") if r % 2 == 0 else ("sidecar", "plain")
-                    for approach in order:
-                        if approach == "plain":
-                            seconds, peak = plain_round(azurite, src, work, tag)
-                            results[name].plain.append(seconds)
-                            results[name].plain_rss.append(peak)
-                        else:
+                    # Rotate which approach goes first, so drift in the machine's load evens out.
+                    for approach in APPROACHES[r % 3:] + APPROACHES[:r % 3]:
+                        tag = f"{r}-{w}-{approach}"
+                        if approach == "sidecar":
                             got = sidecar_round(azurite, src, rels, work, tag)
-                            results[name].sidecar.append(got["seconds"])
-                            results[name].done_rss.append(int(got["done_peak"]))
-                            results[name].ready_rss.append(int(got["ready_peak"]))
-                        print(f"round {r + 1} {name:>13} {approach:>7}: {results[name].__dict__[approach][-1]:7.2f} s",
-                              flush=True)
+                            seconds, peak = got["seconds"], int(max(got["done_peak"], got["ready_peak"]))
+                        else:
+                            seconds, peak = plain_round(azurite, src, work, tag, approach == "plain")
+                        results[name].seconds[approach].append(seconds)
+                        results[name].rss[approach].append(peak)
+                        print(f"round {r + 1} {name:>13} {approach:>11}: {seconds:7.2f} s", flush=True)
             big = work / "src-1g"
             rels = make_files(big, 1, GiB, sparse=True)
             one_gib = sidecar_round(azurite, big, rels, work, "1g")
@@ -246,13 +253,18 @@ def main(rounds: int) -> None:
         prefect.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\nAzure Blob provider vs plain azure.storage.blob.aio, Azurite, medians of {rounds} rounds "
-          f"(total {time.perf_counter() - began:.0f} s)")
-    print(f"{'workload':>13} | {'plain s':>8} | {'sidecar s':>9} | {'ratio':>6} | {'sidecar peak RSS MiB (/done, /ready)':>36} | {'plain peak RSS MiB':>18}")
+    print(f"\nAzure Blob provider vs plain azure.storage.blob.aio on Azurite: medians of {rounds} rounds, "
+          f"peak RSS the largest of them (whole run {time.perf_counter() - began:.0f} s)")
+    print("plain: the SDK's defaults but 4 MiB chunks, gather under a semaphore of 32; plain-noenv: the same with "
+          "use_env_settings=False, as the provider does")
+    print(f"{'workload':>13} | {'plain s':>8} | {'noenv s':>8} | {'sidecar s':>9} | {'sidecar/plain':>13} | "
+          f"{'sidecar/noenv':>13} | peak RSS MiB plain, noenv, sidecar")
     for name, res in results.items():
-        plain, sidecar = statistics.median(res.plain), statistics.median(res.sidecar)
-        print(f"{name:>13} | {plain:8.2f} | {sidecar:9.2f} | {sidecar / plain:5.2f}x | "
-              f"{mib(max(res.done_rss)) + ', ' + mib(max(res.ready_rss)):>36} | {mib(max(res.plain_rss)):>18}")
+        median = {a: statistics.median(res.seconds[a]) for a in APPROACHES}
+        peaks = ", ".join(mib(max(res.rss[a])) for a in APPROACHES)
+        print(f"{name:>13} | {median['plain']:8.2f} | {median['plain-noenv']:8.2f} | {median['sidecar']:9.2f} | "
+              f"{median['sidecar'] / median['plain']:12.2f}x | {median['sidecar'] / median['plain-noenv']:12.2f}x | "
+              f"{peaks}")
     print(f"\n1 GiB file: parent /done {one_gib['done']:.1f} s, RSS idle {mib(one_gib['done_idle'])} MiB, peak "
           f"{mib(one_gib['done_peak'])} MiB, rise {mib(one_gib['done_peak'] - one_gib['done_idle'])} MiB; "
           f"child /ready {one_gib['ready']:.1f} s, RSS idle {mib(one_gib['ready_idle'])} MiB, peak "
@@ -262,9 +274,10 @@ def main(rounds: int) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "plain":
-        _, _, source, target, prefix = sys.argv
-        print(asyncio.run(plain_transfer(os.environ["BENCH_CONNECTION_STRING"], "bench-plain", Path(source), Path(target), prefix)))
+        _, _, source, target, prefix, env = sys.argv
+        connection_string = os.environ["BENCH_CONNECTION_STRING"]
+        print(asyncio.run(plain_transfer(connection_string, Path(source), Path(target), prefix, env == "1")))
     else:
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-        parser.add_argument("--rounds", type=int, default=3, help="rounds per workload and approach (median of them)")
+        parser.add_argument("--rounds", type=int, default=3, help="rounds per workload and approach (medians)")
         main(parser.parse_args().rounds)

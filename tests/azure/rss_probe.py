@@ -1,7 +1,7 @@
 """Moves one file of a given size through the Azure provider and reports the process's memory.
 
-``python -m tests.azure.rss_probe BYTES`` (connection string in ``PROBE_CONNECTION_STRING``) uploads a file of ``BYTES`` (sparse, read
-back as zeros) with the provider's default chunk size, downloads it again, and prints one JSON line:
+``python -m tests.azure.rss_probe BYTES`` (connection string in ``PROBE_CONNECTION_STRING``) uploads a
+file of ``BYTES`` (sparse, read back as zeros) with the provider's default chunk size, downloads it again, and prints one JSON line:
 ``idle`` (RSS after a warm-up transfer) and ``peak`` (the process's high-water RSS after the transfers),
 both in bytes. ``peak - idle`` over-estimates the rise, never under-estimates it.
 """
@@ -23,7 +23,8 @@ from sidecar.dataplane.azure import azure_blob_store
 
 
 async def probe(connection_string: str, size: int) -> dict[str, int]:
-    store = azure_blob_store(AzureBlobConfig(enabled=True, containername="rssprobe", connectionstring=connection_string))
+    cfg = AzureBlobConfig(enabled=True, containername="rssprobe", connectionstring=connection_string)
+    store = azure_blob_store(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         warm = root / "warm"

@@ -25,7 +25,7 @@ import pytest
 from azure.storage.blob.aio import BlobServiceClient
 
 from sidecar.cli import UsageError, compose_config
-from sidecar.dataplane.azure import azure_blob_store
+from sidecar.dataplane.azure import azure_blob_store, env_proxy
 from sidecar.dataplane.blobs import BlobVerificationError
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable, is_transient
 from tests.azure.azurite import ACCOUNT, Azurite
@@ -170,6 +170,25 @@ async def test_service_answers_are_classified_and_sent_once(scripted, azurite: A
     assert len(blob_requests) == 1, "the SDK does not retry: Prefect's task retries are the only layer"
 
 
+async def test_proxy_from_the_environment_is_used(scripted, azurite: Azurite, small_file: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    url, handler = scripted  # here the scripted server plays an HTTP proxy
+    proxy = url.rsplit("/", 1)[0]
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    store = azure_blob_store(azure_config(azurite, connectionstring=endpoint_string("http://blobs.invalid/x")))
+    try:
+        with pytest.raises(DataPlaneUnavailable):
+            await store.upload(small_file, "e/m/f.txt")
+    finally:
+        await store.close()
+    assert any(p.startswith("http://blobs.invalid/") and "e/m/f.txt" in p for p in handler.requests)
+    monkeypatch.setenv("no_proxy", "blobs.invalid")
+    assert env_proxy("http://blobs.invalid/x") is None and env_proxy("http://other.invalid/x") == proxy
+
+
 async def test_sas_url_has_the_asked_lifetime_and_quoting(azurite: Azurite, small_file: Path) -> None:
     key = "e/m/a file ü+#%.txt"  # characters that must be quoted in the URL and signed unquoted
     store = azure_blob_store(azure_config(azurite))
@@ -198,8 +217,8 @@ def test_no_sas_url_without_an_account_key(azurite: Azurite) -> None:
 def test_bad_settings_stop_start_up_with_one_line(setting: str, value: str) -> None:
     settings = {"containername": "ion", "connectionstring": "AccountName=a;AccountKey=a2V5"} | {setting: value}
     with pytest.raises(UsageError) as caught:
-        compose_config(["--context.eventid=e", "--context.correlationid=c", "--sharedsecret=s", "--azureblobprovider=true",
-                        *(f"--azureblobprovider.{k}={v}" for k, v in settings.items())])
+        compose_config(["--context.eventid=e", "--context.correlationid=c", "--sharedsecret=s",
+                        "--azureblobprovider=true", *(f"--azureblobprovider.{k}={v}" for k, v in settings.items())])
     assert f"azureblobprovider.{setting}" in str(caught.value)
     assert setting == "containername" or value not in str(caught.value), "a connection string is never shown"
 

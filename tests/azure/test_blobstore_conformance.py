@@ -77,7 +77,10 @@ async def test_missing_blob_is_a_permanent_error_naming_it(store: BlobStore, tmp
 async def test_download_verifies_size_and_md5(store: BlobStore, tmp_path: Path, wrong: str) -> None:
     data = os.urandom(100 * 1024)
     info = await store.upload(write(tmp_path / "f", data), "k/f")
-    expected = BlobInfo("k/f", len(data) + 1, md5(data)) if wrong == "size" else BlobInfo("k/f", len(data), md5(b"other"))
+    if wrong == "size":
+        expected = BlobInfo("k/f", len(data) + 1, md5(data))
+    else:
+        expected = BlobInfo("k/f", len(data), md5(b"other"))
     target = tmp_path / "in" / "f"
     with pytest.raises(BlobVerificationError) as caught:
         await store.download("k/f", target, expected)

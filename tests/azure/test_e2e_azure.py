@@ -43,8 +43,9 @@ def test_parent_then_child_chain_through_azurite(azurite: Azurite, tmp_path: Pat
     # The child starts from its event as Ion's dispatcher would: the event id from the bus.
     event = json.loads((tmp_path / ".dev" / "events" / f"{meta.id}.json").read_text())
     (tmp_path / "ion").rename(tmp_path / "ion-parent")
-    child_args = sidecar_args(azurite, CONTAINER, event["context"]["eventId"], event["context"]["correlationId"], "child",
-                            parent=event["context"]["parentEventId"])
+    context = event["context"]
+    child_args = sidecar_args(azurite, CONTAINER, context["eventId"], context["correlationId"], "child",
+                              parent=context["parentEventId"])
     with SidecarProcess(tmp_path, child_args) as child:
         staged = run_module(child, EVENT_LABEL="child", FILES="1")[0]
     assert staged["inputs"] == ["found/file2.txt"]
