@@ -17,8 +17,9 @@ it times, interleaved, at least three rounds of
   ``sidecar/dataplane/azure.py``), to show what is left of the sidecar's own cost,
 
 and prints the medians, the ratios sidecar/plain and sidecar/plain-noenv, and the peak RSS of each
-sidecar process during its call (and of the plain client's process). Last, one parent/child pair moves a 1 GiB file and the rise
-of each sidecar's RSS above its idle RSS (just before the call) is printed.
+sidecar process during its call (and of the plain client's process). Last, one parent/child pair
+moves a 1 GiB file and the rise of each sidecar's RSS above its idle RSS (just before the call) is
+printed.
 
 Run: ``scripts/setup test && .venv/bin/python bench/azure_transfers.py [--rounds 3]``.
 """

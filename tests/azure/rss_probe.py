@@ -1,9 +1,9 @@
 """Moves one file of a given size through the Azure provider and reports the process's memory.
 
 ``python -m tests.azure.rss_probe BYTES`` (connection string in ``PROBE_CONNECTION_STRING``) uploads a
-file of ``BYTES`` (sparse, read back as zeros) with the provider's default chunk size, downloads it again, and prints one JSON line:
-``idle`` (RSS after a warm-up transfer) and ``peak`` (the process's high-water RSS after the transfers),
-both in bytes. ``peak - idle`` over-estimates the rise, never under-estimates it.
+file of ``BYTES`` (sparse, read back as zeros) with the provider's default chunk size, downloads it
+again, and prints one JSON line: ``idle`` (RSS after a warm-up transfer) and ``peak`` (the process's
+high-water RSS after the transfers), both in bytes. ``peak - idle`` over-estimates the rise, never under-estimates it.
 """
 
 from __future__ import annotations
