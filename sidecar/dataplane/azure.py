@@ -54,6 +54,9 @@ from sidecar.errors import DataPlaneError, DataPlaneUnavailable
 
 T = TypeVar("T")
 
+# Put Block List accepts at most this many blocks (Azure Storage scalability targets).
+MAX_BLOCKS = 50_000
+
 # Reads, writes and hashes of at least this many bytes run in a worker thread, so the event loop keeps
 # serving the other transfers; smaller ones are cheaper inline than a thread hop.
 _THREAD_BYTES = 256 * 1024
@@ -137,8 +140,10 @@ class AzureBlobStore(BlobStore):
                     return BlobInfo(key, len(data), digest.hex())
                 whole = hashlib.md5()
                 blocks: list[BlobBlock] = []
+                # A blob has at most 50,000 blocks: only files above that many chunks get larger blocks.
+                block_size = max(self.chunkbytes, -(-size // MAX_BLOCKS))
                 while True:
-                    chunk, digest = await _offload(self.chunkbytes, _read_md5, f, self.chunkbytes, whole)
+                    chunk, digest = await _offload(block_size, _read_md5, f, block_size, whole)
                     if not chunk:
                         break
                     # Block ids must all have the same length; the SDK base64-encodes them.
