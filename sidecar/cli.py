@@ -17,6 +17,7 @@ An unknown setting or a missing required value stops start-up with one line nami
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,6 +181,17 @@ def check(cfg: SidecarConfig) -> None:
         if not blob.connectionstring and not (blob.blobaccountname and blob.blobaccountkey):
             raise UsageError("--azureblobprovider=true needs --azureblobprovider.blobaccountname and "
                              ".blobaccountkey, or --azureblobprovider.connectionstring")
+        if not re.fullmatch(r"(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", blob.containername):
+            raise UsageError(f"--azureblobprovider.containername={blob.containername} is not a container name "
+                             "(3-63 lowercase letters, digits and single hyphens, Azure's naming rules)")
+        if blob.connectionstring:
+            from azure.core.utils import parse_connection_string
+
+            try:
+                parse_connection_string(blob.connectionstring)
+            except ValueError:
+                raise UsageError("--azureblobprovider.connectionstring is not a connection string "
+                                 "(Key=Value pairs separated by ';')") from None
     mongo = cfg.mongodbdocprovider
     if mongo.enabled and not mongo.uri and not (mongo.name and mongo.password):
         raise UsageError("--mongodbdocprovider=true needs --mongodbdocprovider.name and .password, "

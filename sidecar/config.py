@@ -68,6 +68,9 @@ class AzureBlobConfig:
     sasexpiryseconds: int = 86400
     # Block size of chunked uploads and range size of downloads, bytes.
     chunkbytes: int = 4 * 1024 * 1024
+    # Deadline to open a connection, and between two reads of a response, seconds.
+    connecttimeoutseconds: float = 10.0
+    readtimeoutseconds: float = 60.0
 
 
 @dataclass

@@ -93,7 +93,10 @@ def configure_logging(cfg: SidecarConfig) -> ContextFilter:
     for name, logger in list(logging.root.manager.loggerDict.items()):
         if name.startswith("prefect.") and isinstance(logger, logging.Logger):
             _route(logger, context_filter)
-    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
+    # httpx and the Azure SDKs log every HTTP request at INFO; at thousands of blobs per call that
+    # costs measurable time and buries the sidecar's own lines.
+    for name in ("httpx", "azure"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
     return context_filter
 
 

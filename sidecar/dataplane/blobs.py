@@ -7,6 +7,7 @@ adlfs (``abfs://``) on a container. The flows see only :class:`BlobStore`, never
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -67,8 +68,8 @@ class BlobStore:
         """
         size = local.stat().st_size
         try:
-            await self._put(local, key)
-            info = await self.info(key)
+            # A provider whose write response already tells what was stored saves a round trip.
+            info = await self._put(local, key) or await self.info(key)
         except Exception as exc:  # noqa: BLE001 - translated to the sidecar's errors
             raise self._translate(exc, key) from exc
         if info is None or info.size != size:
@@ -83,12 +84,12 @@ class BlobStore:
 
         Raises:
             DataPlaneError: the blob does not exist (not retried).
-            BlobVerificationError: the received size differs (retried).
+            BlobVerificationError: the received size or MD5 differs (retried).
         """
         local.parent.mkdir(parents=True, exist_ok=True)
         partial = local.with_name(f".{local.name}.partial")
         try:
-            await self._get(key, partial)
+            received_md5 = await self._get(key, partial)
         except FileNotFoundError:
             partial.unlink(missing_ok=True)
             raise DataPlaneError(STORE, f"blob '{key}' does not exist") from None
@@ -99,6 +100,11 @@ class BlobStore:
         if expected is not None and expected.size != size:
             partial.unlink(missing_ok=True)
             raise BlobVerificationError(key, f"received {size}, expected {expected.size} bytes")
+        if expected is not None and expected.md5:
+            received_md5 = received_md5 or await asyncio.to_thread(file_md5, partial)
+            if received_md5 != expected.md5:
+                partial.unlink(missing_ok=True)
+                raise BlobVerificationError(key, f"received MD5 {received_md5}, expected {expected.md5}")
         os.replace(partial, local)
         return BlobInfo(key, size, expected.md5 if expected else None)
 
@@ -119,11 +125,15 @@ class BlobStore:
     async def close(self) -> None:
         """Release connections (a no-op for local files)."""
 
-    async def _put(self, local: Path, key: str) -> None:
+    async def _put(self, local: Path, key: str) -> BlobInfo | None:
+        """Write ``local`` to blob ``key``; returns what was stored if the write tells, else None."""
         await self.fs._put_file(str(local), self.path(key))
+        return None
 
-    async def _get(self, key: str, local: Path) -> None:
+    async def _get(self, key: str, local: Path) -> str | None:
+        """Copy blob ``key`` to ``local``; returns the MD5 (hex) of the bytes written if computed."""
         await self.fs._get_file(self.path(key), str(local))
+        return None
 
     def _translate(self, exc: Exception, key: str) -> Exception:
         """Map a provider exception to DataPlaneUnavailable (retried) or DataPlaneError (not)."""
@@ -140,6 +150,12 @@ def _md5_of(raw: dict[str, Any]) -> str | None:
     if not digest:
         return None
     return bytes(digest).hex() if not isinstance(digest, str) else digest
+
+
+def file_md5(path: Path) -> str:
+    """The MD5 (hex) of the file at ``path``, read in chunks (blocking: run it in a thread)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def local_blob_store(root: Path) -> BlobStore:

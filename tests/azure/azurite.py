@@ -1,0 +1,98 @@
+"""Azurite, the Azure Storage emulator from npm, as a local blob endpoint for tests and benchmarks.
+
+``scripts/setup test`` installs it into ``.tools/node_modules``; :func:`run_azurite` starts its blob
+service only on a free loopback port with temporary storage. Flags (Azurite README):
+``--skipApiVersionCheck`` because the current SDK speaks a newer API version than Azurite accepts,
+``--disableTelemetry`` so nothing is sent anywhere, ``--silent`` for no access log.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tests.support import ROOT, dev_args, free_port, wait_http
+
+# Azurite's development account and its well-known key (public, in Azurite's documentation).
+ACCOUNT = "devstoreaccount1"
+ACCOUNT_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@dataclass(frozen=True)
+class Azurite:
+    """A running Azurite blob service on ``127.0.0.1:port`` (process ``proc``)."""
+
+    port: int
+    proc: subprocess.Popen
+
+    @property
+    def endpoint(self) -> str:
+        """The blob endpoint of the development account (path-style, as Azurite serves it)."""
+        return f"http://127.0.0.1:{self.port}/{ACCOUNT}"
+
+    def connection_string(self, key: str = ACCOUNT_KEY) -> str:
+        """A connection string for the development account, signing with ``key``."""
+        return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={key};"
+                f"BlobEndpoint={self.endpoint};")
+
+
+def sidecar_args(azurite: Azurite, container: str, event_id: str, correlation_id: str, name: str,
+                 parent: str = "") -> list[str]:
+    """Seed flags of a sidecar whose blobs live in ``container`` on ``azurite``; documents and events
+    stay on the development providers (not development mode, which would contradict the provider)."""
+    context = [a for a in dev_args(event_id, correlation_id, name, parent=parent) if a != "--development=true"]
+    return context + ["--azureblobprovider=true", f"--azureblobprovider.containername={container}",
+                      f"--azureblobprovider.connectionstring={azurite.connection_string()}"]
+
+
+def azurite_executable() -> str:
+    """The ``azurite-blob`` command: on PATH (scripts/test) or in this checkout's ``.tools``.
+
+    Raises:
+        FileNotFoundError: Azurite is not installed (run ``scripts/setup test``).
+    """
+    found = shutil.which("azurite-blob") or ROOT / ".tools" / "node_modules" / ".bin" / "azurite-blob"
+    if not Path(found).is_file():
+        raise FileNotFoundError("azurite-blob not found: run scripts/setup test (npm install azurite)")
+    return str(found)
+
+
+@contextmanager
+def run_azurite(timeout: float = 60) -> Iterator[Azurite]:
+    """Start Azurite's blob service with temporary storage; stop it and delete the storage on exit.
+
+    Raises:
+        FileNotFoundError: Azurite is not installed.
+        RuntimeError: it did not answer within ``timeout`` seconds (its output is in the message).
+    """
+    location = Path(tempfile.mkdtemp(prefix="sidecar-azurite-"))
+    port = free_port()
+    log_path = location / "azurite.log"
+    argv = [azurite_executable(), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(location),
+            "--skipApiVersionCheck", "--disableTelemetry", "--silent"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    azurite = Azurite(port, proc)
+    try:
+        try:
+            # Any HTTP answer means it listens; an unsigned request gets 403.
+            wait_http(f"{azurite.endpoint}?comp=list", timeout, ok=(200, 403), proc=proc)
+        except Exception as exc:
+            raise RuntimeError(f"Azurite did not start: {exc}\n{log_path.read_text(errors='replace')}") from None
+        yield azurite
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        shutil.rmtree(location, ignore_errors=True)

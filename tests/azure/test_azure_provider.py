@@ -1,0 +1,235 @@
+"""What only the Azure provider does: container creation, failure classification, SAS URLs, memory.
+
+Failures are provoked for real: a wrong account key against Azurite, a port nobody listens on, a
+server that accepts connections and never answers, and a small HTTP server answering with chosen
+status codes (to see 5xx, MD5 mismatches and that the SDK sends each request only once).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import parse_qs, urlparse
+
+import httpx
+import pytest
+from azure.storage.blob.aio import BlobServiceClient
+
+from sidecar.cli import UsageError, compose_config
+from sidecar.dataplane.azure import azure_blob_store, env_proxy
+from sidecar.dataplane.blobs import BlobVerificationError
+from sidecar.errors import DataPlaneError, DataPlaneUnavailable, is_transient
+from tests.azure.azurite import ACCOUNT, Azurite
+from tests.azure.conftest import azure_config
+from tests.support import ROOT, free_port, python_env
+
+pytestmark = pytest.mark.anyio
+
+MiB = 1024 * 1024
+
+
+def endpoint_string(url: str, key: str = base64.b64encode(b"k" * 64).decode()) -> str:
+    return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={key};BlobEndpoint={url};"
+
+
+@pytest.fixture
+def small_file(tmp_path: Path) -> Path:
+    path = tmp_path / "f.txt"
+    path.write_bytes(b"hello")
+    return path
+
+
+async def test_upload_creates_the_missing_container(azurite: Azurite, small_file: Path) -> None:
+    cfg = azure_config(azurite)
+    store = azure_blob_store(cfg)
+    try:
+        await store.upload(small_file, "e/m/f.txt")
+    finally:
+        await store.close()
+    async with BlobServiceClient.from_connection_string(azurite.connection_string()) as service:
+        assert await service.get_container_client(cfg.containername).exists()
+
+
+async def test_missing_container_on_download_is_permanent(azurite: Azurite, tmp_path: Path) -> None:
+    store = azure_blob_store(azure_config(azurite, container="never-created"))
+    try:
+        with pytest.raises(DataPlaneError) as caught:
+            await store.download("e/m/f.txt", tmp_path / "f.txt")
+    finally:
+        await store.close()
+    assert "e/m/f.txt" in caught.value.message and "never-created" in caught.value.message
+    assert not is_transient(caught.value) and caught.value.status_code == 502
+
+
+async def test_wrong_account_key_is_permanent(azurite: Azurite, small_file: Path, tmp_path: Path) -> None:
+    wrong = base64.b64encode(b"not the key" * 6).decode()
+    store = azure_blob_store(azure_config(azurite, connectionstring=azurite.connection_string(wrong)))
+    try:
+        for attempt in (store.upload(small_file, "e/m/f.txt"), store.download("e/m/f.txt", tmp_path / "in")):
+            with pytest.raises(DataPlaneError) as caught:
+                await attempt
+            assert "e/m/f.txt" in caught.value.message and "authentication failed" in caught.value.message
+            assert not is_transient(caught.value) and wrong not in caught.value.message
+    finally:
+        await store.close()
+
+
+async def test_refused_port_is_transient_and_fails_fast(small_file: Path, tmp_path: Path, azurite: Azurite) -> None:
+    url = f"http://127.0.0.1:{free_port()}/{ACCOUNT}"
+    store = azure_blob_store(azure_config(azurite, connectionstring=endpoint_string(url)))
+    started = time.monotonic()
+    try:
+        for attempt in (store.upload(small_file, "e/m/f.txt"), store.download("e/m/f.txt", tmp_path / "in")):
+            with pytest.raises(DataPlaneUnavailable) as caught:
+                await attempt
+            assert "e/m/f.txt" in caught.value.message and is_transient(caught.value)
+    finally:
+        await store.close()
+    assert time.monotonic() - started < 10, "no SDK retries with back-off behind a refused connection"
+
+
+async def test_silent_server_times_out_as_transient(small_file: Path, azurite: Azurite) -> None:
+    with socket.socket() as silent:  # accepts connections (kernel backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/{ACCOUNT}"
+        store = azure_blob_store(azure_config(azurite, connectionstring=endpoint_string(url), readtimeoutseconds=1.0))
+        started = time.monotonic()
+        try:
+            with pytest.raises(DataPlaneUnavailable) as caught:
+                await store.upload(small_file, "e/m/f.txt")
+        finally:
+            await store.close()
+    assert "e/m/f.txt" in caught.value.message
+    assert time.monotonic() - started < 8
+
+
+class ScriptedStorage(BaseHTTPRequestHandler):
+    """Answers container creation with 201 and every blob request with ``blob_status``/``error_code``."""
+
+    blob_status = 503
+    error_code = "ServerBusy"
+    requests: list[str] = []
+
+    def do_PUT(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        type(self).requests.append(self.path)
+        status, code = (201, "") if "restype=container" in self.path else (self.blob_status, self.error_code)
+        body = f'<?xml version="1.0"?><Error><Code>{code}</Code><Message>scripted</Message></Error>'.encode()
+        self.send_response(status)
+        if code:
+            self.send_header("x-ms-error-code", code)
+        self.send_header("Content-Length", str(len(body) if code else 0))
+        self.end_headers()
+        if code:
+            self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def scripted() -> Iterator[tuple[str, type[ScriptedStorage]]]:
+    handler = type("Handler", (ScriptedStorage,), {"requests": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/{ACCOUNT}", handler
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("status, code, error", [
+    (503, "ServerBusy", DataPlaneUnavailable),
+    (500, "InternalError", DataPlaneUnavailable),
+    (400, "Md5Mismatch", BlobVerificationError),
+    (400, "InvalidHeaderValue", DataPlaneError),
+])
+async def test_service_answers_are_classified_and_sent_once(scripted, azurite: Azurite, small_file: Path,
+                                                           status: int, code: str, error: type) -> None:
+    url, handler = scripted
+    handler.blob_status, handler.error_code = status, code
+    store = azure_blob_store(azure_config(azurite, connectionstring=endpoint_string(url)))
+    try:
+        with pytest.raises(error) as caught:
+            await store.upload(small_file, "e/m/f.txt")
+    finally:
+        await store.close()
+    assert type(caught.value) is error and "e/m/f.txt" in caught.value.message
+    assert is_transient(caught.value) == (error is not DataPlaneError)
+    blob_requests = [p for p in handler.requests if "restype=container" not in p]
+    assert len(blob_requests) == 1, "the SDK does not retry: Prefect's task retries are the only layer"
+
+
+async def test_proxy_from_the_environment_is_used(scripted, azurite: Azurite, small_file: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    url, handler = scripted  # here the scripted server plays an HTTP proxy
+    proxy = url.rsplit("/", 1)[0]
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    store = azure_blob_store(azure_config(azurite, connectionstring=endpoint_string("http://blobs.invalid/x")))
+    try:
+        with pytest.raises(DataPlaneUnavailable):
+            await store.upload(small_file, "e/m/f.txt")
+    finally:
+        await store.close()
+    assert any(p.startswith("http://blobs.invalid/") and "e/m/f.txt" in p for p in handler.requests)
+    monkeypatch.setenv("no_proxy", "blobs.invalid")
+    assert env_proxy("http://blobs.invalid/x") is None and env_proxy("http://other.invalid/x") == proxy
+
+
+async def test_sas_url_has_the_asked_lifetime_and_quoting(azurite: Azurite, small_file: Path) -> None:
+    key = "e/m/a file ü+#%.txt"  # characters that must be quoted in the URL and signed unquoted
+    store = azure_blob_store(azure_config(azurite))
+    try:
+        await store.upload(small_file, key)
+        url = store.url(key, 600)
+        assert url is not None and url.split("?")[0] == store._client.get_blob_client(key).url
+    finally:
+        await store.close()
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(url)).content == small_file.read_bytes()
+    query = parse_qs(urlparse(url).query)
+    expiry = datetime.strptime(query["se"][0], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    assert abs((expiry - datetime.now(timezone.utc)).total_seconds() - 600) < 60
+    assert query["sp"] == ["r"], "read-only"
+
+
+def test_no_sas_url_without_an_account_key(azurite: Azurite) -> None:
+    sas_only = f"BlobEndpoint={azurite.endpoint};SharedAccessSignature=sv=2023-01-03&sig=x"
+    store = azure_blob_store(azure_config(azurite, connectionstring=sas_only))
+    assert store.url("e/m/f.txt", 600) is None
+
+
+@pytest.mark.parametrize("setting, value", [("connectionstring", "not-a-connection-string"),
+                                            ("containername", "Bad_Name"), ("containername", "ab")])
+def test_bad_settings_stop_start_up_with_one_line(setting: str, value: str) -> None:
+    settings = {"containername": "ion", "connectionstring": "AccountName=a;AccountKey=a2V5"} | {setting: value}
+    with pytest.raises(UsageError) as caught:
+        compose_config(["--context.eventid=e", "--context.correlationid=c", "--sharedsecret=s",
+                        "--azureblobprovider=true", *(f"--azureblobprovider.{k}={v}" for k, v in settings.items())])
+    assert f"azureblobprovider.{setting}" in str(caught.value)
+    assert setting == "containername" or value not in str(caught.value), "a connection string is never shown"
+
+
+def test_memory_stays_bounded_for_a_large_file(azurite: Azurite) -> None:
+    size = 256 * MiB
+    result = subprocess.run([sys.executable, "-m", "tests.azure.rss_probe", str(size)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=240,
+                            env=python_env(PROBE_CONNECTION_STRING=azurite.connection_string()))
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    rise = figures["peak"] - figures["idle"]
+    # Default chunks of 4 MiB, one request in flight per file: a small, size-independent rise.
+    assert rise < 64 * MiB, f"peak RSS rose {rise / MiB:.0f} MiB moving a {size // MiB} MiB file"
