@@ -68,8 +68,9 @@ class AzureBlobConfig:
     sasexpiryseconds: int = 86400
     # Block size of chunked uploads and range size of downloads, bytes.
     chunkbytes: int = 4 * 1024 * 1024
-    # Deadline to open a connection, and between two reads of a response, seconds.
+    # Deadline to open a connection to the blob service, seconds.
     connecttimeoutseconds: float = 10.0
+    # Deadline between two reads of a blob service response, seconds.
     readtimeoutseconds: float = 60.0
 
 
