@@ -178,4 +178,6 @@ async def gather_bounded(limit: asyncio.Semaphore, jobs: list[Any]) -> list[Any]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for job in jobs:  # jobs cancelled before they started: close them, or Python warns they were never awaited
+            job.close()
         raise
