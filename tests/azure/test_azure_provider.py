@@ -231,5 +231,7 @@ def test_memory_stays_bounded_for_a_large_file(azurite: Azurite) -> None:
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     rise = figures["peak"] - figures["idle"]
-    # Default chunks of 4 MiB, one request in flight per file: a small, size-independent rise.
-    assert rise < 64 * MiB, f"peak RSS rose {rise / MiB:.0f} MiB moving a {size // MiB} MiB file"
+    # Default chunks of 4 MiB, one request in flight per file: a size-independent rise (measured 11 to
+    # 72 MiB, more on a loaded machine), bounded by the goal of 128 MiB above idle; reading the
+    # file whole would rise by at least its 256 MiB.
+    assert rise < 128 * MiB, f"peak RSS rose {rise / MiB:.0f} MiB moving a {size // MiB} MiB file"
