@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from flows.runtime import TASK_OPTIONS, Runtime, split_batches
@@ -54,6 +54,9 @@ async def ready(runtime: Runtime) -> ReadySummary:
     """
     started = time.perf_counter()
     layout = runtime.layout
+    stale = layout.clear()
+    if stale:
+        get_run_logger().warning("removed what another run left in the module's folders: %s", ", ".join(stale))
     layout.prepare()
     options = runtime.task_options()
     meta = await get_event_meta.with_options(**options)(runtime, runtime.cfg.context.eventid)

@@ -105,7 +105,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     async def lifespan(app: FastAPI):
         runtime.layout.prepare()
         prefect_api.start()
-        log.info("sidecar listening on %s:%s, base directory %s", cfg.host, cfg.serverport, runtime.layout.basedir)
+        log.info("sidecar starting on http://%s:%s, base directory %s", cfg.host, cfg.serverport, runtime.layout.basedir)
         try:
             yield
         finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,27 @@ class ModuleLayout:
         """Create ``in/data``, ``out/data`` and ``out/events`` (and parents) if missing."""
         for folder in (self.in_data, self.out_data, self.out_events):
             folder.mkdir(parents=True, exist_ok=True)
+
+    def clear(self) -> list[str]:
+        """Empty ``in/`` and ``out/`` so this run starts from nothing but its own inputs.
+
+        Whatever is there was left by another run on the same volume (a restarted pod, or two modules
+        run one after the other in one folder); committed on ``/done`` it would be published as this
+        run's output. Returns the names removed (relative to the base directory).
+        """
+        removed: list[str] = []
+        for top in (self.basedir / "in", self.basedir / "out"):
+            if not top.is_dir():
+                continue
+            for entry in sorted(top.iterdir()):
+                if entry.is_dir() and not entry.is_symlink():
+                    if any(entry.iterdir()):
+                        removed.append(self.name(entry) + "/")
+                    shutil.rmtree(entry)
+                else:
+                    removed.append(self.name(entry))
+                    entry.unlink()
+        return removed
 
     def name(self, path: Path) -> str:
         """``path`` as the module sees it, relative to the base directory (for messages)."""

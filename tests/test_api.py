@@ -188,3 +188,16 @@ def test_flow_and_task_runs_are_recorded_in_the_prefect_api(client: TestClient, 
     assert sorted(t.name for t in tasks) == [
         "publish-2-events", "upload-1-files", "upload-1-files", "upsert-2-event-metas", "upsert-insight"]
     assert all(t.state.is_completed() for t in tasks)
+
+
+def test_ready_clears_what_another_run_left_so_done_commits_only_this_run(client: TestClient, runtime: Runtime) -> None:
+    lay = runtime.layout
+    lay.prepare()
+    (lay.out_data / "stale.txt").write_text("from an earlier run")
+    (lay.out_events / "stale.json").write_text(json.dumps([{"key": "eventType", "value": "found"}]))
+    (lay.in_data / "old-input.bin").write_bytes(b"x")
+    assert client.get("/ready", headers=H).status_code == 200
+    assert list(lay.out_data.iterdir()) == [] and list(lay.out_events.iterdir()) == [] and list(lay.in_data.iterdir()) == []
+    write_outputs(runtime, 1)
+    done = client.get("/done", headers=H).json()
+    assert done["files"] == 1 and len(done["events"]) == 1

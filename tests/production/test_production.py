@@ -204,6 +204,7 @@ def test_fault_injection_loses_and_duplicates_nothing(tmp_path: Path, stack: Sta
     assert all(blobs[k].startswith(f"{event_id}:".encode()) for k in blobs)
 
 
+@pytest.mark.timeout(3600)
 def test_soak_back_to_back_runs_leak_nothing(tmp_path: Path, stack: Stack) -> None:
     # 100 runs take about 8 minutes here, over the suite's budget: CI runs 20, `SOAK_RUNS=100` the full soak.
     runs = int(os.environ.get("SOAK_RUNS", "20"))
