@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 from prefect import Task
@@ -16,7 +17,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from sidecar.config import ID_NAMESPACE, SidecarConfig
-from sidecar.dataplane import DataPlane
+from sidecar.dataplane import DataPlane, build_dataplane
 from sidecar.errors import is_transient
 from sidecar.layout import ModuleLayout
 
@@ -42,6 +43,12 @@ class Runtime:
         self.dataplane = dataplane
         # Ids of child events this process has published: a retried /done skips them.
         self.published: set[str] = set()
+
+    @classmethod
+    def for_config(cls, cfg: SidecarConfig) -> "Runtime":
+        """The runtime ``cfg`` describes: the module's folders under ``cfg.basedir`` (made absolute)
+        and the data-plane providers ``cfg`` selects (connections open lazily)."""
+        return cls(cfg, ModuleLayout(Path(cfg.basedir).resolve()), build_dataplane(cfg))
 
     def task_options(self) -> dict[str, Any]:
         """Retries and back-off (seconds, doubling) from ``transfer.retries``/``retrydelayseconds``."""

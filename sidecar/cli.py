@@ -237,12 +237,9 @@ def serve(cfg: SidecarConfig) -> None:
 
     from flows.runtime import Runtime
     from sidecar.api import create_app
-    from sidecar.dataplane import build_dataplane
-    from sidecar.layout import ModuleLayout
     from sidecar.logs import configure_logging
 
     configure_logging(cfg)
-    runtime = Runtime(cfg, ModuleLayout(Path(cfg.basedir).resolve()), build_dataplane(cfg))
-    app = create_app(runtime)
+    app = create_app(Runtime.for_config(cfg))
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.serverport, log_config=None, lifespan="on"))
     server.run()

@@ -13,9 +13,7 @@ from fastapi.testclient import TestClient
 
 from flows.runtime import Runtime
 from sidecar.cli import compose_config
-from sidecar.dataplane import build_dataplane
 from sidecar.errors import DataPlaneUnavailable
-from sidecar.layout import ModuleLayout
 
 SECRET = "api-secret"
 H = {"secret": SECRET}
@@ -27,7 +25,7 @@ def make_runtime(tmp_path: Path, *extra: str) -> Runtime:
         f"--sharedsecret={SECRET}", "--valideventtypes=found", f"--basedir={tmp_path / 'ion'}",
         f"--devdir={tmp_path / '.dev'}", "--development=true", "--transfer.retries=0", *extra,
     ])
-    return Runtime(cfg, ModuleLayout(Path(cfg.basedir)), build_dataplane(cfg))
+    return Runtime.for_config(cfg)
 
 
 @pytest.fixture

@@ -24,8 +24,6 @@ from fastapi.testclient import TestClient
 from flows.runtime import Runtime, blob_key
 from sidecar.api import create_app
 from sidecar.cli import compose_config
-from sidecar.dataplane import build_dataplane
-from sidecar.layout import ModuleLayout
 from tests.azure.azurite import ACCOUNT_KEY
 from tests.production.conftest import BUS_KEY, MONGO_PASSWORD, Stack, write_outputs
 from tests.support import SECRET, SidecarProcess
@@ -104,7 +102,7 @@ def make_runtime(stack: Stack, tmp_path: Path, event_id: str, name: str = "mod")
         "--mongodbdocprovider.serverselectiontimeoutseconds=1", "--mongodbdocprovider.sockettimeoutseconds=5",
         "--servicebuseventprovider.publishtimeoutseconds=3",
     ])
-    return Runtime(cfg, ModuleLayout(Path(cfg.basedir)), build_dataplane(cfg))
+    return Runtime.for_config(cfg)
 
 
 class Watch:
