@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import SECRET, SidecarProcess, dev_args, free_port, python_env, wait_http  # noqa: E402
+from tests.support import (SidecarProcess, dev_args, python_env, start_prefect_server,  # noqa: E402
+                           stop_prefect_server)
 
 BARE = r'''
 import asyncio, json, sys, time
@@ -101,14 +102,9 @@ def main() -> None:
     server = None
     home = Path(tempfile.mkdtemp(prefix="bench-prefect-"))
     if not os.environ.get("PREFECT_API_URL"):
-        port = free_port()
-        env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port), "--no-services"], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+        server, url = start_prefect_server(home, record_task_runs=False)
+        os.environ["PREFECT_API_URL"] = url
         os.environ["PREFECT_HOME"] = str(home)
-        wait_http(f"http://127.0.0.1:{port}/api/health", 120)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
@@ -128,8 +124,7 @@ def main() -> None:
             print(f"/{step}: sidecar / bare async flow = {ratio:.2f} (goal <= 1.30); bare sync / bare async = {sync:.2f}")
     finally:
         if server:
-            server.terminate()
-            server.wait(15)
+            stop_prefect_server(server)
 
 
 if __name__ == "__main__":

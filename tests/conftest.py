@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from tests.support import free_port, wait_http
+from tests.support import start_prefect_server, stop_prefect_server
 
 _server: dict[str, object] = {}
 
@@ -24,30 +23,11 @@ def pytest_configure(config) -> None:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return
     home = Path(tempfile.mkdtemp(prefix="sidecar-prefect-"))
-    port = free_port()
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_UI_ENABLED="false")
-    env.pop("PREFECT_API_URL", None)
-    # Task runs reach the API as events that the task-run recorder service writes, so services run;
-    # the ones that schedule or police runs (none exist here) only add writes to SQLite.
-    for service in ("SCHEDULER", "LATE_RUNS", "FOREMAN", "PAUSE_EXPIRATIONS", "CANCELLATION_CLEANUP",
-                    "REPOSSESSOR", "TRIGGERS", "DB_VACUUM", "CLEANUP_RECONCILER", "EVENT_LOGGER"):
-        env[f"PREFECT_SERVER_SERVICES_{service}_ENABLED"] = "false"
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_http(f"{url}/health", 120, proc=proc)
-    except Exception:
-        proc.kill()
-        raise RuntimeError(f"prefect server did not start:\n{(home / 'server.log').read_text()}")
+    proc, url = start_prefect_server(home)
     os.environ["PREFECT_API_URL"] = url
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    _server.update(proc=proc, home=home, log=log)
+    _server.update(proc=proc, home=home)
 
 
 def pytest_unconfigure(config) -> None:
@@ -58,10 +38,5 @@ def pytest_unconfigure(config) -> None:
             from prefect.logging.handlers import APILogWorker
 
             APILogWorker.drain_all(timeout=5)
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        _server["log"].close()  # type: ignore[union-attr]
+        stop_prefect_server(proc)
         shutil.rmtree(_server["home"], ignore_errors=True)  # type: ignore[arg-type]

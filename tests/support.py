@@ -51,6 +51,47 @@ def python_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def start_prefect_server(home: Path, record_task_runs: bool = True) -> tuple[subprocess.Popen, str]:
+    """Start ``prefect server start`` on a free loopback port with ``PREFECT_HOME=home``; returns the
+    process (its own session, log in ``home/server.log``) and its API URL once ``/health`` answers.
+
+    ``record_task_runs``: task runs reach the API as events that the task-run recorder service writes,
+    so services run, except those that schedule or police runs (none exist here; they only add writes
+    to SQLite). False: ``--no-services``, no task runs in the API.
+
+    Raises:
+        RuntimeError: the server did not answer within 120 s (its log in the message).
+    """
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_UI_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    for service in ("SCHEDULER", "LATE_RUNS", "FOREMAN", "PAUSE_EXPIRATIONS", "CANCELLATION_CLEANUP",
+                    "REPOSSESSOR", "TRIGGERS", "DB_VACUUM", "CLEANUP_RECONCILER", "EVENT_LOGGER"):
+        env[f"PREFECT_SERVER_SERVICES_{service}_ENABLED"] = "false"
+    port = free_port()
+    argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with open(home / "server.log", "wb") as log:
+        proc = subprocess.Popen(argv + ([] if record_task_runs else ["--no-services"]), env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{url}/health", 120, proc=proc)
+    except Exception:
+        proc.kill()
+        raise RuntimeError(f"prefect server did not start:\n{(home / 'server.log').read_text()}") from None
+    return proc, url
+
+
+def stop_prefect_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (SIGKILL after 15 s) and wait for it."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class SidecarProcess:
     """A ``python -m sidecar`` process in ``cwd`` with ``args`` (seed flags), on a free port.
 
