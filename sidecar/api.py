@@ -149,23 +149,22 @@ def create_app(runtime: Runtime) -> FastAPI:
         body = {"status": "ok" if prefect_api.ready else "starting", "phase": state.phase.value}
         return JSONResponse(body, status_code=200 if prefect_api.ready else 503)
 
+    async def run_step(step: Phase, flow: Callable[[Runtime], Awaitable[Any]]) -> Any:
+        async def start() -> Any:
+            await prefect_api.wait()
+            return await flow(runtime)
+
+        return await state.run(step, start)
+
     @app.get("/ready", response_model=ReadySummary)
     async def ready() -> ReadySummary:
-        async def start() -> ReadySummary:
-            await prefect_api.wait()
-            return await ready_flow(runtime)
-
-        summary = await state.run(Phase.ready, start)
+        summary = await run_step(Phase.ready, ready_flow)
         log.info("ready: staged %s files, %s bytes in %ss", summary.files, summary.bytes, summary.seconds)
         return summary
 
     @app.get("/done", response_model=DoneSummary)
     async def done() -> DoneSummary:
-        async def start() -> DoneSummary:
-            await prefect_api.wait()
-            return await done_flow(runtime)
-
-        summary = await state.run(Phase.done, start)
+        summary = await run_step(Phase.done, done_flow)
         log.info("done: committed %s files, %s bytes, %s events in %ss",
                  summary.files, summary.bytes, len(summary.events), summary.seconds)
         return summary
