@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.support import (SidecarProcess, dev_args, python_env, start_prefect_server,  # noqa: E402
-                           stop_prefect_server)
+                           stop_process_group)
 
 BARE = r'''
 import asyncio, json, sys, time
@@ -124,7 +124,7 @@ def main() -> None:
             print(f"/{step}: sidecar / bare async flow = {ratio:.2f} (goal <= 1.30); bare sync / bare async = {sync:.2f}")
     finally:
         if server:
-            stop_prefect_server(server)
+            stop_process_group(server)
 
 
 if __name__ == "__main__":

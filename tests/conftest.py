@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.support import start_prefect_server, stop_prefect_server
+from tests.support import start_prefect_server, stop_process_group
 
 _server: dict[str, object] = {}
 
@@ -38,5 +38,5 @@ def pytest_unconfigure(config) -> None:
             from prefect.logging.handlers import APILogWorker
 
             APILogWorker.drain_all(timeout=5)
-        stop_prefect_server(proc)
+        stop_process_group(proc)
         shutil.rmtree(_server["home"], ignore_errors=True)  # type: ignore[arg-type]

@@ -82,8 +82,11 @@ def start_prefect_server(home: Path, record_task_runs: bool = True) -> tuple[sub
     return proc, url
 
 
-def stop_prefect_server(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (SIGKILL after 15 s) and wait for it."""
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """Stop a service started with ``start_new_session=True``: SIGTERM its process group, SIGKILL
+    after 15 s, and wait for it (nothing if it already exited)."""
+    if proc.poll() is not None:
+        return
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(15)

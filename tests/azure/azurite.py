@@ -8,9 +8,7 @@ service only on a free loopback port with temporary storage. Flags (Azurite READ
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -18,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tests.support import ROOT, dev_args, free_port, wait_http
+from tests.support import ROOT, dev_args, free_port, stop_process_group, wait_http
 
 # Azurite's development account and its well-known key (public, in Azurite's documentation).
 ACCOUNT = "devstoreaccount1"
@@ -88,11 +86,5 @@ def run_azurite(timeout: float = 60) -> Iterator[Azurite]:
             raise RuntimeError(f"Azurite did not start: {exc}\n{log_path.read_text(errors='replace')}") from None
         yield azurite
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc)
         shutil.rmtree(location, ignore_errors=True)
