@@ -160,5 +160,27 @@ def dev_args(event_id: str, correlation_id: str, name: str, *, parent: str = "",
     return args
 
 
+def read_runs(flow_run_ids: list[str], settled, timeout: float = 30) -> tuple[list, list]:
+    """The flow runs ``flow_run_ids`` and their task runs, read through the Prefect API (what the UI
+    shows). Task runs are recorded from events, so their rows, names and states settle shortly after
+    the flow run ends: this polls until ``settled(task_runs)`` is true or ``timeout`` seconds pass."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read() -> tuple[list, list]:
+        async with get_client() as api:
+            flow_runs = [await api.read_flow_run(i) for i in flow_run_ids]
+            deadline = time.monotonic() + timeout
+            while True:
+                task_runs = await api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)))
+                if settled(task_runs) or time.monotonic() > deadline:
+                    return flow_runs, task_runs
+                await asyncio.sleep(0.2)
+
+    return asyncio.run(read())
+
+
 def read_json(path: Path) -> object:
     return json.loads(path.read_text())

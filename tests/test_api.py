@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from flows.runtime import Runtime
 from sidecar.cli import compose_config
 from sidecar.errors import DataPlaneUnavailable
+from tests.support import read_runs
 
 SECRET = "api-secret"
 H = {"secret": SECRET}
@@ -161,30 +162,16 @@ def test_task_retries_recover_a_transient_failure(tmp_path: Path) -> None:
 
 def test_flow_and_task_runs_are_recorded_in_the_prefect_api(client: TestClient, runtime: Runtime) -> None:
     """What the Prefect UI shows: the done flow run, named for module and event, and its task runs."""
-    import asyncio
-
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     client.get("/ready", headers=H)
     write_outputs(runtime, 2)
     (runtime.layout.out_meta).write_text(json.dumps([{"key": "score", "value": "1"}]))
     run_id = client.get("/done", headers=H).json()["flowRunId"]
 
-    async def fetch():
-        async with get_client() as api:
-            flow_run = await api.read_flow_run(run_id)
-            deadline = time.monotonic() + 30
-            while True:  # task runs arrive as events, recorded shortly after the flow run ends
-                tasks = await api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-                if len(tasks) >= 5 or time.monotonic() > deadline:
-                    return flow_run, tasks
-                await asyncio.sleep(0.2)
-
-    flow_run, tasks = asyncio.run(fetch())
+    expected = ["publish-2-events", "upload-1-files", "upload-1-files", "upsert-2-event-metas", "upsert-insight"]
+    [flow_run], tasks = read_runs([run_id], lambda runs: sorted(t.name for t in runs) == expected
+                                  and all(t.state.is_completed() for t in runs))
     assert flow_run.name == "done-mod-evt-api" and flow_run.state.is_completed()
-    assert sorted(t.name for t in tasks) == [
-        "publish-2-events", "upload-1-files", "upload-1-files", "upsert-2-event-metas", "upsert-insight"]
+    assert sorted(t.name for t in tasks) == expected
     assert all(t.state.is_completed() for t in tasks)
 
 
