@@ -26,13 +26,20 @@ class SidecarClient:
         url: the sidecar's base URL; default ``http://{SIDECAR_HOST}:{SIDECAR_PORT}``.
         secret: the shared secret; default ``SHARED_SECRET`` from the environment.
         basedir: the shared volume; default ``SIDECAR_BASEDIR`` or ``/ion``.
+
+    Raises:
+        ValueError: no ``secret`` given and ``SHARED_SECRET`` unset or empty.
     """
 
     def __init__(self, url: str | None = None, secret: str | None = None, basedir: str | Path | None = None):
         host = os.environ.get("SIDECAR_HOST", "127.0.0.1")
         port = os.environ.get("SIDECAR_PORT", "8080")
         self.url = (url or f"http://{host}:{port}").rstrip("/")
-        self.secret = secret if secret is not None else os.environ["SHARED_SECRET"]
+        if secret is None:
+            secret = os.environ.get("SHARED_SECRET")
+            if not secret:
+                raise ValueError("no shared secret: set SHARED_SECRET in the module's environment (or pass secret=)")
+        self.secret = secret
         self.layout = ModuleLayout(Path(basedir or os.environ.get("SIDECAR_BASEDIR", "/ion")))
 
     def _get(self, path: str, timeout: float) -> dict:

@@ -133,3 +133,9 @@ def test_helpers_write_what_the_sidecar_accepts(tmp_path: Path, monkeypatch: pyt
     assert [(e.file, e.files, [p.key for p in e.data]) for e in plan.events] == [
         ("first.json", ["a/b.txt"], ["sha1"]), ("second.json", [], [])]
     assert [(p.key, p.value) for p in plan.insight] == [("files", "1")]
+
+
+def test_client_without_a_shared_secret_says_so(monkeypatch) -> None:
+    monkeypatch.delenv("SHARED_SECRET", raising=False)
+    with pytest.raises(ValueError, match="set SHARED_SECRET"):
+        SidecarClient(url="http://127.0.0.1:1")
