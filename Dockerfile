@@ -20,7 +20,9 @@ WORKDIR /opt/sidecar
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
 COPY flows ./flows
-RUN pip install . && rm -rf build *.egg-info
+# The module authors' client (its own distribution): the compose `module` service runs examples/ on it.
+COPY client ./client
+RUN pip install . ./client && rm -rf build *.egg-info client/build client/*.egg-info
 COPY conf ./conf
 COPY examples ./examples
 

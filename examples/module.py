@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 
-from sidecar.client import SidecarClient
+from ion_sidecar_client import SidecarClient
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from flows.runtime import child_event_id
-from sidecar.client import SidecarClient
+from ion_sidecar_client import SidecarClient
 from sidecar.config import ContextConfig, SidecarConfig
 from sidecar.dataplane.mongo import INSIGHTS_SUFFIX
 from tests.mongo.conftest import NxServer, collection_name

@@ -110,7 +110,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def write_outputs(basedir: Path, files: int, size: int, label: str) -> None:
     """A module's outputs: ``files`` files of ``size`` bytes, one event each, and an insight."""
-    from sidecar.client import SidecarClient
+    from ion_sidecar_client import SidecarClient
 
     client = SidecarClient(url="http://unused", secret="unused", basedir=basedir)
     for i in range(files):

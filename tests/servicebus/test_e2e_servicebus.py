@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sidecar.client import SidecarClient
+from ion_sidecar_client import SidecarClient
 from sidecar.dataplane.documents import JsonFileDocumentStore
 from tests.servicebus.amqp_peer import AmqpPeer
 from tests.servicebus.conftest import SilentListener, receive_all_sync, unique

@@ -1,5 +1,7 @@
-"""sidecar/client.py, the module authors' client: the /ready retry loop against a sidecar that starts
-after the module, no retry of 4xx answers, retries of 5xx, and the folder contract its helpers write."""
+"""client/ (ion_sidecar_client), the module authors' client: the /ready retry loop against a sidecar
+that starts after the module, no retry of 4xx answers (but a few of a 409 on /done), retries of
+connection errors and 5xx for a total time, the secret's bytes on the wire, and the folder contract its
+helpers write."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from sidecar.client import SidecarCallError, SidecarClient
+from ion_sidecar_client import SidecarCallError, SidecarClient
 from sidecar.layout import ModuleLayout, plan_outputs
 from sidecar.models import KeyValuePair
 from tests.support import SECRET, SidecarProcess, dev_args, free_port
@@ -41,9 +43,10 @@ class RecordingClient(SidecarClient):
 
 def test_ready_waits_for_a_sidecar_that_starts_after_the_module(tmp_path: Path) -> None:
     port = free_port()
-    client = RecordingClient(url=f"http://127.0.0.1:{port}", secret=SECRET, basedir=tmp_path / "ion")
+    client = RecordingClient(url=f"http://127.0.0.1:{port}", secret=SECRET, basedir=tmp_path / "ion",
+                             retry_seconds=120, first_delay=0.2, max_delay=0.2)
     result: dict = {}
-    caller = threading.Thread(target=lambda: result.update(client.ready(attempts=600, delay=0.2)), daemon=True)
+    caller = threading.Thread(target=lambda: result.update(client.ready()), daemon=True)
     caller.start()
     deadline = time.monotonic() + 30
     while len(client.outcomes) < 2 and time.monotonic() < deadline:
@@ -59,17 +62,24 @@ def test_ready_waits_for_a_sidecar_that_starts_after_the_module(tmp_path: Path) 
         assert client.done()["events"] == []
 
 
-def test_4xx_answers_are_not_retried(idle_sidecar: SidecarProcess) -> None:
-    wrong = RecordingClient(url=idle_sidecar.url, secret="not-the-secret", basedir=idle_sidecar.basedir)
+def test_4xx_answers_are_not_retried_but_a_409_on_done_is_a_few_times(idle_sidecar: SidecarProcess) -> None:
+    wrong = RecordingClient(url=idle_sidecar.url, secret="not-the-secret", basedir=idle_sidecar.basedir,
+                            retry_seconds=30, first_delay=0.01)
     with pytest.raises(SidecarCallError) as refused:
-        wrong.ready(attempts=5, delay=0.01)
+        wrong.ready()
     assert refused.value.status_code == 401 and wrong.outcomes == [401]
     assert json.loads(refused.value.body)["statusCode"] == 401
 
-    early = RecordingClient(url=idle_sidecar.url, secret=SECRET, basedir=idle_sidecar.basedir)
+    # /done before /ready is 409; a restarted sidecar that has not resumed its run yet answers the same,
+    # so the client retries it conflict_retries times before it gives up.
+    early = RecordingClient(url=idle_sidecar.url, secret=SECRET, basedir=idle_sidecar.basedir,
+                            retry_seconds=30, first_delay=0.01, conflict_retries=2)
     with pytest.raises(SidecarCallError) as out_of_order:
-        early.done(attempts=5, delay=0.01)  # /done before /ready
-    assert out_of_order.value.status_code == 409 and early.outcomes == [409]
+        early.done()
+    assert out_of_order.value.status_code == 409 and early.outcomes == [409, 409, 409]
+
+
+SECRETS_SEEN: list[bytes] = []
 
 
 @pytest.fixture
@@ -79,6 +89,8 @@ def scripted_server() -> Iterator[tuple[str, list[int]]]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            # http.server decodes header bytes as latin-1; keep the raw bytes for the tests to see.
+            SECRETS_SEEN.append(self.headers.get("secret", "").encode("latin-1"))
             status = statuses.pop(0) if statuses else 200
             body = json.dumps({"statusCode": status, "message": "scripted"} if status != 200 else {"ok": True}).encode()
             self.send_response(status)
@@ -100,18 +112,48 @@ def scripted_server() -> Iterator[tuple[str, list[int]]]:
         server.server_close()
 
 
-def test_5xx_answers_are_retried_then_raised(scripted_server: tuple[str, list[int]], tmp_path: Path) -> None:
+def test_5xx_answers_are_retried_for_the_total_time_then_raised(scripted_server: tuple[str, list[int]],
+                                                                 tmp_path: Path) -> None:
     url, statuses = scripted_server
-    client = RecordingClient(url=url, secret=SECRET, basedir=tmp_path)
-    statuses.extend([503, 502])
-    assert client.done(attempts=3, delay=0) == {"ok": True}
-    assert client.outcomes == [503, 502, 200]
+    client = RecordingClient(url=url, secret=SECRET, basedir=tmp_path, retry_seconds=30, first_delay=0)
+    statuses.extend([503, 502, 500])
+    assert client.done() == {"ok": True}
+    assert client.outcomes == [503, 502, 500, 200]
 
-    client.outcomes.clear()
-    statuses.extend([503, 503, 503])
+    client = RecordingClient(url=url, secret=SECRET, basedir=tmp_path, retry_seconds=30, first_delay=0.1,
+                             max_delay=0.4)
+    statuses.extend([503] * 1000)
+    started = time.monotonic()
     with pytest.raises(SidecarCallError) as exhausted:
-        client.done(attempts=3, delay=0)
-    assert exhausted.value.status_code == 503 and client.outcomes == [503, 503, 503]
+        client.ready(retry_seconds=1.5)  # back-off 0.1, 0.2, 0.4, 0.4, ... until 1.5 s have passed
+    elapsed = time.monotonic() - started
+    statuses.clear()
+    assert exhausted.value.status_code == 503 and set(client.outcomes) == {503}
+    assert 1.5 <= elapsed < 10 and len(client.outcomes) >= 4
+
+
+def test_connection_errors_are_retried_for_the_total_time_from_the_environment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIDECAR_RETRY_SECONDS", "1.2")
+    client = RecordingClient(url=f"http://127.0.0.1:{free_port()}", secret=SECRET, basedir=tmp_path,
+                             first_delay=0.1, max_delay=0.3)
+    assert client.retry_seconds == 1.2
+    started = time.monotonic()
+    with pytest.raises(httpx.ConnectError):
+        client.done()
+    elapsed = time.monotonic() - started
+    assert 1.2 <= elapsed < 10 and set(client.outcomes) == {"ConnectError"} and len(client.outcomes) >= 4
+    monkeypatch.setenv("SIDECAR_RETRY_SECONDS", "soon")
+    with pytest.raises(ValueError, match="SIDECAR_RETRY_SECONDS"):
+        SidecarClient(secret=SECRET)
+
+
+def test_the_secret_goes_on_the_wire_as_utf8(scripted_server: tuple[str, list[int]], tmp_path: Path) -> None:
+    url, _ = scripted_server
+    SECRETS_SEEN.clear()
+    for secret in (SECRET, "s\u00e9cr\u00eat-\u2603-\U0001f511"):
+        SidecarClient(url=url, secret=secret, basedir=tmp_path).ready()
+    assert SECRETS_SEEN == [SECRET.encode(), "s\u00e9cr\u00eat-\u2603-\U0001f511".encode("utf-8")]
 
 
 def test_helpers_write_what_the_sidecar_accepts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

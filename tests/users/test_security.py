@@ -21,7 +21,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from sidecar.client import SidecarCallError, SidecarClient
+from ion_sidecar_client import SidecarCallError, SidecarClient
 from tests.support import SECRET, SidecarProcess, dev_args
 
 SHARED_SECRET = "Shared-Secret-5f3a9c71"
@@ -78,7 +78,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     ]
     with SidecarProcess(cwd, args, secret=SHARED_SECRET) as sidecar:
         client = SidecarClient(url=sidecar.url, secret=SHARED_SECRET, basedir=sidecar.basedir)
-        ready = client.ready(attempts=120, delay=0.5)
+        ready = client.ready(retry_seconds=60)
         client.write_file("report.txt", b"what the module found\n")
         client.write_event("found", "file_discovered", ["report.txt"], note="ok")
         client.write_insight(checked="1")
@@ -86,9 +86,9 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         # Prefect's own flow-run failure lines all carry it, so each must be redacted.
         probe = client.write_event("probe", PROVIDER_SECRETS["mongodbdocprovider.password"])
         with pytest.raises(SidecarCallError) as failed:
-            client.done(attempts=1)
+            client.done(retry_seconds=0)
         probe.unlink()
-        done = client.done(attempts=3, delay=1)
+        done = client.done(retry_seconds=5)
     yield {"cwd": cwd, "output": sidecar.log.read_text(errors="replace"), "logfile": logfile, "failed": failed.value,
            "ready": ready, "done": done}
 
