@@ -97,7 +97,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     shutdown, stops any temporary Prefect server and closes the data-plane connections.
     """
     cfg = runtime.cfg
-    prefect_api = PrefectApi(cfg.prefectstartuptimeoutseconds, flows=[ready_flow, done_flow])
+    prefect_api = PrefectApi(cfg.prefectstartuptimeoutseconds, flows=[ready_flow, done_flow], devdir=cfg.devdir,
+                             require_api=cfg.requireprefectapi)
+    prefect_api.resolve()
     state = RunState()
     expected_secret = cfg.sharedsecret.encode()
 
@@ -145,14 +147,14 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        """200 once the Prefect API is usable, 503 while it starts; never needs the secret."""
-        body = {"status": "ok" if prefect_api.ready else "starting", "phase": state.phase.value}
-        return JSONResponse(body, status_code=200 if prefect_api.ready else 503)
+        """200 when a flow can start now (the Prefect API answered its last probe, at most a few seconds
+        ago); 503 with the reason otherwise. Never needs the secret."""
+        status, body = prefect_api.health()
+        return JSONResponse({**body, "phase": state.phase.value}, status_code=status)
 
     async def run_step(step: Phase, flow: Callable[[Runtime], Awaitable[Any]]) -> Any:
         async def start() -> Any:
-            await prefect_api.wait()
-            return await flow(runtime)
+            return await prefect_api.run(flow, runtime)
 
         return await state.run(step, start)
 

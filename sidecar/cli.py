@@ -228,7 +228,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(EXIT_USAGE) from None
     if parsed.printconfig:
         print(redacted_yaml(cfg), flush=True)
-    serve(cfg)
+    from sidecar.orchestration import PrefectApiRequired
+
+    try:
+        serve(cfg)
+    except PrefectApiRequired as exc:
+        print(f"sidecar: error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
 
 
 def serve(cfg: SidecarConfig) -> None:

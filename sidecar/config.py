@@ -157,8 +157,10 @@ class SidecarConfig:
     devdir: str = ".dev"
     # Largest event file accepted, bytes (Service Bus standard tier's message limit).
     maxeventbytes: int = 256 * 1024
-    # How long /ready waits for the Prefect API at start-up, seconds.
+    # How long /ready or /done waits for an unavailable Prefect API before answering 503, seconds.
     prefectstartuptimeoutseconds: float = 60.0
+    # Refuse to start a Prefect server of its own when PREFECT_API_URL is unset (on in the Docker image).
+    requireprefectapi: bool = False
     transfer: TransferConfig = field(default_factory=TransferConfig)
     azureblobprovider: AzureBlobConfig = field(default_factory=AzureBlobConfig)
     mongodbdocprovider: MongoConfig = field(default_factory=MongoConfig)

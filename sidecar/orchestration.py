@@ -1,81 +1,265 @@
-"""The Prefect API the flows report to: an existing server (``PREFECT_API_URL``) or a temporary one.
+"""The Prefect API the flows report to, as a dependency with a lifecycle (``DESIGN.md``: The engine).
 
-Facts from Prefect 3.9 that shape this: without ``PREFECT_API_URL`` the first flow run starts a
-temporary server subprocess (8 to 15 s, about 200 MB) through ``SubprocessASGIServer``. The sidecar
-starts it at start-up instead, in a thread, so the first ``/ready`` does not pay for it, and stops it on
-shutdown (SIGTERM included: uvicorn runs the lifespan shutdown before it re-raises the signal).
+Where the API is: ``PREFECT_API_URL`` (or a Prefect profile) when set; otherwise the development
+server of this working directory (``sidecar/devserver.py``: one supervised server per ``{devdir}/prefect``,
+shared by every sidecar started there, UI on), unless ``--requireprefectapi=true`` refuses that fallback.
+
+What the sidecar does with it:
+
+- It probes ``{api}/health`` in the background, with back-off while the API is unreachable (0.5 s
+  doubling to 5 s) and every :data:`CHECK_SECONDS` while it answers, and becomes usable as soon as it
+  answers, without a restart. ``/healthz`` reports the last probe: 200 only when a flow can start now.
+- A call (``/ready``, ``/done``) waits for the API up to ``--prefectstartuptimeoutseconds``, then
+  answers 503 "Prefect API unavailable" (retryable). A Prefect failure outside the flow's body (creating
+  the flow run, proposing its states) is a 503 too, never a 500.
+- Commit and report are decoupled: once the flow's body has returned (the data plane has committed), the
+  call answers with its result even if Prefect's engine cannot report the final state; the state is then
+  reported by this class when the API answers again (forced Completed, or Failed with the body's error),
+  so no flow run stays Running after its call has answered while the sidecar lives.
+
+Prefect 3.9 facts this relies on (``prefect/client/base.py``, ``prefect/flow_engine.py``): the client
+retries 408/429/502/503 and, once it has connected, connection errors, 5 times with exponential back-off
+(about 62 s); the flow engine proposes Running before the body and Completed/Failed after it, and an
+error in that last proposal propagates out of the flow call although the body has finished. Task-run
+states travel as events (no blocking API call), so a running body is not stopped by an outage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
-
-from typing import Sequence
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
 
 import httpx
 from prefect import Flow
-from prefect.settings import PREFECT_API_URL
 
 from sidecar.errors import SidecarError
 
 log = logging.getLogger(__name__)
 
+# How often an answering API is probed again, seconds (what /healthz may lag behind).
+CHECK_SECONDS = 3.0
+# Back-off between probes of an unreachable API, seconds: first and largest.
+BACKOFF_SECONDS = (0.5, 5.0)
+# Deadline of one probe, seconds.
+PROBE_TIMEOUT = 3.0
+# How long a call whose body has finished waits for Prefect's engine to report the final state while
+# the API is believed up, seconds; past it the call answers and the report continues in the background.
+REPORT_WAIT_SECONDS = 30.0
+# How long shutdown waits for outstanding state reports, seconds.
+SHUTDOWN_REPORT_SECONDS = 10.0
+
 
 class PrefectUnavailable(SidecarError):
-    """The Prefect API did not come up (or answer) in time. HTTP 503."""
+    """The Prefect API cannot be reached (or fails) now; retrying later may work. HTTP 503."""
 
     status_code = 503
 
 
+class PrefectApiRequired(Exception):
+    """``--requireprefectapi=true`` and no ``PREFECT_API_URL``: start-up stops with this message."""
+
+
+def configured_api_url() -> str | None:
+    """``PREFECT_API_URL`` as Prefect resolves it (environment, ``.env``, profile), or None."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+def use_api_url(url: str) -> None:
+    """Point this process's Prefect client (and its log and event workers, which read the settings in
+    their own threads) at ``url``."""
+    import prefect.context
+
+    os.environ["PREFECT_API_URL"] = url
+    prefect.context.refresh_global_settings_context()
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True when ``exc`` raised by Prefect's client means the API is down or overloaded (connection
+    errors, timeouts, 5xx, 429, "Failed to reach API"), not a bug to report as 500."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    for err in _chain(exc):
+        if isinstance(err, (httpx.TransportError, OSError, asyncio.TimeoutError)):
+            return True
+        if isinstance(err, (httpx.HTTPStatusError, PrefectHTTPStatusError)):
+            code = err.response.status_code
+            return code >= 500 or code in (408, 429)
+        if isinstance(err, RuntimeError) and "Failed to reach API" in str(err):
+            return True
+    return False
+
+
+def _chain(exc: BaseException):
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+
+
+@dataclass
+class _Outcome:
+    """What the flow's body did, independent of what Prefect's engine managed to report."""
+
+    flow_run_id: str | None = None
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+_OUTCOME: contextvars.ContextVar[_Outcome | None] = contextvars.ContextVar("sidecar_flow_outcome", default=None)
+
+
+def tracked(flow: Flow) -> Flow:
+    """A copy of ``flow`` whose body records its flow run id, result or error in the calling task's
+    :class:`_Outcome`, so a call can answer from the body even when the engine's report fails."""
+    from prefect.runtime import flow_run
+
+    original = flow.fn
+
+    @functools.wraps(original)
+    async def body(*args: Any, **kwargs: Any) -> Any:
+        outcome = _OUTCOME.get()
+        if outcome is not None:
+            outcome.flow_run_id = str(flow_run.get_id())
+        try:
+            result = await original(*args, **kwargs)
+        except BaseException as exc:
+            if outcome is not None:
+                outcome.error = exc
+                outcome.finished.set()
+            raise
+        if outcome is not None:
+            outcome.result = result
+            outcome.finished.set()
+        return result
+
+    copy = flow.with_options()
+    copy.fn = body
+    return copy
+
+
 class PrefectApi:
-    """Starts (or checks) the Prefect API in the background and tells when it is usable.
+    """Finds, watches and reports to the Prefect API for one sidecar process.
 
     Args:
-        timeout: seconds to wait for the API at start-up and in :meth:`wait`.
-        flows: the flows to register with the API once it is up.
+        timeout: seconds a call waits for an unavailable API before answering 503.
+        flows: the flows this sidecar runs (registered with the API once it answers).
+        devdir: the development folder; the shared development server keeps its state in
+            ``{devdir}/prefect``.
+        require_api: refuse the development-server fallback (``--requireprefectapi``).
     """
 
-    def __init__(self, timeout: float, flows: Sequence[Flow] = ()):
+    def __init__(self, timeout: float, flows: Sequence[Flow] = (), devdir: str | Path = ".dev",
+                 require_api: bool = False):
         self.timeout = timeout
-        self.flows = list(flows)
+        self.flows = {flow: tracked(flow) for flow in flows}
+        self.state_dir = Path(devdir).resolve() / "prefect"
+        self.require_api = require_api
         self.url: str | None = None
-        self._server = None
-        self._ready = asyncio.Event()
-        self._error: Exception | None = None
+        self.ui_url: str | None = None
+        self.reason = "starting"
+        self.ever_available = False
+        self._available = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._devserver = None
         self._task: asyncio.Task | None = None
+        self._registered = False
+        self._pending: dict[str, Any] = {}  # flow run id -> state still to report
+        self._engines: set[asyncio.Task] = set()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def resolve(self) -> None:
+        """Decide where the API is, before anything talks to Prefect.
+
+        Raises:
+            PrefectApiRequired: no ``PREFECT_API_URL`` and ``require_api``.
+        """
+        configured = configured_api_url()
+        if configured:
+            self.url = configured.rstrip("/")
+            self.ui_url = self.url[:-4] if self.url.endswith("/api") else None
+        elif self.require_api:
+            raise PrefectApiRequired("PREFECT_API_URL is not set and --requireprefectapi=true refuses to start "
+                                     "a Prefect server of its own; set PREFECT_API_URL to the fleet's Prefect API")
 
     def start(self) -> None:
-        """Begin bringing the API up; returns at once."""
-        self._task = asyncio.create_task(self._start())
+        """Begin watching the API in the background; returns at once."""
+        self._task = asyncio.create_task(self._watch(), name="prefect-api-watch")
 
-    async def _start(self) -> None:
+    async def _watch(self) -> None:
         try:
-            configured = PREFECT_API_URL.value()
-            if configured:
-                async with httpx.AsyncClient(timeout=self.timeout) as client:
-                    response = await client.get(f"{configured.rstrip('/')}/health")
-                    response.raise_for_status()
-                self.url = configured
-                log.info("Prefect API: %s (from PREFECT_API_URL)", configured)
-            else:
-                from prefect.server.api.server import SubprocessASGIServer
+            if self.url is None:
+                await self._attach_devserver()
+            delay = BACKOFF_SECONDS[0]
+            while True:
+                reason = await self._probe()
+                if reason is None:
+                    delay = BACKOFF_SECONDS[0]
+                    await self._flush_reports()
+                    self._set_available(None)
+                    await self._sleep(CHECK_SECONDS)
+                else:
+                    self._set_available(reason)
+                    if self._devserver is not None:
+                        await self._reattach_devserver()
+                    await self._sleep(delay)
+                    delay = min(delay * 2, BACKOFF_SECONDS[1])
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the watcher must not die silently
+            log.exception("watching the Prefect API failed")
+            self._set_available(f"{type(exc).__name__}: {exc}")
 
-                # Prefect's client reuses this instance (same key) instead of starting a second one.
-                self._server = SubprocessASGIServer()
-                await asyncio.to_thread(self._server.start, int(self.timeout))
-                self.url = self._server.api_url
-                log.info("Prefect API: temporary server at %s (set PREFECT_API_URL to keep run history)", self.url)
-            await self._warm_up()
-        except Exception as exc:  # noqa: BLE001 - reported to every caller of wait()
-            self._error = exc
-            log.error("Prefect API unavailable: %s", exc)
-        finally:
-            self._ready.set()
+    async def _attach_devserver(self) -> None:
+        from sidecar.devserver import DevServerClient
+
+        self._devserver = DevServerClient(self.state_dir)
+        info = await asyncio.to_thread(self._devserver.attach)
+        self.url, self.ui_url = info["url"], info["ui"]
+        use_api_url(self.url)
+        log.info("Prefect UI: %s (development server shared by every sidecar in %s; run history in %s)",
+                 self.ui_url, Path.cwd(), self.state_dir / "prefect.db")
+
+    async def _reattach_devserver(self) -> None:
+        # The supervisor itself may be gone (killed): start a new one; its port may differ.
+        info = await asyncio.to_thread(self._devserver.attach)
+        if info["url"] != self.url:
+            self.url, self.ui_url = info["url"], info["ui"]
+            use_api_url(self.url)
+            log.info("Prefect UI: %s (a new development server)", self.ui_url)
+
+    async def _probe(self) -> str | None:
+        """None when ``{api}/health`` answers 200 and the flows are registered; else the reason."""
+        assert self.url is not None
+        try:
+            async with httpx.AsyncClient(timeout=PROBE_TIMEOUT, headers=_auth_headers()) as client:
+                response = await client.get(f"{self.url}/health")
+            if response.status_code != 200:
+                return f"{self.url}/health answered {response.status_code}"
+        except httpx.HTTPError as exc:
+            return f"{self.url} unreachable ({type(exc).__name__}: {exc or 'no answer'})"
+        if not self._registered:
+            try:
+                await asyncio.wait_for(self._warm_up(), PROBE_TIMEOUT * 3)
+            except Exception as exc:  # noqa: BLE001 - reported as the reason
+                return f"{self.url} failed registering the flows ({type(exc).__name__}: {exc})"
+            self._registered = True
+        return None
 
     async def _warm_up(self) -> None:
-        """Do at start-up what the first flow run would otherwise do inside the first /ready: import
-        Prefect's run engines (imported lazily), open a client and register the flows."""
+        """Do once what the first flow run would otherwise do inside the first call: import Prefect's
+        run engines (imported lazily), open a client and register the flows."""
         import prefect.flow_engine  # noqa: F401
         import prefect.task_engine  # noqa: F401
         from prefect.client.orchestration import get_client
@@ -84,35 +268,180 @@ class PrefectApi:
             for flow in self.flows:
                 await client.create_flow(flow)
 
-    async def wait(self) -> None:
-        """Wait until the API is usable.
+    def _set_available(self, reason: str | None) -> None:
+        was = self._available.is_set()
+        if reason is None:
+            if not was:
+                log.info("Prefect API: %s answers%s", self.url,
+                         f"; UI at {self.ui_url}" if self.ui_url and not self.ever_available else "")
+            self.ever_available = True
+            self.reason = "ok"
+            self._available.set()
+        else:
+            if was or self.reason == "starting":
+                log.warning("Prefect API unavailable: %s", reason)
+            self.reason = reason
+            self._available.clear()
 
-        Raises:
-            PrefectUnavailable: it failed to start, or did not within ``timeout`` seconds.
-        """
+    async def _sleep(self, seconds: float) -> None:
         try:
-            await asyncio.wait_for(self._ready.wait(), self.timeout)
+            await asyncio.wait_for(self._wake.wait(), seconds)
         except asyncio.TimeoutError:
-            raise PrefectUnavailable("Prefect API is still starting; try again") from None
-        if self._error is not None:
-            raise PrefectUnavailable(f"Prefect API unavailable: {self._error}")
+            pass
+        self._wake.clear()
+
+    def check_soon(self) -> None:
+        """Probe now instead of at the next scheduled check (a call just saw Prefect fail)."""
+        self._wake.set()
 
     @property
     def ready(self) -> bool:
-        """True once the API answered."""
-        return self._ready.is_set() and self._error is None
+        """True when the last probe found the API answering: a flow can start now."""
+        return self._available.is_set()
+
+    def health(self) -> tuple[int, dict]:
+        """``/healthz``: (200, ...) when a flow can start now, else (503, ...) with the reason."""
+        if self.ready:
+            return 200, {"status": "ok", "prefect": self.url}
+        status = "unavailable" if self.ever_available or self.reason != "starting" else "starting"
+        return 503, {"status": status, "message": f"Prefect API unavailable: {self.reason}"}
+
+    async def wait(self) -> None:
+        """Wait until the API answers, at most ``timeout`` seconds.
+
+        Raises:
+            PrefectUnavailable: it did not answer in time (the message carries the last reason).
+        """
+        if self.ready:
+            return
+        try:
+            await asyncio.wait_for(self._available.wait(), self.timeout)
+        except asyncio.TimeoutError:
+            raise PrefectUnavailable(f"Prefect API unavailable: {self.reason}") from None
+
+    # -- running flows ---------------------------------------------------------------------------
+
+    async def run(self, flow: Flow, *args: Any) -> Any:
+        """Run ``flow(*args)`` as one flow run and return its body's result.
+
+        Raises:
+            PrefectUnavailable: the API is down and the body did not run (HTTP 503; nothing was done).
+            SidecarError: whatever the body raised (its final state is reported, later if need be).
+        """
+        await self.wait()
+        outcome = _Outcome()
+        token = _OUTCOME.set(outcome)
+        try:
+            engine = asyncio.create_task(self.flows.get(flow, flow)(*args))
+        finally:
+            _OUTCOME.reset(token)
+        self._engines.add(engine)
+        engine.add_done_callback(self._engines.discard)
+        finished = asyncio.create_task(outcome.finished.wait())
+        try:
+            await asyncio.wait([engine, finished], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            finished.cancel()
+        if not outcome.finished.is_set():
+            # The engine failed before or around the body without the body finishing.
+            exc = engine.exception()
+            if exc is None:
+                return engine.result()
+            if outcome.flow_run_id:
+                self._report_later(outcome)
+            if isinstance(exc, SidecarError):
+                raise exc
+            if is_outage(exc):
+                self.check_soon()
+                raise PrefectUnavailable(f"Prefect API unavailable: {type(exc).__name__}: {exc}") from exc
+            raise exc
+        await self._await_report(engine)
+        if engine.done() and not engine.cancelled() and engine.exception() is None:
+            return engine.result()
+        if engine.done() and not engine.cancelled() and engine.exception() is outcome.error:
+            raise outcome.error  # the body failed and the engine reported it
+        if engine.done():
+            # The body finished but its final state was not reported: report it when the API answers.
+            exc = engine.exception() if not engine.cancelled() else None
+            log.warning("flow run %s: its final state could not be reported (%s); reporting it when the "
+                        "Prefect API answers", outcome.flow_run_id, exc)
+            self._report_later(outcome)
+        else:
+            log.warning("flow run %s: answering before Prefect recorded its final state (API: %s)",
+                        outcome.flow_run_id, self.reason)
+            engine.add_done_callback(lambda task: self._engine_ended(task, outcome))
+        if outcome.error is not None:
+            raise outcome.error
+        return outcome.result
+
+    async def _await_report(self, engine: asyncio.Task) -> None:
+        """Give the engine time to report the final state while the API is believed up."""
+        done, _ = await asyncio.wait([engine], timeout=1.0)
+        if done:
+            return
+        self.check_soon()
+        deadline = time.monotonic() + REPORT_WAIT_SECONDS
+        while not engine.done() and self.ready and time.monotonic() < deadline:
+            await asyncio.wait([engine], timeout=0.5)
+
+    def _engine_ended(self, engine: asyncio.Task, outcome: _Outcome) -> None:
+        if engine.cancelled() or engine.exception() is not None:
+            self._report_later(outcome)
+
+    def _report_later(self, outcome: _Outcome) -> None:
+        from prefect.states import Completed, Crashed, Failed
+
+        if outcome.flow_run_id is None:
+            return
+        if not outcome.finished.is_set():
+            state = Crashed(message="the sidecar's flow run ended without finishing (Prefect API unavailable)")
+        elif outcome.error is not None:
+            state = Failed(message=f"{type(outcome.error).__name__}: {outcome.error} (reported after an outage "
+                                   "of the Prefect API)")
+        else:
+            state = Completed(message="completed; reported after an outage of the Prefect API")
+        self._pending[outcome.flow_run_id] = state
+        self.check_soon()
+
+    async def _flush_reports(self) -> None:
+        """Report the final states the engine could not, now that the API answers."""
+        if not self._pending:
+            return
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            for flow_run_id, state in list(self._pending.items()):
+                try:
+                    await asyncio.wait_for(client.set_flow_run_state(flow_run_id, state, force=True), PROBE_TIMEOUT * 3)
+                except Exception as exc:  # noqa: BLE001 - kept for the next round
+                    log.warning("flow run %s: reporting %s failed again: %s", flow_run_id, state.type.value, exc)
+                    return
+                self._pending.pop(flow_run_id, None)
+                log.info("flow run %s: reported %s after the Prefect API returned", flow_run_id, state.type.value)
 
     async def stop(self) -> None:
-        """Send what is still queued for the Prefect API, then stop the temporary server, if this
-        process started one."""
-        if self._task is not None and not self._task.done():
-            await asyncio.wait([self._task], timeout=self.timeout)
+        """Report what is still pending (bounded), send Prefect's queued logs and events, stop
+        watching and leave the development server."""
+        if self._engines:
+            await asyncio.wait(list(self._engines), timeout=SHUTDOWN_REPORT_SECONDS)
+        deadline = time.monotonic() + SHUTDOWN_REPORT_SECONDS
+        while self._pending and time.monotonic() < deadline:
+            if self.ready:
+                await self._flush_reports()
+            if self._pending:
+                self.check_soon()
+                await asyncio.sleep(0.5)
+        if self._pending:
+            log.error("Prefect API unavailable at shutdown: flow runs %s keep their last reported state",
+                      ", ".join(self._pending))
         if self.ready:
             await self._drain()
-        if self._server is not None:
-            await asyncio.to_thread(self._server.stop)
-            self._server = None
-            log.info("stopped the temporary Prefect server")
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._devserver is not None:
+            self._devserver.detach()
+            self._devserver = None
 
     async def _drain(self) -> None:
         # Prefect sends log lines and run events from background queues that it drains in an atexit
@@ -126,3 +455,16 @@ class PrefectApi:
                 await asyncio.wait_for(worker.drain_all(timeout=self.timeout), self.timeout)
             except Exception as exc:  # noqa: BLE001 - shutting down; report, never block the exit
                 log.warning("could not send the remaining %s items to the Prefect API: %s", worker.__name__, exc)
+
+
+def _auth_headers() -> dict[str, str]:
+    """The headers Prefect's own client would send (``PREFECT_API_AUTH_STRING`` or ``PREFECT_API_KEY``)."""
+    import base64
+
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
+
+    auth = PREFECT_API_AUTH_STRING.value()
+    if auth:
+        return {"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()}
+    key = PREFECT_API_KEY.value()
+    return {"Authorization": f"Bearer {key}"} if key else {}

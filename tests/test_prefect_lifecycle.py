@@ -1,31 +1,107 @@
-"""Without PREFECT_API_URL the sidecar starts a temporary Prefect server at start-up (not inside the
-first /ready) and stops it when it exits, SIGTERM included: no orphaned server process."""
+"""Without PREFECT_API_URL, every sidecar started in one working directory shares one supervised
+Prefect server (``sidecar/devserver.py``): started once however many sidecars race to start it, its
+UI at a URL each sidecar prints, restarted when it dies, stopped after the last sidecar has gone
+(SIGKILLed ones included), never orphaned. Real processes throughout."""
 
 from __future__ import annotations
 
+import json
 import signal
+import time
 from pathlib import Path
 
+import httpx
 import psutil
 
+from sidecar import devserver
 from tests.support import SidecarProcess, dev_args
 
 
-def test_temporary_prefect_server_is_started_early_and_stopped_on_sigterm(tmp_path: Path) -> None:
-    env = {"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "prefect-home")}
-    sidecar = SidecarProcess(tmp_path, dev_args("evt-life", "corr-life", "mod"), env=env)
+def _supervisors(state_dir: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "sidecar.devserver" in cmdline and str(state_dir) in cmdline:
+            found.append(proc)
+    return found
+
+
+def _wait_status(sidecar: SidecarProcess, status: int, timeout: float) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{sidecar.url}/healthz", timeout=5)
+        if response.status_code == status:
+            return response
+        time.sleep(0.1)
+    raise AssertionError(f"/healthz never answered {status}; last {response.status_code} {response.text}")
+
+
+def test_one_supervised_dev_server_per_working_directory(tmp_path: Path) -> None:
+    env = {"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "home")}
+    state_dir = tmp_path / ".dev" / "prefect"
+    # Three sidecars started at the same moment in one working directory (parent, child, another).
+    sidecars = [SidecarProcess(tmp_path, dev_args(f"evt-{i}", "corr-life", f"mod{i}"), env=env) for i in range(3)]
     try:
-        sidecar.wait_healthy(timeout=120)
-        children = psutil.Process(sidecar.proc.pid).children(recursive=True)
-        assert children, "expected the temporary Prefect server as a child process"
-        assert "temporary server at http://127.0.0.1:" in sidecar.output()
-        ready = sidecar.get("/ready")
-        assert ready.status_code == 200
-        sidecar.proc.send_signal(signal.SIGTERM)
-        sidecar.proc.wait(30)
-        gone, alive = psutil.wait_procs(children, timeout=10)
+        for sidecar in sidecars:
+            sidecar.wait_healthy(timeout=180)
+        info = json.loads((state_dir / "server.json").read_text())
+        for sidecar in sidecars:
+            assert f"Prefect UI: {info['ui']}" in sidecar.output()
+        # One supervisor, one server, one database; no migration raced another.
+        supervisors = _supervisors(state_dir)
+        assert len(supervisors) == 1, [p.cmdline() for p in supervisors]
+        server = psutil.Process(int((state_dir / "server.pid").read_text()))
+        assert server.ppid() == supervisors[0].pid
+        assert (state_dir / "prefect.db").exists()
+        log = (state_dir / "server.log").read_text()
+        assert "Application startup failed" not in log and "duplicate column" not in log, log
+        # The UI is served at the printed URL.
+        assert "<html" in httpx.get(info["ui"], timeout=10).text.lower()
+
+        assert sidecars[0].get("/ready").status_code == 200
+
+        # The server dies: health says so, the supervisor restarts it on the same port, calls work.
+        server.kill()
+        server.wait(10)
+        down = _wait_status(sidecars[1], 503, 10)
+        assert "Prefect API unavailable" in down.json()["message"]
+        _wait_status(sidecars[1], 200, 120)
+        assert json.loads((state_dir / "server.json").read_text())["url"] == info["url"]
+        assert int((state_dir / "server.pid").read_text()) != server.pid
+        assert sidecars[1].get("/ready").status_code == 200
+
+        # The supervisor itself is killed: its server goes with it, and the sidecars start a new one.
+        server = psutil.Process(int((state_dir / "server.pid").read_text()))
+        supervisors[0].kill()
+        psutil.wait_procs([supervisors[0], server], timeout=10)
+        assert not server.is_running(), "the server outlived its supervisor"
+        _wait_status(sidecars[2], 503, 15)
+        _wait_status(sidecars[2], 200, 180)
+        supervisors = _supervisors(state_dir)
+        assert len(supervisors) == 1, [p.cmdline() for p in supervisors]
+        assert sidecars[2].get("/ready").status_code == 200
+        restarted = psutil.Process(int((state_dir / "server.pid").read_text()))
+
+        # One sidecar is SIGKILLed, the others stop normally: the server outlives none of them.
+        sidecars[0].proc.send_signal(signal.SIGKILL)
+        sidecars[0].proc.wait(10)
+        time.sleep(devserver.LINGER_SECONDS + 2)
+        assert restarted.is_running(), "the server stopped while two sidecars still used it"
+        for sidecar in sidecars[1:]:
+            assert sidecar.stop() == 0 or sidecar.proc.returncode is not None
+        gone, alive = psutil.wait_procs([restarted, *supervisors], timeout=devserver.LINGER_SECONDS + 30)
         assert not alive, f"orphaned: {[p.cmdline() for p in alive]}"
-        assert "stopped the temporary Prefect server" in sidecar.output()
-        assert sidecar.output().count("Prefect API:") == 1
+        assert not (state_dir / "server.json").exists()
     finally:
-        sidecar.stop()
+        for sidecar in sidecars:
+            sidecar.stop()
+
+
+def test_require_prefect_api_refuses_the_fallback(tmp_path: Path) -> None:
+    env = {"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "home")}
+    sidecar = SidecarProcess(tmp_path, [*dev_args("evt-r", "corr-r", "mod"), "--requireprefectapi=true"], env=env)
+    assert sidecar.proc.wait(60) == 2
+    out = sidecar.output()
+    assert "PREFECT_API_URL is not set" in out and "--requireprefectapi" in out
+    assert not (tmp_path / ".dev" / "prefect" / "server.json").exists()
+    sidecar.stop()
