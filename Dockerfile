@@ -45,5 +45,5 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
 
 # Inside a container the loopback address is unreachable from the module's container, so bind all
 # addresses of the container's own network; a later --host on the command line still wins.
-ENTRYPOINT ["sidecar", "--host=0.0.0.0"]
+ENTRYPOINT ["sidecar", "--host=0.0.0.0", "--requireprefectapi=true"]
 CMD ["--help"]

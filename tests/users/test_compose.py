@@ -197,7 +197,7 @@ def test_dockerfile_runs_sidecar_as_non_root_with_health_check() -> None:
     assert values["FROM"] == "python:3.11-slim"
     user = values["USER"].split(":")[0]
     assert user not in ("root", "0") and user.isdigit()
-    assert exec_form(values["ENTRYPOINT"]) == ["sidecar", "--host=0.0.0.0"]
+    assert exec_form(values["ENTRYPOINT"]) == ["sidecar", "--host=0.0.0.0", "--requireprefectapi=true"]
     assert "/healthz" in values["HEALTHCHECK"] and "python" in values["HEALTHCHECK"]
     assert "SIDECAR_CONFIG_DIR=/opt/sidecar/conf" in " ".join(v for k, v in instructions if k == "ENV")
     copies = [v for k, v in instructions if k == "COPY"]
