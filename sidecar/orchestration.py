@@ -246,14 +246,14 @@ class PrefectApi:
             async with httpx.AsyncClient(timeout=PROBE_TIMEOUT, headers=_auth_headers()) as client:
                 response = await client.get(f"{self.url}/health")
             if response.status_code != 200:
-                return f"{self.url}/health answered {response.status_code}"
+                return f"{_shown(self.url)}/health answered {response.status_code}"
         except httpx.HTTPError as exc:
-            return f"{self.url} unreachable ({type(exc).__name__}: {exc or 'no answer'})"
+            return f"{_shown(self.url)} unreachable ({type(exc).__name__}: {exc or 'no answer'})"
         if not self._registered:
             try:
                 await asyncio.wait_for(self._warm_up(), PROBE_TIMEOUT * 3)
             except Exception as exc:  # noqa: BLE001 - reported as the reason
-                return f"{self.url} failed registering the flows ({type(exc).__name__}: {exc})"
+                return f"{_shown(self.url)} failed registering the flows ({type(exc).__name__}: {exc})"
             self._registered = True
         return None
 
@@ -272,7 +272,7 @@ class PrefectApi:
         was = self._available.is_set()
         if reason is None:
             if not was:
-                log.info("Prefect API: %s answers%s", self.url,
+                log.info("Prefect API: %s answers%s", _shown(self.url),
                          f"; UI at {self.ui_url}" if self.ui_url and not self.ever_available else "")
             self.ever_available = True
             self.reason = "ok"
@@ -302,7 +302,7 @@ class PrefectApi:
     def health(self) -> tuple[int, dict]:
         """``/healthz``: (200, ...) when a flow can start now, else (503, ...) with the reason."""
         if self.ready:
-            return 200, {"status": "ok", "prefect": self.url}
+            return 200, {"status": "ok"}  # no URL: /healthz needs no secret, a URL may carry credentials
         status = "unavailable" if self.ever_available or self.reason != "starting" else "starting"
         return 503, {"status": status, "message": f"Prefect API unavailable: {self.reason}"}
 
@@ -455,6 +455,11 @@ class PrefectApi:
                 await asyncio.wait_for(worker.drain_all(timeout=self.timeout), self.timeout)
             except Exception as exc:  # noqa: BLE001 - shutting down; report, never block the exit
                 log.warning("could not send the remaining %s items to the Prefect API: %s", worker.__name__, exc)
+
+
+def _shown(url: str) -> str:
+    """``url`` without user and password, for messages and logs."""
+    return str(httpx.URL(url).copy_with(userinfo=b""))
 
 
 def _auth_headers() -> dict[str, str]:
