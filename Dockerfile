@@ -1,6 +1,7 @@
 # The ion-sidecar image: `docker build -t ion-sidecar .` then `docker run ion-sidecar --context.eventid=...`.
 # Flags are arguments (see `docker run --rm ion-sidecar --help`); SHARED_SECRET may come from the environment.
-FROM python:3.11-slim
+# A pinned release of the base image (tests/users/test_compose.py checks every image reference).
+FROM python:3.11.14-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -14,15 +15,22 @@ RUN groupadd --system --gid 10001 sidecar \
  && mkdir -p /ion /var/lib/sidecar \
  && chown 10001:10001 /ion /var/lib/sidecar
 
-# A regular (not editable) install into site-packages; the Hydra config folder conf/ is not part of
-# the wheel, so SIDECAR_CONFIG_DIR tells sidecar/cli.py:config_dir() where it is.
+# The dependencies first, in their own layer, at the exact versions tested: requirements.lock is
+# exported from uv.lock (scripts/lock) and every file is checked against its hash. A change to the
+# code alone reuses this layer.
 WORKDIR /opt/sidecar
+COPY requirements.lock ./
+RUN pip install --no-deps --require-hashes -r requirements.lock
+
+# Then the sidecar itself: a regular (not editable) install into site-packages, without touching the
+# dependencies above. The Hydra config folder conf/ is not part of the wheel, so SIDECAR_CONFIG_DIR
+# tells sidecar/cli.py:config_dir() where it is.
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
 COPY flows ./flows
 # The module authors' client (its own distribution): the compose `module` service runs examples/ on it.
 COPY client ./client
-RUN pip install . ./client && rm -rf build *.egg-info client/build client/*.egg-info
+RUN pip install --no-deps . ./client && pip check && rm -rf build *.egg-info client/build client/*.egg-info
 COPY conf ./conf
 COPY examples ./examples
 

@@ -1,17 +1,21 @@
 """Command line: the seed's flags and plain Hydra overrides -> composed config -> uvicorn.
 
-Hydra's own argv parser rejects ``--flag=value``, so this module translates the seed's flags
-(``spec/SIDECAR.md``, Running the Sidecar) before composing with Hydra's Compose API (which changes no
-working directory and writes no ``outputs/`` folder):
+Hydra's own argv parser rejects ``--flag=value``, so this module translates the original Ion Sidecar's
+flags (README.md: Configuration) before composing with Hydra's Compose API (which changes no working
+directory and writes no ``outputs/`` folder):
 
 - ``--azureblobprovider=true`` (and the other provider flags) choose an option of that config group:
   ``azure``/``mongo``/``servicebus`` when true, ``dev`` when false;
 - every other ``--key=value`` (or ``--key value``) sets ``key`` after composition, taken as a literal
   string (so secrets and connection strings need no quoting), converted and checked by the schema;
 - ``--valideventtypes=a,b`` is split on commas;
-- arguments without ``--`` are Hydra overrides, e.g. ``context.eventid=e1`` or ``transfer.tasks=2``.
+- the switches (``--printconfig``, ``--development``, the provider flags) may stand alone (true) or
+  take ``true``/``false`` as the next argument (``--printconfig true``);
+- arguments without ``--`` are Hydra overrides, e.g. ``context.eventid=e1`` or ``transfer.tasks=2``;
+  ``printconfig=true`` is taken as ``--printconfig=true`` (it is a command, not a setting).
 
-An unknown setting or a missing required value stops start-up with one line naming it (exit code 2).
+An unknown setting, a missing required value (all of them named at once), a secret too short to mask in
+logs or an unusable ``--basedir`` stops start-up with one line naming it (exit code 2).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from sidecar import flags
+from sidecar.logs import MIN_SECRET_CHARS
 from sidecar.config import PROVIDER_GROUPS, REQUIRED_KEYS, SECRET_KEYS, SidecarConfig, register
 
 EXIT_USAGE = 2
@@ -39,8 +45,10 @@ _SWITCHES = {"printconfig", "development", *PROVIDER_GROUPS}
 
 USAGE = """usage: sidecar [--key=value ...] [hydra.override=value ...]
 
-Every setting below is a flag (--key=value or --key value) and a Hydra override (key=value); the seed's
-flags (spec/SIDECAR.md) work verbatim. SHARED_SECRET in the environment supplies --sharedsecret.
+Every setting below is a flag (--key=value or --key value) and a Hydra override (key=value); the
+original Ion Sidecar's flags work unchanged. SHARED_SECRET in the environment supplies --sharedsecret.
+Secrets must be at least 8 characters long (shorter ones cannot be masked in logs without masking
+ordinary words). A bad or missing setting stops start-up with one line naming it (exit code 2).
 """
 
 
@@ -77,14 +85,20 @@ def parse_args(argv: list[str]) -> Parsed:
     while args:
         arg = args.pop(0)
         if not arg.startswith("--"):
-            parsed.overrides.append(arg)
+            name, sep, value = arg.partition("=")
+            if sep and name.lstrip("+~") == "printconfig":
+                parsed.printconfig = _as_bool("printconfig", value)
+            else:
+                parsed.overrides.append(arg)
             continue
         key, sep, value = arg[2:].partition("=")
         if not key:
             raise UsageError(f"'{arg}' is not a flag")
         if not sep:
             if key in _SWITCHES:
-                value = "true"
+                # `--printconfig true` as well as a bare `--printconfig`.
+                is_bool = args and args[0].strip().lower() in _TRUE | _FALSE
+                value = args.pop(0) if is_bool else "true"
             elif args and not args[0].startswith("--"):
                 value = args.pop(0)
             else:
@@ -122,14 +136,42 @@ def compose_config(argv: list[str]) -> tuple[SidecarConfig, Parsed]:
         raise UsageError(_describe_hydra_error(exc, parsed.overrides)) from None
     for key, value in parsed.values:
         _set(cfg, key, value)
-    for key in REQUIRED_KEYS:
-        flag = f"--{key}" + (" or SHARED_SECRET" if key == "sharedsecret" else "")
-        value = OmegaConf.select(cfg, key, throw_on_missing=False)
-        if value is None or not str(value).strip():
-            raise UsageError(f"missing required setting {key} ({flag})")
+    missing = missing_settings(cfg)
+    if missing:
+        named = ", ".join(f"--{key}" + (" (or SHARED_SECRET)" if key == "sharedsecret" else "") for key in missing)
+        raise UsageError(f"missing required setting{'s' if len(missing) > 1 else ''}: {named}")
     typed: SidecarConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    if typed.development and not _given(parsed, "basedir"):
+        # The image's /ion is a mounted volume; on a developer's machine it would be the file system's root.
+        typed.basedir = DEVELOPMENT_BASEDIR
     check(typed)
     return typed, parsed
+
+
+# Development mode's module folder when --basedir is not given: inside the working directory.
+DEVELOPMENT_BASEDIR = "ion"
+
+
+def _given(parsed: Parsed, key: str) -> bool:
+    """Whether ``key`` was set on the command line (as a flag or a Hydra override)."""
+    return any(k == key for k, _ in parsed.values) or any(
+        o.partition("=")[0].lstrip("+~") == key for o in parsed.overrides)
+
+
+def missing_settings(cfg: DictConfig) -> list[str]:
+    """The dotted keys of every required setting ``cfg`` lacks, in flag-reference order: the always
+    required ones (:data:`~sidecar.config.REQUIRED_KEYS`) and those an enabled provider requires."""
+    required = list(REQUIRED_KEYS)
+    if OmegaConf.select(cfg, "azureblobprovider.enabled"):
+        required.append("azureblobprovider.containername")
+    if OmegaConf.select(cfg, "mongodbdocprovider.enabled"):
+        required.append("mongodbdocprovider.collection")
+    blank = []
+    for key in required:
+        value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        if value is None or not str(value).strip():
+            blank.append(key)
+    return blank
 
 
 def _describe_hydra_error(exc: HydraException, overrides: list[str]) -> str:
@@ -176,8 +218,6 @@ def check(cfg: SidecarConfig) -> None:
         raise UsageError(f"--serverport={cfg.serverport} is not a TCP port")
     blob = cfg.azureblobprovider
     if blob.enabled:
-        if not blob.containername:
-            raise UsageError("missing required setting azureblobprovider.containername (--azureblobprovider.containername)")
         if not blob.connectionstring and not (blob.blobaccountname and blob.blobaccountkey):
             raise UsageError("--azureblobprovider=true needs --azureblobprovider.blobaccountname and "
                              ".blobaccountkey, or --azureblobprovider.connectionstring")
@@ -196,12 +236,33 @@ def check(cfg: SidecarConfig) -> None:
     if mongo.enabled and not mongo.uri and not (mongo.name and mongo.password):
         raise UsageError("--mongodbdocprovider=true needs --mongodbdocprovider.name and .password, "
                          "or --mongodbdocprovider.uri")
-    if mongo.enabled and not mongo.collection:
-        raise UsageError("missing required setting mongodbdocprovider.collection (--mongodbdocprovider.collection)")
     bus = cfg.servicebuseventprovider
     if bus.enabled and not bus.connectionstring and not (bus.namespace and bus.key and bus.authorizationrulename):
         raise UsageError("--servicebuseventprovider=true needs --servicebuseventprovider.namespace, .key and "
                          ".authorizationrulename, or --servicebuseventprovider.connectionstring")
+
+
+def check_startup(cfg: SidecarConfig) -> None:
+    """What must hold before serving, beyond the configuration's own consistency: every secret is long
+    enough to mask in logs (:data:`MIN_SECRET_CHARS`) and ``cfg.basedir`` can be created and written.
+
+    Raises:
+        UsageError: naming the secret's flag (never its value) or the folder and the OS error.
+    """
+    for key in SECRET_KEYS:
+        value = str(OmegaConf.select(OmegaConf.structured(cfg), key) or "")
+        if value and len(value) < MIN_SECRET_CHARS:
+            source = " (SHARED_SECRET)" if key == "sharedsecret" else ""
+            raise UsageError(f"--{key}{source} is shorter than {MIN_SECRET_CHARS} characters: logs could not mask it "
+                             "without masking ordinary words; use a longer secret")
+    basedir = Path(cfg.basedir)
+    try:
+        basedir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=basedir):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--basedir={cfg.basedir} cannot be used: {exc.strerror or exc} "
+                         "(the folder must be creatable and writable)") from None
 
 
 def redacted_yaml(cfg: SidecarConfig) -> str:
@@ -231,8 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     from sidecar.orchestration import PrefectApiRequired
 
     try:
+        check_startup(cfg)
         serve(cfg)
-    except PrefectApiRequired as exc:
+    except (UsageError, PrefectApiRequired) as exc:
         print(f"sidecar: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
 

@@ -149,7 +149,7 @@ class SidecarConfig:
     sharedsecret: str = "${oc.env:SHARED_SECRET,''}"
     # The event types this module may publish, comma-separated.
     valideventtypes: list[str] = field(default_factory=list)
-    # The volume shared with the module, holding in/ and out/.
+    # The volume shared with the module, holding in/ and out/ (development mode's default: ./ion).
     basedir: str = "/ion"
     # Local providers for every slot and debug dumps under devdir; no external service needed.
     development: bool = False

@@ -4,6 +4,7 @@ line carries a secret (``--loglevel``, ``--logfile``)."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Iterable
 
@@ -24,6 +25,11 @@ LEVELS = {
 
 REDACTED = "***"
 
+# Secrets at least this long are masked wherever their text appears (a log line cannot show one, even
+# glued to other text); the sidecar refuses shorter ones at start-up (sidecar/cli.py), because masking
+# a short text everywhere garbles ordinary words: with the secret "x", "exception" became "e***ception".
+MIN_SECRET_CHARS = 8
+
 
 class ContextFilter(logging.Filter):
     """Adds the run's context to each record and replaces secret values with ``***``.
@@ -31,12 +37,20 @@ class ContextFilter(logging.Filter):
     Args:
         context: ``{"ion_module", "ion_event", "ion_correlation", "ion_execution"}`` strings.
         secrets: values that must never be written (shared secret, account keys, passwords, ...).
+
+    Masking rule: a secret of :data:`MIN_SECRET_CHARS` or more characters is replaced wherever it
+    appears; a shorter one (the sidecar refuses those at start-up, so only a caller that bypasses its
+    checks passes one) only where it stands as a whole word, not inside a longer run of letters and
+    digits, so ordinary words stay readable.
     """
 
     def __init__(self, context: dict[str, str], secrets: Iterable[str]):
         super().__init__()
         self.context = context
-        self.secrets = [s for s in secrets if s]
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        patterns = [re.escape(s) if len(s) >= MIN_SECRET_CHARS else rf"(?<![^\W_]){re.escape(s)}(?![^\W_])"
+                    for s in self.secrets]
+        self._pattern = re.compile("|".join(patterns)) if patterns else None
 
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in self.context.items():
@@ -52,10 +66,8 @@ class ContextFilter(logging.Filter):
         return True
 
     def redact(self, text: str) -> str:
-        """``text`` with every secret value replaced by ``***``."""
-        for secret in self.secrets:
-            text = text.replace(secret, REDACTED)
-        return text
+        """``text`` with every secret value replaced by ``***`` (the class's masking rule)."""
+        return self._pattern.sub(REDACTED, text) if self._pattern else text
 
 
 def configure_logging(cfg: SidecarConfig) -> ContextFilter:

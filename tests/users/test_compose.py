@@ -37,9 +37,11 @@ def docker_compose(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def compose() -> dict:
-    """The compose file as ``docker-compose config`` normalises it, with .env.example's values."""
-    result = docker_compose("--env-file", str(ENV_EXAMPLE), "-f", str(COMPOSE), "config")
+def compose(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The compose file as ``docker-compose config`` normalises it, with .env.example's values and
+    the licences accepted (ACCEPT_EULA=Y, as a user sets it)."""
+    env_file = env_file_with(tmp_path_factory.mktemp("compose"), ACCEPT_EULA="Y")
+    result = docker_compose("--env-file", str(env_file), "-f", str(COMPOSE), "config")
     assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
     return yaml.safe_load(result.stdout)
 
@@ -64,18 +66,81 @@ def flags(service: dict) -> dict[str, str]:
     return dict(arg.split("=", 1) for arg in service["command"])
 
 
+SERVICES = {"sidecar", "module", "azurite", "blob-container", "mongo", "servicebus", "servicebus-ready", "sqlserver",
+            "postgres", "prefect"}
+# One-shot containers: waited for with service_completed_successfully, no health check of their own.
+ONE_SHOT = {"module", "blob-container", "servicebus-ready"}
+# Long-running services whose health is not a compose health check: the sidecar's is the image's
+# HEALTHCHECK; the emulator's image documents no tool to probe with, so `servicebus-ready` probes its
+# documented GET :5300/health from outside and the sidecar waits for that.
+HEALTH_ELSEWHERE = {"sidecar": "the image's HEALTHCHECK", "servicebus": "servicebus-ready"}
+# The only start-order edges that do not wait for health or completion, each for a stated reason.
+STARTED_ONLY = {
+    ("module", "sidecar"),            # Ion starts both at once; the module's /ready retry loop covers it
+    ("servicebus-ready", "servicebus"),  # the probe itself waits for the emulator's health endpoint
+}
+# How a pinned tag of each image looks: a full release version, never a moving tag.
+RELEASE_TAG = {
+    "python": r"\d+\.\d+\.\d+-slim-\w+",
+    "mcr.microsoft.com/azure-storage/azurite": r"\d+\.\d+\.\d+",
+    "mongo": r"\d+\.\d+\.\d+",
+    "mcr.microsoft.com/azure-messaging/servicebus-emulator": r"\d+\.\d+\.\d+",
+    "mcr.microsoft.com/mssql/server": r"2022-CU\d+-ubuntu-\d+\.\d+",
+    "postgres": r"\d+\.\d+-alpine",  # PostgreSQL releases are major.minor
+    "prefecthq/prefect": r"\d+\.\d+\.\d+-python3\.11",
+}
+
+
+def image_references(compose: dict) -> dict[str, str]:
+    """``{where: image}`` for every image a deployment pulls: compose services and the Dockerfile's FROM."""
+    refs = {f"service {name}": svc["image"] for name, svc in compose["services"].items()}
+    refs.update({f"Dockerfile FROM": v.split()[0] for k, v in dockerfile_instructions() if k == "FROM"})
+    return refs
+
+
 def test_compose_declares_every_service(compose: dict) -> None:
     services = compose["services"]
-    assert set(services) == {"sidecar", "module", "azurite", "blob-container", "mongo", "servicebus", "sqledge", "prefect"}
-    assert services["azurite"]["image"].startswith("mcr.microsoft.com/azure-storage/azurite")
-    assert services["mongo"]["image"] == "mongo:7"
-    assert services["servicebus"]["image"].startswith("mcr.microsoft.com/azure-messaging/servicebus-emulator")
-    assert services["sqledge"]["image"].startswith("mcr.microsoft.com/azure-sql-edge")
-    assert services["prefect"]["image"] == "prefecthq/prefect:3-latest"
+    assert set(services) == SERVICES
     assert services["prefect"]["command"] == ["prefect", "server", "start", "--host", "0.0.0.0"]
-    for name in ("sidecar", "module", "blob-container"):
-        assert services[name]["build"]["context"] == str(ROOT)
-        assert services[name]["image"] == "ion-sidecar:local"
+    # One image, built once: only the sidecar builds it, the one-shot containers reuse it as built.
+    builders = [name for name, svc in services.items() if "build" in svc]
+    assert builders == ["sidecar"] and services["sidecar"]["build"]["context"] == str(ROOT)
+    for name in ONE_SHOT:
+        assert services[name]["image"] == services["sidecar"]["image"] == "ion-sidecar:local"
+        assert services[name]["pull_policy"] == "never", f"{name} must not pull the locally built image"
+
+
+def test_every_image_reference_is_pinned(compose: dict) -> None:
+    refs = image_references(compose)
+    pulled = {where: image for where, image in refs.items() if not image.startswith("ion-sidecar:")}
+    assert len(pulled) == 7, refs
+    for where, image in pulled.items():
+        repository, _, tag = image.rpartition("@")[0].rpartition(":") if "@" in image else image.rpartition(":")
+        assert repository in RELEASE_TAG, f"{where}: {image} is not an image this stack expects"
+        assert "@sha256:" in image or re.fullmatch(RELEASE_TAG[repository], tag), \
+            f"{where}: {image} is not pinned to a release (want {RELEASE_TAG[repository]})"
+        assert "latest" not in tag
+
+
+def test_pin_check_refuses_moving_tags() -> None:
+    # The rule above, applied to the tags it must refuse (not vacuous).
+    for repository, tag in [("mongo", "7"), ("mongo", "latest"), ("prefecthq/prefect", "3-latest"),
+                            ("python", "3.11-slim"), ("mcr.microsoft.com/mssql/server", "2022-latest"),
+                            ("mcr.microsoft.com/azure-messaging/servicebus-emulator", "latest"), ("postgres", "17-alpine")]:
+        assert not re.fullmatch(RELEASE_TAG[repository], tag), (repository, tag)
+
+
+def test_prefect_server_runs_the_locked_prefect_on_postgresql(compose: dict) -> None:
+    services = compose["services"]
+    prefect, postgres = services["prefect"], services["postgres"]
+    locked = re.search(r"^prefect==(\S+)", (ROOT / "requirements.lock").read_text(), flags=re.MULTILINE).group(1)
+    assert prefect["image"] == f"prefecthq/prefect:{locked}-python3.11"
+    url = prefect["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    env = postgres["environment"]
+    assert url == f"postgresql+asyncpg://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@postgres:5432/{env['POSTGRES_DB']}"
+    assert any(v.endswith(":/var/lib/postgresql/data:rw") for v in postgres["volumes"])
+    assert "pg_isready" in postgres["healthcheck"]["test"]
+    assert prefect["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 
 def test_published_ports_are_loopback_only(compose: dict) -> None:
@@ -128,16 +193,16 @@ def test_secrets_of_the_services_match_the_sidecar_flags(compose: dict) -> None:
     assert services["blob-container"]["environment"]["BLOB_CONNECTION_STRING"] == blob
     assert services["blob-container"]["environment"]["BLOB_CONTAINER"] == given["--azureblobprovider.containername"]
 
-    bus, sql = services["servicebus"]["environment"], services["sqledge"]["environment"]
-    assert bus["SQL_SERVER"] == "sqledge" and bus["MSSQL_SA_PASSWORD"] == sql["MSSQL_SA_PASSWORD"]
-    assert bus["ACCEPT_EULA"] == sql["ACCEPT_EULA"]
+    bus, sql = services["servicebus"]["environment"], services["sqlserver"]["environment"]
+    assert bus["SQL_SERVER"] == "sqlserver" and bus["MSSQL_SA_PASSWORD"] == sql["MSSQL_SA_PASSWORD"]
+    assert bus["ACCEPT_EULA"] == sql["ACCEPT_EULA"] == "Y"
     assert services["module"]["environment"]["SHARED_SECRET"] == services["sidecar"]["environment"]["SHARED_SECRET"]
 
 
 def test_placeholders_only_in_the_env_example() -> None:
     values = dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
                   if line and not line.startswith("#"))
-    for name in ("SHARED_SECRET", "MONGO_ROOT_PASSWORD", "MSSQL_SA_PASSWORD"):
+    for name in ("SHARED_SECRET", "MONGO_ROOT_PASSWORD", "MSSQL_SA_PASSWORD", "POSTGRES_PASSWORD"):
         assert "change-me" in values[name].lower(), f"{name} must be an obvious placeholder"
     assert values["ACCEPT_EULA"] == "N"  # the user accepts the EULAs, not this repository
     assert ".env" in (ROOT / ".gitignore").read_text().split() and ".env" in (ROOT / ".dockerignore").read_text().split()
@@ -160,16 +225,57 @@ def test_module_shares_the_volume_and_reaches_the_sidecar(compose: dict) -> None
 
 def test_health_checks_and_start_order(compose: dict) -> None:
     services = compose["services"]
+    for name, svc in services.items():
+        check = svc.get("healthcheck", {}).get("test", [])
+        if name in ONE_SHOT:
+            assert check == ["NONE"] and svc["restart"] in ("no", "on-failure"), name
+        elif name in HEALTH_ELSEWHERE:
+            assert check in ([], ["NONE"]), name
+        else:
+            assert check and check != ["NONE"], f"{name} has no health check"
+        for target, edge in svc.get("depends_on", {}).items():
+            wanted = ("service_completed_successfully" if target in ONE_SHOT
+                      else "service_started" if (name, target) in STARTED_ONLY else "service_healthy")
+            assert edge["condition"] == wanted, f"{name} -> {target}: {edge['condition']}, want {wanted}"
+    # Every service but the entry points is waited for by something; the sidecar waits for each
+    # data-plane service and for the Prefect API.
+    assert set(services["sidecar"]["depends_on"]) == {"prefect", "mongo", "blob-container", "servicebus-ready"}
+    assert services["servicebus"]["depends_on"]["sqlserver"]["condition"] == "service_healthy"
+    assert services["blob-container"]["depends_on"]["azurite"]["condition"] == "service_healthy"
+    probe = services["servicebus-ready"]["command"][-1]
+    assert "http://servicebus:5300/health" in probe and services["servicebus"]["environment"]["EMULATOR_HTTP_PORT"] == "5300"
+    assert any("sqlcmd" in part for part in services["sqlserver"]["healthcheck"]["test"])
     assert "mongosh" in services["mongo"]["healthcheck"]["test"]
     assert any("/api/health" in part for part in services["prefect"]["healthcheck"]["test"])
-    depends = services["sidecar"]["depends_on"]
-    assert depends["prefect"]["condition"] == depends["mongo"]["condition"] == "service_healthy"
-    assert depends["blob-container"]["condition"] == "service_completed_successfully"
-    assert "servicebus" in depends and "sqledge" in services["servicebus"]["depends_on"]
-    # The sidecar's own health check is the image's; one-shot containers of the image turn it off.
-    assert "healthcheck" not in services["sidecar"]
-    assert services["module"]["healthcheck"]["test"] == ["NONE"]
-    assert services["blob-container"]["healthcheck"]["test"] == ["NONE"]
+
+
+def env_file_with(tmp_path: Path, **values: str | None) -> Path:
+    """.env.example with ``values`` replaced (None: the line removed), written to ``tmp_path``."""
+    lines = []
+    for line in ENV_EXAMPLE.read_text().splitlines():
+        name = line.split("=", 1)[0]
+        if name in values:
+            if values[name] is not None:
+                lines.append(f"{name}={values[name]}")
+        else:
+            lines.append(line)
+    path = tmp_path / ".env"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("value", ["N", "y", None])
+def test_licences_must_be_accepted_with_exactly_y(tmp_path: Path, value: str | None) -> None:
+    result = docker_compose("--env-file", str(env_file_with(tmp_path, ACCEPT_EULA=value)), "-f", str(COMPOSE), "config")
+    assert result.returncode != 0, f"ACCEPT_EULA={value!r} was accepted"
+    assert f"accept-eula-{value}.env" in result.stderr if value else "set ACCEPT_EULA=Y" in result.stderr, result.stderr
+
+
+def test_licences_accepted_with_y_reach_both_licensed_containers(compose: dict) -> None:
+    services = compose["services"]  # composed with ACCEPT_EULA=Y
+    licensed = {name for name, svc in services.items() if "ACCEPT_EULA" in svc.get("environment", {})}
+    assert licensed == {"servicebus", "sqlserver"}
+    assert all(services[name]["environment"]["ACCEPT_EULA"] == "Y" for name in licensed)
 
 
 def test_servicebus_emulator_config_declares_the_sidecars_topic(compose: dict) -> None:
@@ -191,10 +297,23 @@ def test_servicebus_emulator_config_declares_the_sidecars_topic(compose: dict) -
     assert rule["Properties"]["CorrelationFilter"]["Properties"] == {"eventType": "file_discovered"}
 
 
+def test_dockerfile_installs_the_lock_file_before_the_code() -> None:
+    instructions = dockerfile_instructions()
+    steps = [f"{k} {v}" for k, v in instructions]
+    lock_copy = steps.index("COPY requirements.lock ./")
+    lock_install = next(i for i, step in enumerate(steps) if "-r requirements.lock" in step)
+    assert "--require-hashes" in steps[lock_install] and "--no-deps" in steps[lock_install]
+    first_code = min(i for i, step in enumerate(steps) if step.startswith(("COPY sidecar", "COPY flows", "COPY pyproject")))
+    assert lock_copy < lock_install < first_code, "the dependency layer must come before the code"
+    # The package itself adds no dependency beyond the lock.
+    project_install = next(step for step in steps[first_code:] if "pip install" in step)
+    assert "--no-deps" in project_install
+
+
 def test_dockerfile_runs_sidecar_as_non_root_with_health_check() -> None:
     instructions = dockerfile_instructions()
     values = dict(instructions)  # the last of each instruction wins, as in Docker
-    assert values["FROM"] == "python:3.11-slim"
+    assert values["FROM"].startswith("python:3.11.")
     user = values["USER"].split(":")[0]
     assert user not in ("root", "0") and user.isdigit()
     assert exec_form(values["ENTRYPOINT"]) == ["sidecar", "--host=0.0.0.0", "--requireprefectapi=true"]
@@ -203,7 +322,7 @@ def test_dockerfile_runs_sidecar_as_non_root_with_health_check() -> None:
     copies = [v for k, v in instructions if k == "COPY"]
     assert "conf ./conf" in copies and any(v.startswith("sidecar ") for v in copies)
     ignored = set((ROOT / ".dockerignore").read_text().split())
-    for needed in ("pyproject.toml", "README.md", "sidecar", "flows", "client", "conf", "examples"):
+    for needed in ("requirements.lock", "pyproject.toml", "README.md", "sidecar", "flows", "client", "conf", "examples"):
         assert needed not in ignored
     for private in (".env", ".venv", ".git", ".dev"):
         assert private in ignored
