@@ -1,0 +1,1 @@
+"""The offline Dispatcher: runs a graph of modules on one machine (``ion-offline``)."""
