@@ -28,6 +28,7 @@ RUN pip install --no-deps --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
 COPY flows ./flows
+COPY dispatcher ./dispatcher
 # The module authors' client (its own distribution): the compose `module` service runs examples/ on it.
 COPY client ./client
 RUN pip install --no-deps . ./client && pip check && rm -rf build *.egg-info client/build client/*.egg-info

@@ -13,8 +13,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -68,13 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     rundir = Path(args.rundir or Path(".ion-offline") / correlationid).resolve()
     rundir.mkdir(parents=True, exist_ok=True)
 
-    server = None
+    devserver = None
     if not os.environ.get("PREFECT_API_URL"):
-        from dispatcher.server import start_prefect_server
-
-        print(f"ion-offline: starting a Prefect server (set PREFECT_API_URL to use yours); log {rundir / 'prefect-server.log'}",
-              flush=True)
-        server, os.environ["PREFECT_API_URL"] = start_prefect_server(rundir / "prefect-server.log")
+        devserver, os.environ["PREFECT_API_URL"] = _attach_dev_server(Path(".ion-offline", "prefect").resolve())
     print(f"ion-offline: graph run {correlationid} in {rundir}; Prefect API {os.environ['PREFECT_API_URL']}", flush=True)
     started = time.monotonic()
     try:
@@ -86,8 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         from dispatcher.processes import kill_all_groups
 
         kill_all_groups()
-        if server is not None:
-            _stop(server)
+        if devserver is not None:
+            devserver.detach()  # its supervisor stops the server once no sidecar uses it either
     from dispatcher.dispatch import DEAD_LETTER, summary_table
 
     print(summary_table(records))
@@ -130,15 +124,30 @@ async def _drain_prefect(timeout: float = 15.0) -> None:
                                                      worker.__name__, exc)
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
+def _attach_dev_server(state_dir: Path, timeout: float = 180.0):
+    """Join the supervised development Prefect server of ``state_dir`` (``sidecar/devserver.py``: one per
+    folder, shared, restarted if it dies, stopped once nobody uses it), starting it if none runs, and
+    wait until its API answers. Every graph run started in one working directory reports to it, so its
+    UI shows them all; its database is ``state_dir/prefect.db``. Returns the membership and the API URL.
+    """
+    import httpx
+
+    from sidecar.devserver import DevServerClient
+
+    client = DevServerClient(state_dir)
+    info = client.attach(timeout)
+    print(f"ion-offline: Prefect UI {info['ui']} (development server of {state_dir}, while a graph runs)", flush=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{info['url']}/health", timeout=5).status_code == 200:
+                return client, info["url"]
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            client.detach()
+            _usage(f"the Prefect development server did not answer within {timeout:g} s (see {state_dir / 'server.log'})")
+        time.sleep(0.25)
 
 
 def _usage(message: str) -> None:

@@ -322,7 +322,8 @@ def test_dockerfile_runs_sidecar_as_non_root_with_health_check() -> None:
     copies = [v for k, v in instructions if k == "COPY"]
     assert "conf ./conf" in copies and any(v.startswith("sidecar ") for v in copies)
     ignored = set((ROOT / ".dockerignore").read_text().split())
-    for needed in ("requirements.lock", "pyproject.toml", "README.md", "sidecar", "flows", "client", "conf", "examples"):
+    for needed in ("requirements.lock", "pyproject.toml", "README.md", "sidecar", "flows", "dispatcher", "client", "conf",
+                   "examples"):
         assert needed not in ignored
     for private in (".env", ".venv", ".git", ".dev"):
         assert private in ignored
