@@ -1,4 +1,4 @@
-"""Command line: the seed's flags and plain Hydra overrides -> composed config -> uvicorn.
+"""Command line: the original Ion Sidecar's flags and plain Hydra overrides -> composed config -> uvicorn.
 
 Hydra's own argv parser rejects ``--flag=value``, so this module translates the original Ion Sidecar's
 flags (README.md: Configuration) before composing with Hydra's Compose API (which changes no working
@@ -289,12 +289,17 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(EXIT_USAGE) from None
     if parsed.printconfig:
         print(redacted_yaml(cfg), flush=True)
+    try:
+        check_startup(cfg)
+    except UsageError as exc:
+        print(f"sidecar: error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    # Imported only now: it loads Prefect, which takes seconds, and a usage error needs none of it.
     from sidecar.orchestration import PrefectApiRequired
 
     try:
-        check_startup(cfg)
         serve(cfg)
-    except (UsageError, PrefectApiRequired) as exc:
+    except PrefectApiRequired as exc:
         print(f"sidecar: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
 

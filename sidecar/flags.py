@@ -53,7 +53,8 @@ class Setting:
 # Flags of the command line that are not settings of the schema (sidecar/cli.py handles them).
 COMMAND_FLAGS = (
     Setting("printconfig", "--printconfig", "bool", "false",
-            "Print the composed configuration as YAML (secrets shown as `***`) at start-up, then serve."),
+            "Print the composed configuration as YAML (secrets shown as `***`) at start-up, then serve; "
+            "also `--printconfig true` or the override `printconfig=true`."),
     Setting("help", "--help", "bool", "false", "Print this reference and exit."),
 )
 

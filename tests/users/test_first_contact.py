@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.cli import DEVELOPMENT_BASEDIR, UsageError, compose_config, parse_args
+from sidecar.cli import DEVELOPMENT_BASEDIR, UsageError, check_startup, compose_config, parse_args
 from sidecar.logs import MIN_SECRET_CHARS, ContextFilter
 from tests.support import python_env
 
@@ -93,24 +93,45 @@ def test_unusable_basedir_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("sidecar: error: --basedir=/proc/ion-sidecar/ion cannot be used"), \
         result.stderr
     assert "Traceback" not in result.stderr
-    # A file where the folder should be: the same kind of error.
+
+
+def test_basedir_below_a_file_is_refused_naming_it(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("")
-    result = run_sidecar(tmp_path, *BASE, "--development=true", f"--basedir={tmp_path / 'afile' / 'ion'}")
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    cfg, _ = compose_config(BASE + ["--development=true", f"--basedir={tmp_path / 'afile' / 'ion'}"])
+    with pytest.raises(UsageError, match=r"--basedir=.*afile/ion cannot be used: Not a directory"):
+        check_startup(cfg)
+    usable, _ = compose_config(BASE + ["--development=true", f"--basedir={tmp_path / 'new' / 'ion'}"])
+    check_startup(usable)
+    assert (tmp_path / "new" / "ion").is_dir()
 
 
-@pytest.mark.parametrize("flag, env", [
-    ([], {"SHARED_SECRET": "Qz7"}),
-    (["--sharedsecret=Qz7"], {}),
-    (["--sharedsecret=long-enough-secret", "--mongodbdocprovider=true", "--mongodbdocprovider.uri=mongodb://h/",
-      "--mongodbdocprovider.password=Qz7"], {}),
-])
-def test_secret_too_short_to_mask_is_refused_without_showing_it(tmp_path: Path, flag: list[str], env: dict) -> None:
-    result = run_sidecar(tmp_path, "--context.eventid=e", "--context.correlationid=c", *flag, **env)
+def test_secret_too_short_to_mask_is_refused_without_showing_it(tmp_path: Path) -> None:
+    result = run_sidecar(tmp_path, "--context.eventid=e", "--context.correlationid=c", SHARED_SECRET="Qz7")
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"shorter than {MIN_SECRET_CHARS} characters" in lines[0], result.stderr
+    assert len(lines) == 1 and lines[0] == (
+        f"sidecar: error: --sharedsecret (SHARED_SECRET) is shorter than {MIN_SECRET_CHARS} characters: logs could not "
+        "mask it without masking ordinary words; use a longer secret"), result.stderr
     assert "Qz7" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--sharedsecret=Qz7"], "--sharedsecret "),
+    (["--mongodbdocprovider=true", "--mongodbdocprovider.uri=mongodb://h/", "--mongodbdocprovider.password=Qz7"],
+     "--mongodbdocprovider.password "),
+    (["--servicebuseventprovider=true", "--servicebuseventprovider.connectionstring=Endpoint=sb://h;K=v",
+      "--servicebuseventprovider.key=1234567"], "--servicebuseventprovider.key "),
+])
+def test_every_secret_setting_has_the_length_rule(tmp_path: Path, flags: list[str], named: str) -> None:
+    argv = [f for f in BASE if not f.startswith("--sharedsecret")] + ["--sharedsecret=long-enough-secret"]
+    cfg, _ = compose_config(argv + flags + [f"--basedir={tmp_path}"])
+    with pytest.raises(UsageError) as err:
+        check_startup(cfg)
+    assert str(err.value).startswith(named) and "Qz7" not in str(err.value) and "1234567" not in str(err.value)
+    # Eight characters are enough.
+    cfg, _ = compose_config(argv + [f.replace("Qz7", "Qz7-long").replace("1234567", "12345678") for f in flags]
+                            + [f"--basedir={tmp_path}"])
+    check_startup(cfg)
 
 
 def masked(secrets: list[str], message: str, *args: object, exc: BaseException | None = None) -> str:
@@ -145,3 +166,11 @@ def test_masking_never_leaks_a_secret(line: str) -> None:
             raise ValueError(line.format(s=s))
         except ValueError as error:
             assert s not in masked([secret, other], "failed", exc=error)
+
+
+def test_printconfig_override_prints_from_the_command(tmp_path: Path) -> None:
+    # The unusable --basedir stops the process right after printing, so nothing is served.
+    result = run_sidecar(tmp_path, *BASE, "printconfig=true", "--development", "true", "--basedir=/proc/ion-sidecar/ion")
+    assert result.returncode == 2, result.stderr
+    assert "eventid: e" in result.stdout and "sharedsecret: '***'" in result.stdout, result.stdout
+    assert "long-enough-secret" not in result.stdout + result.stderr

@@ -117,3 +117,17 @@ def test_uv_lock_and_requirements_lock_name_the_same_version(name: str) -> None:
     packages = {p["name"]: p["version"] for p in tomllib.loads(UV_LOCK.read_text(encoding="utf-8"))["package"]}
     locked = {canonicalize_name(r.name): next(iter(r.specifier)).version for r in locked_requirements()}
     assert packages[name] == locked[name]
+
+
+def test_module_client_dependencies_are_locked() -> None:
+    """The module client (client/, its own distribution) is installed without dependency resolution
+    (scripts/setup, Dockerfile): each of its dependencies must be in the lock, in its range."""
+    import tomllib
+
+    client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    locked = {canonicalize_name(r.name): next(iter(r.specifier)).version for r in locked_requirements()}
+    for line in client["dependencies"]:
+        requirement = Requirement(line)
+        name = canonicalize_name(requirement.name)
+        assert name in locked, f"client/ needs {line}, which uv.lock does not hold: add it to pyproject.toml, {FIX}"
+        assert requirement.specifier.contains(locked[name], prereleases=True), f"{line} vs locked {locked[name]}"
