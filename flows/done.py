@@ -14,6 +14,7 @@ import time
 from prefect import flow, task
 from prefect.runtime import flow_run
 
+from flows import history
 from flows.runtime import TASK_OPTIONS, Runtime, blob_key, child_event_id, split_batches
 from sidecar.dataplane.blobs import BlobInfo, gather_bounded
 from sidecar.layout import DonePlan, OutputFile, PlannedEvent, plan_outputs
@@ -21,10 +22,12 @@ from sidecar.models import BlobFile, DoneSummary, Event, EventContext, EventMeta
 
 
 @task(name="upload-files", task_run_name="upload-{count}-files", **TASK_OPTIONS)
-async def upload_files(runtime: Runtime, files: list[OutputFile], count: int, limit: asyncio.Semaphore) -> list[BlobInfo]:
+async def upload_files(runtime: Runtime, files: list[OutputFile], count: int, limit: asyncio.Semaphore,
+                       progress: history.TransferProgress) -> list[BlobInfo]:
     """Upload ``files`` to their blob keys; returns what the blob store holds for each."""
     blobs = runtime.dataplane.blobs
-    return await gather_bounded(limit, [blobs.upload(f.local, blob_key(runtime.cfg, f.path)) for f in files])
+    return await gather_bounded(limit, [progress.track(blobs.upload(f.local, blob_key(runtime.cfg, f.path)), f.size)
+                                        for f in files])
 
 
 @task(name="upsert-insight", task_run_name="upsert-insight", **TASK_OPTIONS)
@@ -72,7 +75,7 @@ def _child(runtime: Runtime, planned: PlannedEvent, stored: dict[str, BlobInfo])
 
 
 @flow(name="done", flow_run_name="done-{runtime.cfg.context.name}-{runtime.cfg.context.eventid}",
-      validate_parameters=False, persist_result=False)
+      validate_parameters=False, persist_result=False, on_failure=[history.record_failure])
 async def done(runtime: Runtime) -> DoneSummary:
     """Commit the outputs under ``out/``; returns the summary ``/done`` answers.
 
@@ -94,7 +97,8 @@ async def done(runtime: Runtime) -> DoneSummary:
         limit = runtime.semaphore()
         upload = upload_files.with_options(**options)
         batches = split_batches(plan.files, cfg.transfer.tasks, lambda f: f.size)
-        results = await asyncio.gather(*(upload(runtime, b, len(b), limit) for b in batches))
+        async with history.TransferProgress.for_run(runtime, "done", "uploaded", [f.size for f in plan.files]) as progress:
+            results = await asyncio.gather(*(upload(runtime, b, len(b), limit, progress) for b in batches))
         for batch, infos in zip(batches, results):
             stored.update({f.path: info for f, info in zip(batch, infos)})
     insight = _insight(runtime, plan) if plan.insight else None
@@ -113,6 +117,7 @@ async def done(runtime: Runtime) -> DoneSummary:
         seconds=round(time.perf_counter() - started, 3),
         events=[EventRef(eventId=event.id, eventType=event.type) for _, event in children],
     )
+    await history.report_done(runtime, plan, stored, insight, children, summary.seconds)
     dumps = runtime.dataplane.dumps
     dumps.write("dev.done", {"summary": summary.model_dump(), "files": [f.path for f in plan.files]})
     if insight:

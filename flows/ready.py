@@ -14,6 +14,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
+from flows import history
 from flows.runtime import TASK_OPTIONS, Runtime, split_batches
 from sidecar.dataplane.blobs import BlobInfo, gather_bounded
 from sidecar.errors import DataPlaneError
@@ -27,11 +28,13 @@ async def get_event_meta(runtime: Runtime, event_id: str) -> EventMeta | None:
 
 
 @task(name="download-files", task_run_name="download-{count}-files", **TASK_OPTIONS)
-async def download_files(runtime: Runtime, files: list[BlobFile], count: int, limit: asyncio.Semaphore) -> int:
+async def download_files(runtime: Runtime, files: list[BlobFile], count: int, limit: asyncio.Semaphore,
+                         progress: history.TransferProgress) -> int:
     """Download ``files`` into ``in/data`` at their relative paths; returns the bytes moved."""
     blobs = runtime.dataplane.blobs
     target = runtime.layout.in_data
-    jobs = [blobs.download(f.key, target / f.path, BlobInfo(f.key, f.size, f.md5)) for f in files]
+    jobs = [progress.track(blobs.download(f.key, target / f.path, BlobInfo(f.key, f.size, f.md5)), f.size)
+            for f in files]
     infos = await gather_bounded(limit, jobs)
     return sum(info.size for info in infos)
 
@@ -44,7 +47,7 @@ def _check_paths(meta: EventMeta) -> None:
 
 
 @flow(name="ready", flow_run_name="ready-{runtime.cfg.context.name}-{runtime.cfg.context.eventid}",
-      validate_parameters=False, persist_result=False)
+      validate_parameters=False, persist_result=False, on_failure=[history.record_failure])
 async def ready(runtime: Runtime) -> ReadySummary:
     """Stage the inputs of ``runtime.cfg.context.eventid``; returns the summary ``/ready`` answers.
 
@@ -67,12 +70,14 @@ async def ready(runtime: Runtime) -> ReadySummary:
         limit = runtime.semaphore()
         batches = split_batches(files, runtime.cfg.transfer.tasks, lambda f: f.size)
         download = download_files.with_options(**options)
-        moved = sum(await asyncio.gather(*(download(runtime, b, len(b), limit) for b in batches)))
+        async with history.TransferProgress.for_run(runtime, "ready", "downloaded", [f.size for f in files]) as progress:
+            moved = sum(await asyncio.gather(*(download(runtime, b, len(b), limit, progress) for b in batches)))
     layout.write_input_meta(meta.data if meta else [])
     summary = ReadySummary(
         flowRunId=str(flow_run.get_id()), files=len(files), bytes=moved,
         seconds=round(time.perf_counter() - started, 3),
     )
+    await history.report_ready(runtime, meta, summary.files, summary.bytes, summary.seconds)
     dumps = runtime.dataplane.dumps
     dumps.write("dev.ready", {"summary": summary.model_dump(), "eventMeta": meta.model_dump() if meta else None})
     return summary

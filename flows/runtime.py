@@ -32,7 +32,7 @@ class Runtime:
     """The objects a flow run needs: config, the module's folders and the data plane.
 
     Has ``__slots__`` and no ``__dict__`` on purpose: Prefect records flow parameters in its API by
-    JSON-encoding them, and this object (which holds secrets) must be stored only as ``<Runtime>``.
+    JSON-encoding them, and this object holds secrets; the UI shows ``flows.history.describe`` of it.
     """
 
     __slots__ = ("cfg", "layout", "dataplane", "published")
@@ -51,12 +51,14 @@ class Runtime:
         return cls(cfg, ModuleLayout(Path(cfg.basedir).resolve()), build_dataplane(cfg))
 
     def task_options(self) -> dict[str, Any]:
-        """Retries and back-off (seconds, doubling) from ``transfer.retries``/``retrydelayseconds``."""
-        retries = self.cfg.transfer.retries
-        delay = self.cfg.transfer.retrydelayseconds
+        """Retries and the wait before each (seconds) from ``transfer.retries``/``retrydelayseconds``.
+
+        One number, not a list of delays: the Prefect UI shows a task run's retry delay as a duration
+        and a list of several delays as "NaNs".
+        """
         return {
-            "retries": retries,
-            "retry_delay_seconds": [delay * 2**i for i in range(max(retries, 1))],
+            "retries": self.cfg.transfer.retries,
+            "retry_delay_seconds": self.cfg.transfer.retrydelayseconds,
             "retry_condition_fn": retry_transient,
         }
 

@@ -22,9 +22,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flows.done import done as done_flow
+from flows.history import tagged
 from flows.ready import ready as ready_flow
 from flows.runtime import Runtime
-from sidecar.errors import SidecarError, StateError
+from sidecar.errors import InputError, SidecarError, StateError
 from sidecar.models import DoneSummary, ReadySummary
 from sidecar.orchestration import PrefectApi
 
@@ -129,7 +130,8 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.exception_handler(SidecarError)
     async def sidecar_error(request: Request, exc: SidecarError) -> JSONResponse:
         level = logging.WARNING if exc.status_code < 500 else logging.ERROR
-        log.log(level, "%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc.message)
+        if not isinstance(exc, InputError):  # the flow run logged it: one WARNING line (sidecar.logs)
+            log.log(level, "%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc.message)
         return error_body(exc.status_code, exc.message)
 
     @app.exception_handler(StarletteHTTPException)
@@ -154,7 +156,8 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     async def run_step(step: Phase, flow: Callable[[Runtime], Awaitable[Any]]) -> Any:
         async def start() -> Any:
-            return await prefect_api.run(flow, runtime)
+            with tagged(cfg.context):  # the flow run (and its task runs) carry the run's ids
+                return await prefect_api.run(flow, runtime)
 
         return await state.run(step, start)
 

@@ -128,7 +128,7 @@ class TransferConfig:
     tasks: int = 4
     # Prefect task retries for data-plane I/O (the one retry layer: providers do not retry).
     retries: int = 3
-    # The back-off before the first retry, seconds; doubled before each further one.
+    # The wait before each retry, seconds.
     retrydelayseconds: float = 1.0
 
 

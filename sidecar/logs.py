@@ -9,11 +9,12 @@ import sys
 from typing import Iterable
 
 from sidecar.config import LogLevel, SidecarConfig, secret_values
+from sidecar.errors import InputError
 
 FORMAT = (
     "%(asctime)s %(levelname)s %(name)s "
     "[module=%(ion_module)s event=%(ion_event)s correlation=%(ion_correlation)s "
-    "execution=%(ion_execution)s] %(message)s"
+    "execution=%(ion_execution)s] %(ion_run)s%(message)s"
 )
 
 LEVELS = {
@@ -70,6 +71,49 @@ class ContextFilter(logging.Filter):
         return self._pattern.sub(REDACTED, text) if self._pattern else text
 
 
+class RunFormatter(logging.Formatter):
+    """:data:`FORMAT`, where a line from a Prefect flow or task run names the run before its message
+    as Prefect's own console lines do (``Task run 'upload-2-files' - Finished in state Completed()``);
+    Prefect's run loggers put the names in the record (``task_run_name``, ``flow_run_name``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        task_run, flow_run = getattr(record, "task_run_name", None), getattr(record, "flow_run_name", None)
+        record.ion_run = (f"Task run '{task_run}' - " if task_run else
+                          f"Flow run '{flow_run}' - " if flow_run and flow_run != "<unknown>" else "")
+        return super().format(record)
+
+
+class BadInputFilter(logging.Filter):
+    """On Prefect's run loggers: a module's bad input (:class:`~sidecar.errors.InputError`, HTTP 4xx) is
+    one WARNING line naming the file and key, without a traceback, on stderr and in the Prefect UI.
+
+    Prefect logs a failing run's exception at ERROR with its traceback (once per task run and again
+    for the flow run) and then "Finished in state Failed(...)" at ERROR. For a bad input the first of
+    those records becomes the WARNING line, the repeats are dropped, and the runs' "Finished in state"
+    lines are logged at INFO, like every other state line. A logger's filters run before its handlers
+    (Prefect's API handler included) and before the record propagates to the root's.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: set[str] = set()  # ids of flow and task runs that failed on a bad input
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        runs = {str(getattr(record, name)) for name in ("flow_run_id", "task_run_id") if getattr(record, name, None)}
+        if isinstance(exc, InputError):
+            if runs & self.runs:
+                self.runs |= runs
+                return False
+            self.runs |= runs
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            record.msg, record.args = f"bad input, nothing committed: {exc.message}", None
+            record.exc_info, record.exc_text = None, None
+        elif runs & self.runs and record.levelno > logging.INFO and record.getMessage().startswith("Finished in state"):
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return True
+
+
 def configure_logging(cfg: SidecarConfig) -> ContextFilter:
     """Send the sidecar's, uvicorn's and Prefect's log records to stderr (and ``cfg.logfile``)
     through one :class:`ContextFilter`; returns that filter."""
@@ -83,7 +127,7 @@ def configure_logging(cfg: SidecarConfig) -> ContextFilter:
         },
         secret_values(cfg),
     )
-    formatter = logging.Formatter(FORMAT)
+    formatter = RunFormatter(FORMAT)
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if cfg.logfile:
         handlers.append(logging.FileHandler(cfg.logfile, encoding="utf-8"))
@@ -105,6 +149,9 @@ def configure_logging(cfg: SidecarConfig) -> ContextFilter:
     for name, logger in list(logging.root.manager.loggerDict.items()):
         if name.startswith("prefect.") and isinstance(logger, logging.Logger):
             _route(logger, context_filter)
+    bad_input = BadInputFilter()
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(bad_input)
     # httpx and the Azure SDKs log every HTTP request at INFO; at thousands of blobs per call that
     # costs measurable time and buries the sidecar's own lines.
     for name in ("httpx", "azure"):

@@ -27,6 +27,9 @@ class EventPublisher(Protocol):
     async def publish(self, events: list[Event]) -> None:
         """Publish ``events`` (all or, on error, possibly some of them; retrying is safe)."""
 
+    def destination(self, event: Event) -> str:
+        """Where ``event`` goes, for people reading the run history (e.g. ``topic 'x'``)."""
+
     async def close(self) -> None:
         """Release connections."""
 
@@ -40,6 +43,9 @@ class FileEventPublisher:
     def file(self, event_id: str) -> Path:
         """Where the event ``event_id`` is written."""
         return self.root / f"{quote(event_id, safe='')}.json"
+
+    def destination(self, event: Event) -> str:
+        return f"file {self.file(event.id)}"
 
     async def publish(self, events: list[Event]) -> None:
         for event in events:

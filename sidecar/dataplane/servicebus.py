@@ -101,6 +101,9 @@ class ServiceBusEventPublisher:
         self._senders: dict[str, ServiceBusSender] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
+    def destination(self, event: Event) -> str:
+        return f"topic '{topic_of(self.cfg, event)}'"
+
     async def publish(self, events: list[Event]) -> None:
         """Publish ``events``, each to its topic (:func:`topic_of`), in as few batches as fit.
 
