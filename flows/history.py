@@ -185,6 +185,10 @@ async def report_ready(runtime: Runtime, meta: EventMeta | None, files: int, mov
         meta: the event meta read (None: the first module of a graph, nothing to stage).
         files, moved, seconds: files staged, bytes staged, wall time in seconds.
     """
+    await _quietly("the /ready report", _report_ready(runtime, meta, files, moved, seconds))
+
+
+async def _report_ready(runtime: Runtime, meta: EventMeta | None, files: int, moved: int, seconds: float) -> None:
     module, event, step = _keys(runtime, "ready")
     staged = meta.files if meta else []
     source = (f"from event meta `{meta.id}`" if meta else
@@ -201,7 +205,7 @@ async def report_ready(runtime: Runtime, meta: EventMeta | None, files: int, mov
     if staged:
         work.append(acreate_table_artifact(_file_rows(staged), key=artifact_key(step + "-files", module, event),
                                            description=f"Files staged into in/data ({len(staged):,})"))
-    await _quietly("the /ready report", asyncio.gather(*work))
+    await asyncio.gather(*work)
 
 
 async def report_done(runtime: Runtime, plan: DonePlan, stored: dict[str, BlobInfo], insight: Insight | None,
@@ -215,6 +219,11 @@ async def report_done(runtime: Runtime, plan: DonePlan, stored: dict[str, BlobIn
         children: each child's event meta and the event published for it.
         seconds: wall time of the flow run, seconds.
     """
+    await _quietly("the /done report", _report_done(runtime, plan, stored, insight, children, seconds))
+
+
+async def _report_done(runtime: Runtime, plan: DonePlan, stored: dict[str, BlobInfo], insight: Insight | None,
+                       children: Sequence[tuple[EventMeta, Event]], seconds: float) -> None:
     module, event, step = _keys(runtime, "done")
     moved = plan.bytes
     files = [BlobFile(path=f.path, key=stored[f.path].key, size=stored[f.path].size, md5=stored[f.path].md5)
@@ -242,12 +251,16 @@ async def report_done(runtime: Runtime, plan: DonePlan, stored: dict[str, BlobIn
     if children:
         work.append(acreate_table_artifact(event_rows, key=artifact_key(step + "-events", module, event),
                                            description=f"Child events published ({len(children):,})"))
-    await _quietly("the /done report", asyncio.gather(*work))
+    await asyncio.gather(*work)
 
 
 async def record_failure(flow: Any, flow_run: Any, state: Any) -> None:
     """Prefect ``on_failure`` hook of the ready and done flows: the report of a failed run says what
     the module was told and what it may do, under the same key as a successful run's report."""
+    await _quietly("the failure", _record_failure(flow, flow_run, state))
+
+
+async def _record_failure(flow: Any, flow_run: Any, state: Any) -> None:
     ids = dict(tag.split(":", 1) for tag in flow_run.tags if ":" in tag)
     key = artifact_key(flow.name, ids["module"], ids["event"]) if {"module", "event"} <= ids.keys() else None
     try:
@@ -263,8 +276,8 @@ async def record_failure(flow: Any, flow_run: Any, state: Any) -> None:
                    "keys, document ids and message ids).")
     text = (f"## /{flow.name} failed: HTTP {status}\n\n"
             f"{_cell(exc.message if isinstance(exc, SidecarError) else state.message)}\n\n{meaning}")
-    await _quietly("the failure", acreate_markdown_artifact(
-        text, key=key, description=f"/{flow.name} of {ids.get('module', '?')} for event {ids.get('event', '?')} failed"))
+    await acreate_markdown_artifact(
+        text, key=key, description=f"/{flow.name} of {ids.get('module', '?')} for event {ids.get('event', '?')} failed")
 
 
 class TransferProgress:
