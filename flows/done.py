@@ -90,7 +90,8 @@ async def done(runtime: Runtime) -> DoneSummary:
     """
     started = time.perf_counter()
     cfg = runtime.cfg
-    plan = plan_outputs(runtime.layout, list(cfg.valideventtypes), cfg.maxeventbytes)
+    plan = plan_outputs(runtime.layout, list(cfg.valideventtypes), cfg.maxeventbytes,
+                        key_of=lambda path: blob_key(cfg, path))
     options = runtime.task_options()
     stored: dict[str, BlobInfo] = {}
     if plan.files:

@@ -7,7 +7,6 @@ batch task runs) -> write ``in/meta.json`` from the meta's data pairs.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from flows.runtime import TASK_OPTIONS, Runtime, split_batches
 from sidecar.dataplane.blobs import BlobInfo, gather_bounded
 from sidecar.errors import DataPlaneError
 from sidecar.models import BlobFile, EventMeta, ReadySummary
+from sidecar.paths import collisions, confine, name_problem, shown
 
 
 @task(name="get-event-meta", task_run_name="get-event-meta", **TASK_OPTIONS)
@@ -39,11 +39,28 @@ async def download_files(runtime: Runtime, files: list[BlobFile], count: int, li
     return sum(info.size for info in infos)
 
 
-def _check_paths(meta: EventMeta) -> None:
+def _check_paths(meta: EventMeta, in_data: Path) -> None:
+    """Confine what an event meta (written by another module's sidecar, or anyone with access to the
+    document store) asks to stage: every ``files[].path`` must be a good name inside ``in/data`` and
+    every blob ``key`` a good blob name (``sidecar.paths``), and no two paths may merge.
+
+    Raises:
+        DataPlaneError: naming the event meta and the path or key; nothing has been staged yet.
+    """
+    def refuse(what: str, value: str, problem: str) -> DataPlaneError:
+        return DataPlaneError("document store", f"event meta '{shown(meta.id)}' lists {what} '{shown(value)}', "
+                                                f"which {problem}; nothing was staged")
+
     for f in meta.files:
-        normal = os.path.normpath(f.path)
-        if Path(f.path).is_absolute() or normal == ".." or normal.startswith(".." + os.sep):
-            raise DataPlaneError("document store", f"event meta '{meta.id}' lists unsafe path '{f.path}'")
+        try:
+            confine(in_data, f.path)
+        except ValueError as exc:
+            raise refuse("path", f.path, str(exc)) from None
+        problem = name_problem(f.key)
+        if problem:
+            raise refuse("blob key", f.key, problem)
+    for first, second in collisions(f.path for f in meta.files):
+        raise refuse("path", second, f"collides with '{shown(first)}'")
 
 
 @flow(name="ready", flow_run_name="ready-{runtime.cfg.context.name}-{runtime.cfg.context.eventid}",
@@ -66,7 +83,7 @@ async def ready(runtime: Runtime) -> ReadySummary:
     moved = 0
     files = meta.files if meta else []
     if meta:
-        _check_paths(meta)
+        _check_paths(meta, layout.in_data)
         limit = runtime.semaphore()
         batches = split_batches(files, runtime.cfg.transfer.tasks, lambda f: f.size)
         download = download_files.with_options(**options)

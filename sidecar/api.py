@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import secrets
 from contextlib import asynccontextmanager
 from typing import Any, Awaitable, Callable
 
@@ -28,6 +27,7 @@ from flows.runtime import Runtime
 from sidecar.errors import InputError, SidecarError, StateError
 from sidecar.models import DoneSummary, ReadySummary
 from sidecar.orchestration import PrefectApi
+from sidecar.sharedsecret import HEADER, header_value, matches
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                              require_api=cfg.requireprefectapi)
     prefect_api.resolve()
     state = RunState()
-    expected_secret = cfg.sharedsecret.encode()
+    expected_secret = header_value(cfg.sharedsecret)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -121,10 +121,9 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.middleware("http")
     async def require_secret(request: Request, call_next):
-        if request.url.path != "/healthz":
-            given = request.headers.get("secret", "").encode()
-            if not secrets.compare_digest(given, expected_secret):
-                return error_body(401, "missing or wrong 'secret' header")
+        # The header's bytes against the secret's UTF-8 bytes (sidecar/sharedsecret.py).
+        if request.url.path != "/healthz" and not matches(request.headers.get(HEADER, ""), expected_secret):
+            return error_body(401, "missing or wrong 'secret' header")
         return await call_next(request)
 
     @app.exception_handler(SidecarError)
@@ -147,7 +146,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         log.exception("%s %s failed", request.method, request.url.path)
         return error_body(500, f"internal error: {type(exc).__name__}: {exc}")
 
-    @app.get("/healthz")
+    # HEAD too: load balancers and uptime monitors probe with it.
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> JSONResponse:
         """200 when a flow can start now (the Prefect API answered its last probe, at most a few seconds
         ago); 503 with the reason otherwise. Never needs the secret."""

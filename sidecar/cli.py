@@ -7,11 +7,13 @@ directory and writes no ``outputs/`` folder):
 - ``--azureblobprovider=true`` (and the other provider flags) choose an option of that config group:
   ``azure``/``mongo``/``servicebus`` when true, ``dev`` when false;
 - every other ``--key=value`` (or ``--key value``) sets ``key`` after composition, taken as a literal
-  string (so secrets and connection strings need no quoting), converted and checked by the schema;
+  string (so secrets and connection strings need no quoting, and ``${...}`` is text, never an
+  interpolation: see :func:`literal`), converted and checked by the schema;
 - ``--valideventtypes=a,b`` is split on commas;
 - the switches (``--printconfig``, ``--development``, the provider flags) may stand alone (true) or
   take ``true``/``false`` as the next argument (``--printconfig true``);
-- arguments without ``--`` are Hydra overrides, e.g. ``context.eventid=e1`` or ``transfer.tasks=2``;
+- arguments without ``--`` are Hydra overrides, e.g. ``context.eventid=e1`` or ``transfer.tasks=2``, in
+  Hydra's override grammar (quoting, ``${...}`` interpolation); use ``--key=value`` for literal text;
   ``printconfig=true`` is taken as ``--printconfig=true`` (it is a command, not a setting).
 
 An unknown setting, a missing required value (all of them named at once), a secret too short to mask in
@@ -20,6 +22,7 @@ logs or an unusable ``--basedir`` stops start-up with one line naming it (exit c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -27,6 +30,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
@@ -35,7 +39,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sidecar import flags
 from sidecar.logs import MIN_SECRET_CHARS
-from sidecar.config import PROVIDER_GROUPS, REQUIRED_KEYS, SECRET_KEYS, SidecarConfig, register
+from sidecar.config import PROVIDER_GROUPS, REQUIRED_KEYS, SECRET_KEYS, SidecarConfig, lookup, register
+from sidecar.paths import segment_problem, shown, text_problem
+from sidecar.sharedsecret import secret_problem
 
 EXIT_USAGE = 2
 _TRUE = {"true", "1", "yes", "on"}
@@ -136,14 +142,19 @@ def compose_config(argv: list[str]) -> tuple[SidecarConfig, Parsed]:
         raise UsageError(_describe_hydra_error(exc, parsed.overrides)) from None
     for key, value in parsed.values:
         _set(cfg, key, value)
-    missing = missing_settings(cfg)
-    if missing:
-        named = ", ".join(f"--{key}" + (" (or SHARED_SECRET)" if key == "sharedsecret" else "") for key in missing)
-        raise UsageError(f"missing required setting{'s' if len(missing) > 1 else ''}: {named}")
-    typed: SidecarConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    try:
+        missing = missing_settings(cfg)
+        if missing:
+            named = ", ".join(f"--{key}" + (" (or SHARED_SECRET)" if key == "sharedsecret" else "") for key in missing)
+            raise UsageError(f"missing required setting{'s' if len(missing) > 1 else ''}: {named}")
+        typed: SidecarConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        # An interpolation in a YAML value or a plain Hydra override (``key=${...}``) that cannot resolve.
+        raise UsageError(f"cannot resolve {_node_name(exc)}: {str(exc).splitlines()[0]}") from None
     if typed.development and not _given(parsed, "basedir"):
         # The image's /ion is a mounted volume; on a developer's machine it would be the file system's root.
         typed.basedir = DEVELOPMENT_BASEDIR
+    check_values(typed)
     check(typed)
     return typed, parsed
 
@@ -174,6 +185,50 @@ def missing_settings(cfg: DictConfig) -> list[str]:
     return blank
 
 
+def _node_name(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    return f"setting {key}" if key else "a setting"
+
+
+def check_values(cfg: SidecarConfig) -> None:
+    """Refuse values that cannot be used as given (``README``: the folder contract's naming rules):
+
+    - any text setting that is not valid UTF-8 (bytes of the command line or environment that did not
+      decode), since it could be neither logged nor sent;
+    - ``context.eventid`` and ``context.name``, each one segment of every blob key and of the
+      development folders, must be a good blob-name segment (``sidecar.paths.segment_problem``);
+    - the shared secret must be one HTTP can carry (``sidecar.sharedsecret.secret_problem``).
+
+    Raises:
+        UsageError: one line naming the setting (never a secret's value).
+    """
+    for key, value in _text_settings(cfg):
+        if text_problem(value):
+            shown_value = "" if key in SECRET_KEYS else f"={shown(value)}"
+            raise UsageError(f"--{key}{shown_value} is not valid UTF-8")
+    for key in ("context.eventid", "context.name"):
+        value = lookup(cfg, key)
+        problem = segment_problem(value)
+        if problem:
+            raise UsageError(f"--{key}={shown(value)} cannot be part of a blob name: it {problem}")
+    problem = secret_problem(cfg.sharedsecret)
+    if problem:
+        raise UsageError(f"the shared secret (--sharedsecret or SHARED_SECRET) {problem}")
+
+
+def _text_settings(cfg: object, prefix: str = ""):
+    """(dotted key, value) for every text value of ``cfg``, list items included."""
+    for item in dataclasses.fields(cfg):  # type: ignore[arg-type]
+        value = getattr(cfg, item.name)
+        key = prefix + item.name
+        if dataclasses.is_dataclass(value):
+            yield from _text_settings(value, key + ".")
+        elif isinstance(value, str):
+            yield key, value
+        elif isinstance(value, list):
+            yield from ((key, v) for v in value if isinstance(v, str))
+
+
 def _describe_hydra_error(exc: HydraException, overrides: list[str]) -> str:
     """One line for a Hydra composition error, naming the override at fault."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
@@ -192,10 +247,26 @@ def _describe_hydra_error(exc: HydraException, overrides: list[str]) -> str:
     return lines[0]
 
 
+def literal(value: str) -> str:
+    """``value`` escaped for OmegaConf so that it stays exactly the string given: ``${`` becomes
+    ``\\${`` and the backslashes right before it are doubled (OmegaConf's grammar, "Escaping
+    interpolations"); no other character is special in a top-level string."""
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+
+
 def _set(cfg: DictConfig, key: str, value: str) -> None:
-    node_value: object = value
+    """Set ``key`` to the literal ``value`` of ``--key=value`` (typed and checked by the schema)."""
+    node_value: object = literal(value)
     if key == "valideventtypes":
-        node_value = [v.strip() for v in value.split(",") if v.strip()]
+        node_value = [literal(v.strip()) for v in value.split(",") if v.strip()]
+    elif "${" in value:
+        # OmegaConf accepts any interpolation-looking text in a typed node and fails only when it
+        # resolves it; a number, a switch or a level never holds "${", so say so here, naming the flag.
+        current = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if current is not None and type(current) is not str:
+            shown_value = "***" if key in SECRET_KEYS else value
+            raise UsageError(f"--{key}={shown_value}: Value '{shown_value}' could not be converted to "
+                             f"{type(current).__name__}")
     try:
         OmegaConf.update(cfg, key, node_value, merge=False, force_add=False)
     except OmegaConfBaseException as exc:
@@ -250,7 +321,7 @@ def check_startup(cfg: SidecarConfig) -> None:
         UsageError: naming the secret's flag (never its value) or the folder and the OS error.
     """
     for key in SECRET_KEYS:
-        value = str(OmegaConf.select(OmegaConf.structured(cfg), key) or "")
+        value = str(lookup(cfg, key) or "")
         if value and len(value) < MIN_SECRET_CHARS:
             source = " (SHARED_SECRET)" if key == "sharedsecret" else ""
             raise UsageError(f"--{key}{source} is shorter than {MIN_SECRET_CHARS} characters: logs could not mask it "
@@ -266,12 +337,21 @@ def check_startup(cfg: SidecarConfig) -> None:
 
 
 def redacted_yaml(cfg: SidecarConfig) -> str:
-    """``cfg`` as YAML with every non-empty secret shown as ``***`` (for ``--printconfig``)."""
-    node = OmegaConf.structured(cfg)
+    """``cfg`` as YAML with every non-empty secret shown as ``***`` (for ``--printconfig``).
+
+    Values are printed as they are, never resolved: text holding ``${...}`` is literal (dumped with
+    PyYAML from the typed config, not through OmegaConf, which would parse it as an interpolation).
+    """
+    plain = dataclasses.asdict(cfg)
     for key in SECRET_KEYS:
-        if OmegaConf.select(node, key):
-            OmegaConf.update(node, key, "***")
-    return OmegaConf.to_yaml(node)
+        *parents, leaf = key.split(".")
+        owner = plain
+        for part in parents:
+            owner = owner[part]
+        if owner[leaf]:
+            owner[leaf] = "***"
+    plain["loglevel"] = cfg.loglevel.value
+    return yaml.safe_dump(plain, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ bad file fails ``/done`` with :class:`~sidecar.errors.InputError` and commits no
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -15,11 +16,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from pydantic import TypeAdapter, ValidationError
 
 from sidecar.errors import InputError
 from sidecar.models import KeyValuePair
+from sidecar.paths import collisions, name_problem, segment_problem, shown, text_problem
 
 log = logging.getLogger(__name__)
 
@@ -140,35 +143,49 @@ def write_json_atomic(path: Path, value: object) -> None:
         raise
 
 
-def read_pairs(path: Path, shown: str, max_bytes: int, *, empty_ok: bool) -> list[KeyValuePair]:
+def read_pairs(path: Path, where: str, max_bytes: int, *, empty_ok: bool) -> list[KeyValuePair]:
     """Read a KeyValuePairs JSON file (spec: Insight Schema, Events Schema).
 
     Args:
         path: the file.
-        shown: the name used in error messages (e.g. ``"out/events/a.json"``).
+        where: the name used in error messages (e.g. ``"out/events/a.json"``).
         max_bytes: largest size accepted, bytes.
         empty_ok: an empty (or blank) file means no pairs instead of an error.
 
     Raises:
         InputError: too large, empty (unless ``empty_ok``), malformed JSON, or not an array of
-            ``{"key", "value"}`` string pairs; the message names ``shown`` and the offending item.
+            ``{"key", "value"}`` string pairs; the message names ``where`` and the offending item.
     """
     size = path.stat().st_size
     if size > max_bytes:
-        raise InputError(shown, f"{size} bytes is over the limit of {max_bytes} bytes")
+        raise InputError(where, f"{size} bytes is over the limit of {max_bytes} bytes")
     raw = path.read_bytes()
     if not raw.strip():
         if empty_ok:
             return []
-        raise InputError(shown, "the file is empty; expected a JSON array of key/value pairs")
+        raise InputError(where, "the file is empty; expected a JSON array of key/value pairs")
     try:
         value = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(shown, f"malformed JSON: {exc}") from None
+        raise InputError(where, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise InputError(where, "malformed JSON: nested too deeply") from None
     try:
-        return _PAIRS.validate_python(value)
+        pairs = _PAIRS.validate_python(value)
     except ValidationError as exc:
-        raise InputError(shown, _describe_pairs_error(value, exc)) from None
+        raise InputError(where, _describe_pairs_error(value, exc)) from None
+    _check_strings(pairs, where)
+    return pairs
+
+
+def _check_strings(pairs: list[KeyValuePair], file: str) -> None:
+    """Refuse a pair whose key or value no data-plane service can store (``paths.text_problem``)."""
+    for index, pair in enumerate(pairs):
+        for field_name, text in (("key", pair.key), ("value", pair.value)):
+            problem = text_problem(text)
+            if problem:
+                where = f"item {index} field '{field_name}'"
+                raise InputError(file, f"{where} {problem}", key=shown(pair.key))
 
 
 def _describe_pairs_error(value: object, exc: ValidationError) -> str:
@@ -181,64 +198,113 @@ def _describe_pairs_error(value: object, exc: ValidationError) -> str:
     item = value[index] if index is not None else None
     where = f"item {index}"
     if isinstance(item, dict) and isinstance(item.get("key"), str):
-        where += f" (key '{item['key']}')"
-    field_name = f" field '{loc[1]}'" if len(loc) > 1 else ""
+        where += f" (key '{shown(item['key'])}')"
+    field_name = f" field '{shown(str(loc[1]))}'" if len(loc) > 1 else ""
     return f"{where}{field_name}: {first['msg']}; {expected}"
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
 def list_output_files(layout: ModuleLayout) -> list[OutputFile]:
-    """Every file under ``out/data`` (subfolders included), sorted by path.
+    """Every file under ``out/data`` (subfolders included), sorted by path; empty folders are ignored.
+
+    Links (the one rule, README "The folder contract"): a link whose target is inside ``out/data`` is
+    followed, a file or a folder alike, and committed under the link's own name as what it points to.
 
     Raises:
-        InputError: a link under ``out/data`` points outside it.
+        InputError: naming the entry: a name that is not a good blob name (``paths.segment_problem``),
+            a link pointing outside ``out/data``, a link to nothing, a link loop, a folder link that
+            leads back to a folder holding it, or something that is neither a file nor a folder.
     """
     root = layout.out_data
     if not root.is_dir():
         return []
-    real_root = root.resolve()
+    real_root = os.path.realpath(root)
     found: list[OutputFile] = []
-    for folder, dirs, names in os.walk(root):
-        for name in dirs + names:
-            entry = Path(folder) / name
-            if entry.is_symlink() and not _inside(entry.resolve(), real_root):
-                raise InputError(layout.name(entry), "is a link that points outside out/data")
-        for name in names:
-            entry = Path(folder) / name
-            if entry.is_file():
-                rel = entry.relative_to(root).as_posix()
-                found.append(OutputFile(rel, entry, entry.stat().st_size))
+
+    def visit(folder: Path, prefix: str, ancestors: frozenset[str]) -> None:
+        with os.scandir(folder) as listing:
+            entries = sorted(listing, key=lambda e: e.name)
+        for entry in entries:
+            rel = prefix + entry.name
+            where = "out/data/" + shown(rel)
+            problem = segment_problem(entry.name)
+            if problem:
+                raise InputError(where, problem)
+            path = Path(entry.path)
+            real = _link_target(path, real_root, where) if entry.is_symlink() else None
+            if path.is_dir():
+                real = real or os.path.realpath(path)
+                if real in ancestors:
+                    raise InputError(where, "is a link to a folder that holds it (a cycle)")
+                visit(path, rel + "/", ancestors | {real})
+            elif path.is_file():
+                found.append(OutputFile(rel, path, path.stat().st_size))
+            else:
+                raise InputError(where, "is neither a file nor a folder (a FIFO, socket or device cannot be committed)")
+
+    visit(root, "", frozenset({real_root}))
     return sorted(found, key=lambda f: f.path)
 
 
-def _event_files(value: str, shown: str, outputs: dict[str, OutputFile]) -> list[str]:
+def _link_target(path: Path, real_root: str, where: str) -> str:
+    """The real path a link under ``out/data`` leads to, if it is inside ``out/data``."""
+    try:
+        real = os.path.realpath(path, strict=True)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(where, "is a symlink loop") from None
+        raise InputError(where, "is a link to nothing (its target does not exist)") from None
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise InputError(where, "is a link that points outside out/data")
+    return real
+
+
+def check_blob_names(files: list[OutputFile], key_of: Callable[[str], str]) -> None:
+    """Refuse output files whose blob names (``key_of(path)``) a blob store would alter, refuse or
+    merge: see :func:`sidecar.paths.name_problem` and :func:`sidecar.paths.collisions`.
+
+    Raises:
+        InputError: naming the file under ``out/data`` and the problem of its blob name.
+    """
+    keys: dict[str, str] = {}
+    for f in files:
+        key = key_of(f.path)
+        problem = name_problem(key)
+        if problem:
+            raise InputError("out/data/" + shown(f.path), f"its blob name '{shown(key)}' {problem}")
+        keys[key] = f.path
+    for first, second in collisions(keys):
+        raise InputError("out/data/" + shown(keys[second]),
+                         f"its blob name '{shown(second)}' collides with '{shown(first)}'")
+
+
+def _event_files(value: str, where: str, outputs: dict[str, OutputFile]) -> list[str]:
     paths: list[str] = []
     for raw in value.split(","):
         entry = raw.strip()
         if not entry:
             continue
         if entry.startswith(("/", "\\")) or (len(entry) > 1 and entry[1] == ":"):
-            raise InputError(shown, f"'{entry}' is an absolute path; name files relative to out/data", key="files")
+            raise InputError(where, f"'{shown(entry)}' is an absolute path; name files relative to out/data", key="files")
         normal = os.path.normpath(entry).replace(os.sep, "/")
         if normal == ".." or normal.startswith("../"):
-            raise InputError(shown, f"'{entry}' escapes out/data", key="files")
+            raise InputError(where, f"'{shown(entry)}' escapes out/data", key="files")
         if normal not in outputs:
-            raise InputError(shown, f"'{entry}' is not a file under out/data", key="files")
+            raise InputError(where, f"'{shown(entry)}' is not a file under out/data", key="files")
         if normal not in paths:
             paths.append(normal)
     return paths
 
 
-def plan_outputs(layout: ModuleLayout, valid_event_types: list[str], max_event_bytes: int) -> DonePlan:
+def plan_outputs(layout: ModuleLayout, valid_event_types: list[str], max_event_bytes: int,
+                 key_of: Callable[[str], str] | None = None) -> DonePlan:
     """Read and validate everything under ``out/``; touch no data-plane service.
 
     Args:
         layout: the module's folders.
         valid_event_types: the event types this module may publish (``--valideventtypes``).
         max_event_bytes: largest event file accepted, bytes.
+        key_of: the blob key of an output path; when given, every key is checked
+            (:func:`check_blob_names`).
 
     Returns:
         The :class:`DonePlan`: output files, insight pairs and events, in a stable order.
@@ -247,39 +313,61 @@ def plan_outputs(layout: ModuleLayout, valid_event_types: list[str], max_event_b
         InputError: the first problem found, naming the file (and key): see ``DESIGN.md``,
             Folder contract.
     """
+    for folder in (layout.basedir / "out", layout.out_data, layout.out_events):
+        if folder.is_symlink():
+            raise InputError(layout.name(folder), "is a link; it must be a folder on the shared volume")
     files = list_output_files(layout)
+    if key_of is not None:
+        check_blob_names(files, key_of)
     by_path = {f.path: f for f in files}
     insight: list[KeyValuePair] = []
-    if layout.out_meta.is_file():
+    if layout.out_meta.is_symlink() or layout.out_meta.is_file():
+        _check_inside_out(layout, layout.out_meta, "out/meta.json")
         insight = read_pairs(layout.out_meta, "out/meta.json", MAX_INSIGHT_BYTES, empty_ok=True)
     events: list[PlannedEvent] = []
     if layout.out_events.is_dir():
         for entry in sorted(layout.out_events.iterdir()):
             if entry.suffix != ".json" or not entry.is_file():
-                log.warning("ignoring %s: events are out/events/*.json files", layout.name(entry))
+                log.warning("ignoring %s: events are out/events/*.json files", shown(layout.name(entry)))
                 continue
-            shown = layout.name(entry)
-            pairs = read_pairs(entry, shown, max_event_bytes, empty_ok=False)
-            events.append(_plan_event(entry.name, shown, pairs, valid_event_types, by_path))
+            where = shown(layout.name(entry))
+            if text_problem(entry.name):
+                raise InputError(where, "the file name is not valid UTF-8")
+            _check_inside_out(layout, entry, where)
+            pairs = read_pairs(entry, where, max_event_bytes, empty_ok=False)
+            events.append(_plan_event(entry.name, where, pairs, valid_event_types, by_path))
     return DonePlan(files=files, insight=insight, events=events)
 
 
+def _check_inside_out(layout: ModuleLayout, path: Path, where: str) -> None:
+    """Refuse a link (out/meta.json, an event file) that leads outside ``out/``: the sidecar would read
+    a file of its own container, not the module's."""
+    if path.is_symlink():
+        real_out = os.path.realpath(layout.basedir / "out")
+        try:
+            real = os.path.realpath(path, strict=True)
+        except OSError:
+            raise InputError(where, "is a link to nothing, or a symlink loop") from None
+        if os.path.commonpath([real_out, real]) != real_out:
+            raise InputError(where, "is a link that points outside out/")
+
+
 def _plan_event(
-    name: str, shown: str, pairs: list[KeyValuePair], valid: list[str], outputs: dict[str, OutputFile]
+    name: str, where: str, pairs: list[KeyValuePair], valid: list[str], outputs: dict[str, OutputFile]
 ) -> PlannedEvent:
     for required in ("eventType", "files"):
         if sum(p.key == required for p in pairs) > 1:
-            raise InputError(shown, "appears more than once", key=required)
+            raise InputError(where, "appears more than once", key=required)
     event_type = next((p.value for p in pairs if p.key == "eventType"), None)
     if event_type is None:
-        raise InputError(shown, "required key is missing", key="eventType")
+        raise InputError(where, "required key is missing", key="eventType")
     if event_type not in valid:
         allowed = ", ".join(valid) if valid else "none: --valideventtypes is empty"
-        raise InputError(shown, f"event type '{event_type}' is not a valid event type ({allowed})", key="eventType")
+        raise InputError(where, f"event type '{shown(event_type)}' is not a valid event type ({allowed})", key="eventType")
     files_value = next((p.value for p in pairs if p.key == "files"), "")
     return PlannedEvent(
         file=name,
         event_type=event_type,
-        files=_event_files(files_value, shown, outputs),
+        files=_event_files(files_value, where, outputs),
         data=[p for p in pairs if p.key not in ("eventType", "files")],
     )

@@ -32,7 +32,7 @@ from typing import Iterable
 
 import httpx
 
-__all__ = ["SidecarClient", "SidecarCallError", "Layout", "DEFAULT_RETRY_SECONDS"]
+__all__ = ["SidecarClient", "SidecarCallError", "Layout", "DEFAULT_RETRY_SECONDS", "secret_problem"]
 
 # Long enough for a Prefect server restart behind the sidecar (its API answers again within a minute
 # or two) or a sidecar container restarted by Kubernetes with back-off.
@@ -66,6 +66,24 @@ class Layout:
         return self.basedir / "out" / "events"
 
 
+def secret_problem(secret: str) -> str | None:
+    """Why ``secret`` cannot travel in the ``secret`` header unchanged (a phrase that never quotes it),
+    or None. The sidecar applies the same rule at start-up (``sidecar/sharedsecret.py``; a test keeps
+    the two equal): HTTP strips blanks at either end of a header value and forbids control characters,
+    and the value travels as the secret's UTF-8 bytes."""
+    if not secret:
+        return "is empty"
+    if secret != secret.strip(" \t"):
+        return "starts or ends with a blank, which HTTP strips from header values"
+    for ch in secret:
+        code = ord(ch)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            return f"holds control character U+{code:04X}, which an HTTP header cannot carry"
+        if 0xD800 <= code <= 0xDFFF:
+            return "is not valid UTF-8"
+    return None
+
+
 class SidecarCallError(Exception):
     """The sidecar answered ``GET path`` with a status other than 200.
 
@@ -95,8 +113,8 @@ class SidecarClient:
         conflict_retries: how many times a 409 answer to ``/done`` is retried.
 
     Raises:
-        ValueError: no ``secret`` given and ``SHARED_SECRET`` unset or empty; a retry setting that is
-            not a non-negative number.
+        ValueError: no ``secret`` given and ``SHARED_SECRET`` unset or empty; a secret HTTP cannot carry
+            (:func:`secret_problem`); a retry setting that is not a non-negative number.
     """
 
     def __init__(self, url: str | None = None, secret: str | None = None, basedir: str | Path | None = None,
@@ -109,6 +127,9 @@ class SidecarClient:
             secret = os.environ.get("SHARED_SECRET")
             if not secret:
                 raise ValueError("no shared secret: set SHARED_SECRET in the module's environment (or pass secret=)")
+        problem = secret_problem(secret)
+        if problem:
+            raise ValueError(f"the shared secret {problem} (see the sidecar README's secret rule)")
         self.secret = secret
         self.layout = Layout(Path(basedir or os.environ.get("SIDECAR_BASEDIR", "/ion")))
         if retry_seconds is None:

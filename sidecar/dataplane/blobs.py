@@ -19,6 +19,7 @@ from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
+from sidecar.paths import name_problem, shown
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,16 @@ class BlobStore:
         self._signer = signer
 
     def path(self, key: str) -> str:
-        """The file system path of blob ``key``."""
+        """The file system path of blob ``key``, confined below ``root``.
+
+        Raises:
+            DataPlaneError: ``key`` is not a good blob name (``sidecar.paths.name_problem``): absolute,
+                with ``.``/``..``/empty segments, ``\\``, control characters, ... so no key leaves the
+                container (or, in development mode, the blob folder).
+        """
+        problem = name_problem(key)
+        if problem:
+            raise DataPlaneError(STORE, f"blob key '{shown(key)}' {problem}")
         return f"{self.root}/{key}"
 
     async def upload(self, local: Path, key: str) -> BlobInfo:
@@ -87,7 +97,9 @@ class BlobStore:
             BlobVerificationError: the received size or MD5 differs (retried).
         """
         local.parent.mkdir(parents=True, exist_ok=True)
-        partial = local.with_name(f".{local.name}.partial")
+        # A short name of its own beside the target: ".{name}.partial" would not fit beside a name of
+        # 250 bytes or more (a segment is at most 255), and could be another input's name.
+        partial = local.with_name(f".{hashlib.md5(os.fsencode(local.name)).hexdigest()[:16]}.partial")
         try:
             received_md5 = await self._get(key, partial)
         except FileNotFoundError:
@@ -159,7 +171,8 @@ def file_md5(path: Path) -> str:
 
 
 def local_blob_store(root: Path) -> BlobStore:
-    """The development BlobStore: files below ``root`` on this machine."""
+    """The development BlobStore: files below ``root`` on this machine. Keys are confined below
+    ``root`` by :meth:`BlobStore.path` and follow the same naming rule as Azure's blob names."""
     root.mkdir(parents=True, exist_ok=True)
     return BlobStore(fsspec.filesystem("file", auto_mkdir=True), str(root.resolve()))
 

@@ -64,7 +64,7 @@ def cosmos_uri(cfg: MongoConfig) -> str:
     ``cfg.name``, ``retryWrites=false`` (Cosmos DB does not support retryable writes). The result holds
     the password: never log it.
     """
-    host = cfg.host.format(name=cfg.name)
+    host = cfg.host.replace("{name}", cfg.name)  # literal: no other brace in the value is special
     user, password = quote_plus(cfg.name), quote_plus(cfg.password)
     database = quote_plus(cfg.name)
     return f"mongodb://{user}:{password}@{host}:{cfg.port}/{database}?tls=true&retryWrites=false"

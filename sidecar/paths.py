@@ -1,0 +1,156 @@
+"""Names and strings that cross the boundary: the one rule for every path and blob key.
+
+``DESIGN.md`` (Names and strings that cross the boundary): everything ``/done`` sends is checked before
+the first write, and on ``/ready`` the paths and keys read from an event meta are confined by the same
+helper. A name is a relative POSIX path (segments separated by ``/``): a file under ``out/data``, the
+``files[].path`` of an event meta, or a blob key. It is accepted only if every blob store keeps it as
+it is, so a module that passes in development mode passes in production.
+
+The rules come from Azure Storage's "Naming and Referencing Containers, Blobs, and Metadata" (a blob
+name is 1 to 1,024 characters and at most 254 path segments; reserved URL characters are escaped by the
+client; code points that are not valid Unicode characters, such as lone surrogates, U+E000 and
+control characters 0x00-0x1F and U+0081, are not allowed; avoid names ending with a dot or a slash;
+``\\`` is turned into ``/``), from what the service and its clients are known to do with the rest
+(rclone's azureblob encoder escapes exactly control characters, DEL, ``\\``, a trailing ``.`` and
+invalid UTF-8; URL paths collapse ``.`` and ``..`` segments and ``//``), and from the module's own
+volume (a name that ``os.fsdecode`` could not decode as UTF-8 holds lone surrogates).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+# Azure Storage: a blob name is at most 1,024 characters (counted here in UTF-16 code units, as the
+# service's .NET front end counts them, so a name of astral characters is not under-counted) and has
+# at most 254 path segments.
+MAX_BLOB_NAME_CHARS = 1024
+MAX_BLOB_SEGMENTS = 254
+# Linux and most file systems: one path segment (a file or folder name) is at most 255 bytes.
+MAX_SEGMENT_BYTES = 255
+
+
+def shown(text: str) -> str:
+    """``text`` made safe to print, log and send as JSON: bytes that were not UTF-8 (surrogate escapes
+    from ``os.fsdecode``) as ``\\xe9``, lone surrogates and control characters as ``\\ud800``/``\\n``.
+    Printable text, ``/`` and non-ASCII letters are kept as they are."""
+    out: list[str] = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's escape of an undecodable byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        elif code < 0x20 or 0x7F <= code <= 0x9F:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored as a string (UTF-8 in BSON, JSON and AMQP), or None.
+
+    The only such strings are those holding lone surrogates (U+D800-U+DFFF): a JSON escape such as
+    ``"\\ud800"`` decodes to one, and pymongo, httpx and the AMQP encoder all refuse to encode it.
+    """
+    for i, ch in enumerate(text):
+        if 0xD800 <= ord(ch) <= 0xDFFF:
+            return f"is not valid Unicode: lone surrogate U+{ord(ch):04X} at character {i}"
+    return None
+
+
+def _char_problem(ch: str) -> str | None:
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"is not valid UTF-8 (byte \\x{code - 0xDC00:02x})"
+    if 0xD800 <= code <= 0xDFFF:
+        return f"is not valid Unicode (lone surrogate U+{code:04X})"
+    if code < 0x20 or 0x7F <= code <= 0x9F:
+        return f"holds control character U+{code:04X}, which blob names cannot hold"
+    if ch == "\\":
+        return "holds '\\', which Azure Storage turns into '/' (a different name)"
+    if 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE:
+        return f"holds U+{code:04X}, a Unicode noncharacter, which blob names cannot hold"
+    if 0xE000 <= code <= 0xF8FF or code >= 0xF0000:
+        return f"holds U+{code:04X}, a private-use code point, which blob names cannot hold"
+    return None
+
+
+def segment_problem(segment: str) -> str | None:
+    """Why ``segment`` (one file or folder name, no ``/``) cannot be part of a blob name, or None."""
+    if segment == "":
+        return "has an empty path segment ('//', or '/' at either end), which URLs collapse"
+    if segment in (".", ".."):
+        return f"has a '{segment}' path segment, which URLs collapse"
+    if "/" in segment:
+        return "holds '/', which separates the segments of a blob name"
+    for ch in segment:
+        problem = _char_problem(ch)
+        if problem:
+            return problem
+    if segment.endswith("."):
+        return "has a name ending with '.', which Azure Storage drops (a different name)"
+    if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
+        return f"has a path segment over {MAX_SEGMENT_BYTES} bytes"
+    return None
+
+
+def name_problem(name: str) -> str | None:
+    """Why the relative POSIX path ``name`` is not a name every blob store keeps as it is, or None.
+
+    Refused: empty names, absolute paths, empty, ``.`` and ``..`` segments, segments ending with ``.``,
+    ``\\``, control characters (C0, DEL, C1), lone surrogates (bytes that were not UTF-8),
+    noncharacters, private-use code points, segments over 255 bytes, more than 254 segments or more
+    than 1,024 characters. Everything else (blanks, ``%``, ``#``, ``?``, ``+``, quotes, any letter or
+    emoji) is kept as is by every provider.
+    """
+    if not name:
+        return "is empty"
+    if name.startswith("/"):
+        return "is an absolute path"
+    segments = name.split("/")
+    for segment in segments:
+        problem = segment_problem(segment)
+        if problem:
+            return problem
+    if len(segments) > MAX_BLOB_SEGMENTS:
+        return f"has {len(segments)} path segments; a blob name has at most {MAX_BLOB_SEGMENTS}"
+    chars = len(name.encode("utf-16-le")) // 2
+    if chars > MAX_BLOB_NAME_CHARS:
+        return f"is {chars} characters long; a blob name has at most {MAX_BLOB_NAME_CHARS}"
+    return None
+
+
+def collisions(names: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs of names that cannot live side by side as files: the same name twice, or a name that is
+    also a folder of another (``a`` and ``a/b``). Every file system and blob store would merge them."""
+    found: list[tuple[str, str]] = []
+    present: set[str] = set()
+    for name in names:
+        if name in present:
+            found.append((name, name))
+        present.add(name)
+    for name in sorted(present):
+        parts = name.split("/")
+        found += [("/".join(parts[:i]), name) for i in range(1, len(parts)) if "/".join(parts[:i]) in present]
+    return found
+
+
+def confine(root: Path, name: str) -> Path:
+    """``root / name`` after checking that ``name`` is a good name (:func:`name_problem`) and that the
+    result, links resolved, stays inside ``root``.
+
+    Raises:
+        ValueError: the problem, as a phrase ("is an absolute path", "leaves the folder").
+    """
+    problem = name_problem(name)
+    if problem:
+        raise ValueError(problem)
+    target = root / name
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(target)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise ValueError("leaves the folder it must stay in")
+    return target

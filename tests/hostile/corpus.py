@@ -1,0 +1,186 @@
+"""The hostile-input corpus: names, paths, encodings, links, sizes and JSON shapes a module (or another
+module's sidecar) can hand the sidecar, each with its expected answer.
+
+Every case is run unchanged against the development providers and against the real ones (Azurite,
+nx-27017, the AMQP 1.0 peer) by ``test_hostile.py``; both must give the same status naming the same
+file and key, and a refused case must commit nothing. The rules behind the answers are in
+``sidecar/paths.py`` and the README's folder contract.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+GOOD = "good.txt"
+
+
+@dataclass(frozen=True)
+class DoneCase:
+    """Outputs written by ``write(out)`` beside a good file and event; ``/done`` must answer 400 whose
+    message starts with ``file`` (as shown: undecodable bytes as ``\\xe9``) and holds ``detail``."""
+
+    id: str
+    write: Callable[[Path], None]
+    file: str
+    detail: str
+
+
+def data(out: Path, name: str | bytes, content: bytes = b"x" * 100) -> None:
+    """Write ``out/data/{name}`` (``bytes``: a name that need not be UTF-8), folders included."""
+    target = os.path.join(os.fsencode(out / "data"), name if isinstance(name, bytes) else os.fsencode(name))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target, "wb") as f:
+        f.write(content)
+
+
+def link(out: Path, name: str, target: str | Path) -> None:
+    path = out / "data" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, path)
+
+
+def event(out: Path, name: str | bytes, raw: str | bytes) -> None:
+    folder = os.fsencode(out / "events")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name if isinstance(name, bytes) else os.fsencode(name)), "wb") as f:
+        f.write(raw if isinstance(raw, bytes) else raw.encode("utf-8"))
+
+
+def pairs(*kv: tuple[str, str]) -> str:
+    """A KeyValuePairs array as JSON text; ``ensure_ascii`` keeps lone surrogates as ``\\ud800``."""
+    return json.dumps([{"key": k, "value": v} for k, v in kv])
+
+
+
+
+def refused_name(case_id: str, name: str | bytes, shown: str, detail: str) -> DoneCase:
+    return DoneCase(case_id, lambda out: data(out, name), f"out/data/{shown}", detail)
+
+
+def _outside(out: Path) -> Path:
+    secret = out.parent.parent / "host_secret.txt"
+    secret.write_text("not the module's")
+    return secret
+
+
+DONE_CASES: list[DoneCase] = [
+    # Names the blob store would alter or merge (issue 9, item 1 and its family).
+    DoneCase("backslash-merges", lambda out: (data(out, "x\\y.txt", b"1" * 100), data(out, "x/y.txt", b"2" * 50)),
+             "out/data/x\\y.txt", "turns into '/'"),
+    refused_name("trailing-dot", "report.", "report.", "ending with '.'"),
+    refused_name("folder-trailing-dot", "v1./a.txt", "v1.", "ending with '.'"),
+    refused_name("control-tab", "tab\there.txt", "tab\\there.txt", "control character U+0009"),
+    refused_name("control-c1", "nel\x85.txt", "nel\\x85.txt", "control character U+0085"),
+    refused_name("noncharacter-ffff", "x\uffff.txt", "x\uffff.txt", "noncharacter"),
+    refused_name("private-use", "x\ue000.txt", "x\ue000.txt", "private-use"),
+    refused_name("too-many-segments", "/".join(["d"] * 260) + "/f.txt", "/".join(["d"] * 260) + "/f.txt",
+                 "path segments"),
+    refused_name("too-long", "/".join(["n" * 200] * 6) + "/f.txt", "/".join(["n" * 200] * 6) + "/f.txt",
+                 "characters long"),
+    # Names that are not UTF-8 (issue 9, item 2): a Latin-1 byte, a CESU-8 surrogate, a lone continuation.
+    refused_name("latin1-byte", b"caf\xe9.txt", "caf\\xe9.txt", "not valid UTF-8"),
+    refused_name("encoded-surrogate", b"s\xed\xa0\x80.txt", "s\\xed\\xa0\\x80.txt", "not valid UTF-8"),
+    refused_name("invalid-utf8-folder", b"dir\xff/inner.txt", "dir\\xff", "not valid UTF-8"),
+    # Links (issue 9, items 4 and 5): loops, cycles, outside, nothing, special files.
+    DoneCase("symlink-self-loop", lambda out: link(out, "loop", "loop"), "out/data/loop", "symlink loop"),
+    DoneCase("symlink-two-loop", lambda out: (link(out, "a", "b"), link(out, "b", "a")), "out/data/a", "symlink loop"),
+    DoneCase("folder-link-cycle", lambda out: link(out, "sub/up", ".."), "out/data/sub/up", "a cycle"),
+    DoneCase("file-link-outside", lambda out: link(out, "leak.txt", _outside(out)), "out/data/leak.txt",
+             "points outside out/data"),
+    DoneCase("folder-link-outside", lambda out: link(out, "etc", "/etc"), "out/data/etc", "points outside out/data"),
+    DoneCase("relative-link-outside", lambda out: link(out, "up", "../events"), "out/data/up",
+             "points outside out/data"),
+    DoneCase("dangling-link", lambda out: link(out, "gone.txt", "nowhere.txt"), "out/data/gone.txt", "link to nothing"),
+    DoneCase("fifo", lambda out: os.mkfifo(out / "data" / "pipe"), "out/data/pipe", "neither a file nor a folder"),
+    DoneCase("event-link-outside", lambda out: os.symlink(_outside(out), out / "events" / "z.json"),
+             "out/events/z.json", "points outside out/"),
+    DoneCase("out-data-is-a-link", lambda out: (os.rename(out / "data", out / "real"), os.symlink("/etc", out / "data")),
+             "out/data", "is a link"),
+    # Strings that are not valid Unicode (issue 9, item 3): lone surrogates from legal JSON escapes.
+    DoneCase("event-value-surrogate", lambda out: event(out, "bad.json", pairs(("eventType", "file_discovered"),
+                                                                               ("note", "bad \ud800 half"))),
+             "out/events/bad.json: key 'note'", "lone surrogate U+D800"),
+    DoneCase("event-key-surrogate", lambda out: event(out, "bad.json", pairs(("eventType", "file_discovered"),
+                                                                             ("k\udfff", "v"))),
+             "out/events/bad.json: key 'k\\udfff'", "lone surrogate U+DFFF"),
+    DoneCase("insight-surrogate", lambda out: (out / "meta.json").write_text(pairs(("note", "x\udbff"))),
+             "out/meta.json: key 'note'", "lone surrogate U+DBFF"),
+    DoneCase("event-file-name-latin1", lambda out: event(out, b"ev\xe9.json", pairs(("eventType", "file_discovered"))),
+             "out/events/ev\\xe9.json", "not valid UTF-8"),
+    # Encodings and JSON shapes.
+    DoneCase("event-invalid-utf8", lambda out: event(out, "bad.json", b'[{"key": "eventType", "value": "\xff"}]'),
+             "out/events/bad.json", "malformed JSON"),
+    DoneCase("event-deep-nesting", lambda out: event(out, "bad.json", "[" * 100_000 + "]" * 100_000),
+             "out/events/bad.json", "nested too deeply"),
+    DoneCase("event-null", lambda out: event(out, "bad.json", "null"), "out/events/bad.json", "got NoneType"),
+    DoneCase("event-nan", lambda out: event(out, "bad.json", '[{"key": "eventType", "value": NaN}]'),
+             "out/events/bad.json", "item 0"),
+    DoneCase("insight-object", lambda out: (out / "meta.json").write_text('{"key": "a", "value": "b"}'),
+             "out/meta.json", "got dict"),
+    # Paths listed in an event's files.
+    DoneCase("files-dotdot", lambda out: event(out, "bad.json", pairs(("eventType", "file_discovered"), ("files", "x/../../etc/passwd"))),
+             "out/events/bad.json: key 'files'", "escapes out/data"),
+    DoneCase("files-absolute", lambda out: event(out, "bad.json", pairs(("eventType", "file_discovered"), ("files", "/etc/passwd"))),
+             "out/events/bad.json: key 'files'", "absolute path"),
+    # Sizes.
+    DoneCase("event-too-large", lambda out: event(out, "bad.json", pairs(("eventType", "file_discovered"), ("pad", "x" * 300_000))),
+             "out/events/bad.json", "over the limit"),
+    DoneCase("insight-too-large", lambda out: (out / "meta.json").write_text(pairs(("pad", "x" * (2 * 1024 * 1024)))),
+             "out/meta.json", "over the limit"),
+]
+
+
+# Names every provider keeps as they are: committed, then staged by the child byte for byte. Those
+# with a comma or a blank at either end cannot be listed in an event's files (the list is split on
+# commas and stripped), so they are committed but passed on only by the listable ones.
+ODD_NAMES = [
+    "a b.txt", "100%.txt", "%41%2F.txt", "q?x=1.txt", "h#frag.txt", "plus+sign.txt", "semi;colon.txt",
+    "quote'\"`.txt", "amp&eq=at@bang!.txt", "[brackets]{braces}(parens).txt", "$dollar${x}.txt",
+    "~tilde^caret|pipe<lt>gt.txt", ".hidden", "..dots.txt", "café-nfc.txt", "cafe\u0301-nfd.txt",
+    "emoji-😀.txt", "中文/日本語/한국어.txt", "rtl-שלום.txt", "zero\u200bwidth.txt", "Case.txt", "case.txt",
+    "deep/" * 20 + "leaf.txt", "n" * 251 + ".txt",
+]
+UNLISTABLE_NAMES = ["comma,name.txt", " leading.txt", "trailing.txt "]
+# Pair values every provider stores as they are.
+ODD_VALUES = {
+    "nul": "a\x00b", "controls": "\t\n\r\x1b\x7f\x85", "astral": "😀𝄞", "noncharacter": "\uffff\ufdd0",
+    "interpolation": "${oc.env:HOME}", "backslashes": "C:\\dir\\file", "rtl": "שלום", "empty": "",
+    "json": '{"key": "value"}', "long": "y" * 10_000,
+}
+
+
+@dataclass(frozen=True)
+class ReadyCase:
+    """An event meta written by someone else listing ``files`` (``(path, key)`` pairs); ``/ready``
+    must answer 502 naming the event meta and ``what`` ('path' or 'blob key') ``shown``, with
+    ``detail``, and stage nothing."""
+
+    id: str
+    files: list[tuple[str, str]]
+    what: str
+    shown: str
+    detail: str
+
+
+READY_CASES: list[ReadyCase] = [
+    ReadyCase("path-empty", [("", "p/m/a.txt")], "path", "", "is empty"),
+    ReadyCase("path-dot", [(".", "p/m/a.txt")], "path", ".", "'.' path segment"),
+    ReadyCase("path-dotdot-inside", [("x/..", "p/m/a.txt")], "path", "x/..", "'..' path segment"),
+    ReadyCase("path-escape", [("../../escape.txt", "p/m/a.txt")], "path", "../../escape.txt", "'..' path segment"),
+    ReadyCase("path-absolute", [("/tmp/abs.txt", "p/m/a.txt")], "path", "/tmp/abs.txt", "absolute path"),
+    ReadyCase("path-double-slash", [("a//b.txt", "p/m/a.txt")], "path", "a//b.txt", "empty path segment"),
+    ReadyCase("path-trailing-slash", [("a/", "p/m/a.txt")], "path", "a/", "empty path segment"),
+    ReadyCase("path-backslash", [("a\\b.txt", "p/m/a.txt")], "path", "a\\b.txt", "turns into '/'"),
+    ReadyCase("path-nul", [("a\x00b.txt", "p/m/a.txt")], "path", "a\\x00b.txt", "control character U+0000"),
+    ReadyCase("path-trailing-dot", [("a.", "p/m/a.txt")], "path", "a.", "ending with '.'"),
+    ReadyCase("key-escape", [("ok.txt", "../../host_secret.txt")], "blob key", "../../host_secret.txt", "'..' path segment"),
+    ReadyCase("key-absolute", [("ok.txt", "/etc/hostname")], "blob key", "/etc/hostname", "absolute path"),
+    ReadyCase("key-empty", [("ok.txt", "")], "blob key", "", "is empty"),
+    ReadyCase("paths-duplicate", [("same.txt", "p/m/a.txt"), ("same.txt", "p/m/b.txt")], "path", "same.txt", "collides"),
+    ReadyCase("paths-file-and-folder", [("a", "p/m/a.txt"), ("a/b.txt", "p/m/b.txt")], "path", "a/b.txt",
+              "collides with 'a'"),
+]

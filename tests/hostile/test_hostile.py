@@ -1,0 +1,207 @@
+"""The hostile-input corpus (``corpus.py``) through the sidecar's app, unchanged against the development
+providers and against the real ones (Azurite, nx-27017 and the AMQP 1.0 peer: ``tests/production``'s
+stack), with the session's Prefect server.
+
+Each refused case must name the same file and key with the same status in both, commit nothing (no
+blob, no document, no message), write nothing outside ``in/data``, and leave no flow run Running. The
+accepted odd names and values must arrive byte for byte in a child's ``in/data`` and ``in/meta.json``.
+Many cases share one app: a refused ``/done`` or ``/ready`` leaves the run where it was, so the next
+case runs on fresh ``out/`` files (or a fresh event meta) in the same process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from flows.runtime import Runtime, blob_key
+from sidecar.api import create_app
+from sidecar.cli import compose_config
+from sidecar.models import BlobFile, EventMeta
+from tests.hostile.corpus import (DONE_CASES, GOOD, ODD_NAMES, ODD_VALUES, READY_CASES, UNLISTABLE_NAMES, data,
+                                  event, link, pairs)
+from tests.production.conftest import Stack, stack  # noqa: F401 - the real providers' fixture
+from tests.support import SECRET
+
+H = {"secret": SECRET}
+KINDS = ["dev", "real"]
+# (kind, test, case) -> (status, message): the two kinds must agree.
+ANSWERS: dict[str, dict[tuple[str, str], tuple[int, str]]] = {kind: {} for kind in KINDS}
+
+
+class Plane:
+    """One provider set: the development providers under ``root/.dev``, or the real stack."""
+
+    def __init__(self, kind: str, root: Path, stack: Stack | None):
+        self.kind, self.root, self.stack = kind, root, stack
+
+    def runtime(self, event_id: str, name: str = "mod", parent: str = "") -> Runtime:
+        flags = self.stack.seed_flags() if self.stack else ["--development=true"]
+        cfg, _ = compose_config(flags + [
+            f"--context.eventid={event_id}", "--context.correlationid=corr-hostile", f"--context.name={name}",
+            f"--context.parenteventid={parent}", "--valideventtypes=file_discovered", f"--sharedsecret={SECRET}",
+            f"--basedir={self.root / name}", f"--devdir={self.root / '.dev'}", "--transfer.retries=0",
+        ])
+        return Runtime.for_config(cfg)
+
+    def committed(self, event_id: str) -> object:
+        """What the data plane holds that a run of ``event_id`` could have written."""
+        if self.stack is None:
+            dev = self.root / ".dev"
+            return sorted(str(p.relative_to(dev)) for p in dev.rglob("*")) if dev.exists() else []
+        topic = self.stack.peer.topics[self.stack.topic]
+        return (sorted(self.stack.blobs(f"{event_id}/")),
+                sorted(m["_id"] for m in self.stack.documents() if m.get("parentEventId") == event_id),
+                sorted(d["_id"] for d in self.stack.documents("_insights") if d.get("eventId") == event_id),
+                len(topic.seen_ids) + topic.duplicates)
+
+
+@pytest.fixture
+def plane(request, tmp_path: Path) -> Plane:
+    kind = request.param
+    return Plane(kind, tmp_path, request.getfixturevalue("stack") if kind == "real" else None)
+
+
+def files_under(root: Path) -> set[str]:
+    """Every file and link under ``root`` (relative, as bytes-safe text)."""
+    found = set()
+    for folder, dirs, names in os.walk(root):
+        found.update(os.path.relpath(os.path.join(folder, n), root) for n in dirs + names
+                     if not os.path.isdir(os.path.join(folder, n)) or os.path.islink(os.path.join(folder, n)))
+    return found
+
+
+def assert_no_run_left_running(event_id: str) -> None:
+    """No flow run of ``event_id`` is still Running (or Pending) once its HTTP call has answered."""
+    api = os.environ["PREFECT_API_URL"].rstrip("/")
+    runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"name": {"like_": event_id}}}, timeout=30).json()
+    assert runs, f"no flow run of {event_id} in the Prefect API"
+    stuck = [(r["name"], r["state_type"]) for r in runs if r["state_type"] not in ("COMPLETED", "FAILED")]
+    assert not stuck, f"flow runs left unfinished: {stuck}"
+
+
+def reset_outputs(out: Path) -> None:
+    """Fresh ``out/``: one good file and one good event that would be committed if nothing were refused."""
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "events").mkdir(parents=True)
+    data(out, GOOD, b"good")
+    event(out, "0-good.json", pairs(("eventType", "file_discovered"), ("files", GOOD)))
+
+
+@pytest.mark.parametrize("plane", KINDS, indirect=True)
+def test_done_refuses_each_hostile_output_and_commits_nothing(plane: Plane) -> None:
+    event_id = "hostile-done"
+    runtime = plane.runtime(event_id)
+    out = runtime.layout.basedir / "out"
+    with TestClient(create_app(runtime)) as client:
+        assert client.get("/ready", headers=H).status_code == 200
+        before = plane.committed(event_id)
+        for case in DONE_CASES:
+            reset_outputs(out)
+            case.write(out)
+            files_before = files_under(plane.root)
+            answer = client.get("/done", headers=H)
+            body = answer.json()
+            ANSWERS[plane.kind][("done", case.id)] = (answer.status_code, body.get("message"))
+            assert answer.status_code == 400, (case.id, body)
+            assert body["message"].startswith(case.file), (case.id, body["message"])
+            assert case.detail in body["message"], (case.id, body["message"])
+            assert plane.committed(event_id) == before, case.id
+            assert files_under(plane.root) == files_before, case.id
+        # Every refusal left the run at ready: the fixed outputs are committed by the next /done.
+        reset_outputs(out)
+        good = client.get("/done", headers=H)
+        assert good.status_code == 200 and good.json()["files"] == 1, good.text
+    assert plane.committed(event_id) != before
+    assert_no_run_left_running(event_id)
+
+
+@pytest.mark.parametrize("plane", KINDS, indirect=True)
+def test_ready_confines_every_path_and_key_of_an_event_meta(plane: Plane) -> None:
+    event_id = "hostile-ready"
+    runtime = plane.runtime(event_id, "child", parent="someone")
+    # In development mode, the key ../../host_secret.txt would name this file, outside the blob folder.
+    (plane.root / "host_secret.txt").write_text("the host's, not the module's")
+    in_data = runtime.layout.in_data
+    with TestClient(create_app(runtime)) as client:
+        for case in READY_CASES:
+            meta = EventMeta(id=event_id, eventId=event_id, correlationId="corr-hostile", parentEventId="someone",
+                             eventType="file_discovered", producer="someone",
+                             files=[BlobFile(path=p, key=k, size=5) for p, k in case.files],
+                             data=[{"key": "k", "value": "v"}])
+            runtime.dataplane.documents.upsert_event_metas([meta])
+            files_before = files_under(plane.root)
+            answer = client.get("/ready", headers=H)
+            body = answer.json()
+            ANSWERS[plane.kind][("ready", case.id)] = (answer.status_code, body.get("message"))
+            assert answer.status_code == 502, (case.id, body)
+            expected = f"event meta '{event_id}' lists {case.what} '{case.shown}', which "
+            assert expected in body["message"] and case.detail in body["message"], (case.id, body["message"])
+            created = files_under(plane.root) - files_before
+            outside = [f for f in created if not (plane.root / f).is_relative_to(in_data)]
+            assert not outside and not created, (case.id, created)
+            assert not [p for p in plane.root.rglob("*.partial")], case.id
+    assert not (in_data / "host_secret.txt").exists() and not (runtime.layout.in_meta).exists()
+    assert_no_run_left_running(event_id)
+
+
+@pytest.mark.parametrize("plane", KINDS, indirect=True)
+def test_odd_but_good_names_and_values_arrive_unchanged(plane: Plane) -> None:
+    parent = plane.runtime("hostile-odd")
+    out = parent.layout.basedir / "out"
+    contents = {name: f"{i}:{name}".encode() for i, name in enumerate(ODD_NAMES + UNLISTABLE_NAMES)}
+    with TestClient(create_app(parent)) as client:
+        assert client.get("/ready", headers=H).status_code == 200
+        for name, content in contents.items():
+            data(out, name, content)
+        # Links inside out/data are followed, folders and files alike, under the link's own name.
+        data(out, "real/inside.txt", b"through a folder link")
+        link(out, "alias", "real")
+        link(out, "alias.txt", "real/inside.txt")
+        (out / "data" / "empty" / "folder").mkdir(parents=True)  # empty folders are ignored
+        listed = ODD_NAMES + ["alias/inside.txt", "alias.txt"]
+        event(out, "1-odd.json", pairs(("eventType", "file_discovered"), ("files", ",".join(listed)),
+                                       *ODD_VALUES.items()))
+        event(out, "2-bare.json", pairs(("eventType", "file_discovered")))
+        (out / "meta.json").write_text(pairs(*ODD_VALUES.items()))
+        done = client.get("/done", headers=H)
+        assert done.status_code == 200, done.text
+    summary = done.json()
+    committed = set(contents) | {"real/inside.txt", "alias/inside.txt", "alias.txt"}
+    assert summary["files"] == len(committed)
+    if plane.stack is not None:  # the container holds exactly these names
+        assert set(plane.stack.blobs("hostile-odd/")) == {blob_key(parent.cfg, n) for n in committed}
+    odd, bare = summary["events"]
+
+    child = plane.runtime(odd["eventId"], "child", parent="hostile-odd")
+    with TestClient(create_app(child)) as client:
+        staged = client.get("/ready", headers=H)
+        assert staged.status_code == 200, staged.text
+    in_data = child.layout.in_data
+    assert files_under(in_data) == set(listed)
+    for name in ODD_NAMES:
+        assert (in_data / name).read_bytes() == contents[name], name
+    assert (in_data / "alias" / "inside.txt").read_bytes() == (in_data / "alias.txt").read_bytes() == b"through a folder link"
+    assert {p["key"]: p["value"] for p in json.loads(child.layout.in_meta.read_text())} == ODD_VALUES
+
+    # The child of an event with no files and no data: an empty in/data and in/meta.json = [].
+    shutil.rmtree(plane.root / "child")
+    empty = plane.runtime(bare["eventId"], "child", parent="hostile-odd")
+    with TestClient(create_app(empty)) as client:
+        assert client.get("/ready", headers=H).json()["files"] == 0
+    assert files_under(empty.layout.in_data) == set() and json.loads(empty.layout.in_meta.read_text()) == []
+    assert_no_run_left_running("hostile-odd")
+
+
+def test_development_and_real_providers_answer_alike() -> None:
+    """Same status and the same message (file, key and reason) for every case, in both provider sets."""
+    dev, real = ANSWERS["dev"], ANSWERS["real"]
+    assert dev and set(dev) == set(real), "run the whole module: both provider sets must have answered"
+    differ = {case: (dev[case], real[case]) for case in dev if dev[case] != real[case]}
+    assert not differ, differ

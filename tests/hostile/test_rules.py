@@ -1,0 +1,140 @@
+"""The rules behind the corpus, case by case and fast (no flow runs): names (``sidecar/paths.py``),
+flag values taken literally (``sidecar/cli.py``) and the shared secret (``sidecar/sharedsecret.py``)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.cli import UsageError, compose_config, redacted_yaml
+from sidecar.paths import collisions, confine, name_problem, shown, text_problem
+from sidecar.sharedsecret import matches, secret_problem
+from tests.support import python_env
+
+REFUSED_NAMES = [
+    ("", "is empty"), ("/abs", "absolute"), ("a//b", "empty path segment"), ("a/", "empty path segment"),
+    (".", "'.' path segment"), ("a/./b", "'.' path segment"), ("..", "'..' path segment"), ("a/../b", "'..'"),
+    ("x\\y", "turns into '/'"), ("end.", "ending with '.'"), ("dir./f", "ending with '.'"), ("dots..", "ending with '.'"),
+    *[(f"c{chr(c)}", f"U+{c:04X}") for c in (0x00, 0x01, 0x09, 0x0A, 0x0D, 0x1B, 0x1F, 0x7F, 0x80, 0x81, 0x85, 0x9F)],
+    ("\ufffe", "noncharacter"), ("\uffff", "noncharacter"), ("\ufdd0", "noncharacter"), ("\U0001fffe", "noncharacter"),
+    ("\U0010ffff", "noncharacter"), ("\ue000", "private-use"), ("\uf8ff", "private-use"), ("\U000f0000", "private-use"),
+    ("caf\udce9", "not valid UTF-8 (byte \\xe9)"), ("\ud800", "lone surrogate U+D800"), ("\udfff", "lone surrogate"),
+    ("n" * 256, "over 255 bytes"), ("é" * 128, "over 255 bytes"), ("/".join("d" * 255), "path segments"),
+    ("/".join(["n" * 200] * 6), "characters long"), ("/".join(["😀" * 60] * 9), "characters long"),
+]
+GOOD_NAMES = ["a", "a b", " lead", "trail ", "100%", "%2F", "q?", "#", "+", ";", ",", "'\"`", "$", "${x}", "~", "[]{}()",
+              ".hidden", "..x", "x..y", "é", "e\u0301", "😀", "中文", "a/b/c", "/".join("d" * 254), "n" * 255,
+              "\u200b", "\u00a0", "\ufffd", "\U0001f600"]
+
+
+@pytest.mark.parametrize("name, reason", REFUSED_NAMES, ids=[shown(n)[:30] or "empty" for n, _ in REFUSED_NAMES])
+def test_names_a_blob_store_would_alter_or_refuse(name: str, reason: str) -> None:
+    problem = name_problem(name)
+    assert problem and reason in problem, problem
+    shown(problem).encode("utf-8")  # a message about it can always be sent as JSON
+
+
+@pytest.mark.parametrize("name", GOOD_NAMES, ids=range(len(GOOD_NAMES)))
+def test_names_every_provider_keeps(name: str) -> None:
+    assert name_problem(name) is None
+
+
+def test_shown_escapes_what_cannot_be_printed_or_encoded() -> None:
+    assert shown("caf\udce9/\t\x00\x85\ud800é😀") == "caf\\xe9/\\t\\x00\\x85\\ud800é😀"
+
+
+def test_collisions_of_names_that_would_merge() -> None:
+    assert collisions(["a", "b", "a"]) == [("a", "a")]
+    assert collisions(["a", "a/b/c", "x"]) == [("a", "a/b/c")]
+    assert collisions(["a/b", "a/c", "ab"]) == []
+
+
+def test_confine_keeps_names_inside_the_folder(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    assert confine(tmp_path / "in", "a/b.txt") == tmp_path / "in" / "a" / "b.txt"
+    for bad in ("../x", "/etc/passwd", "", "a/../../x"):
+        with pytest.raises(ValueError):
+            confine(tmp_path / "in", bad)
+    os.symlink(tmp_path, tmp_path / "in" / "up")
+    with pytest.raises(ValueError, match="leaves the folder"):
+        confine(tmp_path / "in", "up/x")
+
+
+def test_text_problem_is_only_lone_surrogates() -> None:
+    assert text_problem("a\x00b\uffff😀\U0010ffff") is None
+    assert "U+D800" in text_problem("bad \ud800 half")
+
+
+BASE = ["--context.eventid=e", "--context.correlationid=c"]
+LITERAL_VALUES = ["a${oc.env:HOME}b", "${x}", "ev-${nokey}", "\\${x}", "\\\\${x}", "a\\b", "${", "$${a}", "${a.b}",
+                  "${oc.env:HOME,${x}}", "'quoted'", '"double"', "a=b,c", "%(x)s", "{name}"]
+
+
+@pytest.mark.parametrize("value", LITERAL_VALUES, ids=range(len(LITERAL_VALUES)))
+def test_flag_values_are_taken_literally(value: str) -> None:
+    cfg, _ = compose_config(["--context.eventid=ev", "--context.correlationid=" + value, "--sharedsecret=" + value,
+                             "--mongodbdocprovider.password=" + value, "--logfile=" + value])
+    assert cfg.context.correlationid == cfg.sharedsecret == cfg.mongodbdocprovider.password == cfg.logfile == value
+    text = redacted_yaml(cfg)
+    assert "sharedsecret: '***'" in text and "password: '***'" in text
+
+
+def test_event_types_and_event_id_are_literal() -> None:
+    cfg, _ = compose_config(BASE[1:] + ["--context.eventid=ev-${oc.env:HOME}", "--sharedsecret=s",
+                                        "--valideventtypes=a${x},b"])
+    assert cfg.context.eventid == "ev-${oc.env:HOME}" and cfg.valideventtypes == ["a${x}", "b"]
+
+
+def test_environment_values_stay_literal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHARED_SECRET", "env-${oc.env:HOME}")
+    cfg, _ = compose_config(BASE)
+    assert cfg.sharedsecret == "env-${oc.env:HOME}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sharedsecret=s", "--serverport=${x}"], "--serverport=${x}"),
+    (["--sharedsecret=s", "--loglevel=${x}"], "--loglevel=${x}"),
+    (["--sharedsecret=s", "context.name=${nokey}"], "context.name"),
+    (["--sharedsecret=s", "--context.name=a/b"], "--context.name=a/b"),
+    (["--sharedsecret=s", "--context.name=.."], "--context.name=.."),
+    (["--sharedsecret=s", "--context.name=x."], "--context.name=x."),
+    (["--sharedsecret=s", "--context.name=caf\udce9"], "--context.name=caf\\xe9 is not valid UTF-8"),
+    (["--sharedsecret=s", "--valideventtypes=\udcff"], "--valideventtypes"),
+    (["--sharedsecret=s\udcff"], "--sharedsecret is not valid UTF-8"),
+    (["--sharedsecret= padded "], "blank"), (["--sharedsecret=padded\t"], "blank"),
+    (["--sharedsecret=a\nb"], "U+000A"), (["--sharedsecret=a\x7fb"], "U+007F"), (["--sharedsecret=a\x85b"], "U+0085"),
+    (["--sharedsecret=\x00"], "U+0000"),
+], ids=range(15))
+def test_unusable_values_stop_start_up_with_one_line(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError) as err:
+        compose_config(BASE + argv)
+    text = str(err.value)
+    assert message in text and "\n" not in text, text
+    for secret in ("padded", "a\nb", "a\x7fb"):
+        assert secret not in text
+
+
+def test_secret_rule_is_one_rule_for_server_and_client() -> None:
+    for secret in ("pässwörd", "€uro", "漢字-😀", "s p a c e s", "ä\u00a0"):
+        assert secret_problem(secret) is None
+        assert matches(secret.encode("utf-8").decode("latin-1"), secret.encode("utf-8"))
+        if not secret.isascii():  # its Latin-1 bytes (what the client used to send) no longer match
+            assert not matches(secret.encode("latin-1", "replace").decode("latin-1"), secret.encode("utf-8"))
+    for secret in (" x", "x ", "\tx", "a\rb", ""):
+        assert secret_problem(secret)
+
+
+def test_printconfig_with_interpolation_in_a_secret_prints_and_never_resolves(tmp_path: Path) -> None:
+    env = python_env()
+    env.pop("SHARED_SECRET", None)
+    result = subprocess.run([sys.executable, "-c", "from sidecar.cli import compose_config, redacted_yaml;"
+                             "import sys; print(redacted_yaml(compose_config(sys.argv[1:])[0]))",
+                             *BASE, "--sharedsecret=${x}", "--context.name=m-${oc.env:HOME}", "--printconfig"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "sharedsecret: '***'" in result.stdout and "name: m-${oc.env:HOME}" in result.stdout
+    assert "Traceback" not in result.stderr
