@@ -1,6 +1,6 @@
 """The shared secret's rule and ``HEAD /healthz`` over real HTTP (a sidecar process under uvicorn).
 
-The secret travels as its UTF-8 bytes, the same in the server and in ``sidecar.client``; a secret HTTP
+The secret travels as its UTF-8 bytes, the same in the server and in ``ion_sidecar_client``; a secret HTTP
 cannot carry stops start-up with one line (``sidecar/sharedsecret.py``).
 """
 
@@ -13,7 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sidecar.client import SidecarClient
+from ion_sidecar_client import SidecarClient
+from ion_sidecar_client import secret_problem as client_secret_problem
+
+from sidecar.sharedsecret import secret_problem
 from tests.support import SidecarProcess, dev_args, python_env
 
 SECRET = "pässwörd-€-漢字-😀"
@@ -31,7 +34,7 @@ def test_non_ascii_secret_matches_its_utf8_bytes_and_head_healthz_needs_none(tmp
             answer = httpx.get(f"{sidecar.url}/ready", headers={"secret": value}, timeout=30)
             assert answer.status_code == 401 and answer.json()["statusCode"] == 401, value
         client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
-        assert client.ready(attempts=3)["files"] == 0
+        assert client.ready(retry_seconds=5)["files"] == 0
         assert httpx.get(f"{sidecar.url}/ready", headers={"secret": SECRET.encode("utf-8")}, timeout=30).status_code == 200
 
 
@@ -50,3 +53,9 @@ def test_a_secret_http_cannot_carry_is_refused_by_client_and_server(tmp_path: Pa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "shared secret" in lines[0] and "blank" in lines[0], result.stderr
     assert secret not in result.stderr
+
+
+def test_client_and_server_apply_one_secret_rule() -> None:
+    samples = ["ok-secret", "pässwörd", "€漢字😀", " lead", "trail ", "\tx", "a\nb", "a\x7fb", "a\x85b", "\ud800x", "",
+               "in side", "nbsp\u00a0"]
+    assert [client_secret_problem(s) for s in samples] == [secret_problem(s) for s in samples]
