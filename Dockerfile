@@ -35,8 +35,9 @@ RUN pip install --no-deps . ./client && pip check && rm -rf build *.egg-info cli
 COPY conf ./conf
 COPY examples ./examples
 
-# PREFECT_HOME: where a temporary Prefect server keeps its SQLite database when PREFECT_API_URL is not
-# set. SIDECAR_PORT: the port the health check probes; keep it equal to --serverport.
+# PREFECT_HOME: Prefect's own files (the image never starts a Prefect server of its own: the entry
+# point refuses the development fallback, so PREFECT_API_URL must name one). SIDECAR_PORT: the port
+# the health check probes; keep it equal to --serverport.
 ENV SIDECAR_CONFIG_DIR=/opt/sidecar/conf \
     PREFECT_HOME=/var/lib/sidecar/prefect \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \
