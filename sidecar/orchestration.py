@@ -303,7 +303,7 @@ class PrefectApi:
         """``/healthz``: (200, ...) when a flow can start now, else (503, ...) with the reason."""
         if self.ready:
             return 200, {"status": "ok"}  # no URL: /healthz needs no secret, a URL may carry credentials
-        status = "unavailable" if self.ever_available or self.reason != "starting" else "starting"
+        status = "unavailable" if self.ever_available else "starting"
         return 503, {"status": status, "message": f"Prefect API unavailable: {self.reason}"}
 
     async def wait(self) -> None:

@@ -1,4 +1,5 @@
-"""Session-wide fixtures: one Prefect API server for the whole test session.
+"""Session-wide fixtures: one Prefect API server for the whole test session, and on demand a second
+one on PostgreSQL (``prefect_on_postgres``) for the fleet tests.
 
 The server is ``prefect server start`` on a free loopback port with its own PREFECT_HOME, started in
 ``pytest_configure`` (before any test module imports Prefect, so in-process flows and every sidecar
@@ -14,7 +15,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.support import start_prefect_server, stop_process_group
+import pytest
+
+from tests.support import Postgres, start_prefect_server, stop_process_group
 
 _server: dict[str, object] = {}
 
@@ -40,3 +43,23 @@ def pytest_unconfigure(config) -> None:
             APILogWorker.drain_all(timeout=5)
         stop_process_group(proc)
         shutil.rmtree(_server["home"], ignore_errors=True)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def prefect_on_postgres(tmp_path_factory: pytest.TempPathFactory):
+    """A Prefect server on a temporary PostgreSQL cluster: yields ``(api_url, server_process)``.
+
+    Fails (never skips) when PostgreSQL or the server cannot start; both are stopped at the end.
+    """
+    root = tmp_path_factory.mktemp("prefect-postgres")
+    postgres = Postgres(root / "pg")
+    try:
+        home = root / "home"
+        home.mkdir()
+        proc, url = start_prefect_server(home, database_url=postgres.url)
+        try:
+            yield url, proc
+        finally:
+            stop_process_group(proc)
+    finally:
+        postgres.stop()

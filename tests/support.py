@@ -51,13 +51,16 @@ def python_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def start_prefect_server(home: Path, record_task_runs: bool = True) -> tuple[subprocess.Popen, str]:
+def start_prefect_server(home: Path, record_task_runs: bool = True,
+                         database_url: str | None = None, port: int | None = None) -> tuple[subprocess.Popen, str]:
     """Start ``prefect server start`` on a free loopback port with ``PREFECT_HOME=home``; returns the
     process (its own session, log in ``home/server.log``) and its API URL once ``/health`` answers.
 
     ``record_task_runs``: task runs reach the API as events that the task-run recorder service writes,
     so services run, except those that schedule or police runs (none exist here; they only add writes
-    to SQLite). False: ``--no-services``, no task runs in the API.
+    to SQLite). False: ``--no-services``, no task runs in the API. ``database_url``: the server's
+    database (``PREFECT_API_DATABASE_CONNECTION_URL``, e.g. :attr:`Postgres.url`); default SQLite in ``home``.
+    ``port``: listen there (a restarted server keeps its URL); default a free one.
 
     Raises:
         RuntimeError: the server did not answer within 120 s (its log in the message).
@@ -65,12 +68,14 @@ def start_prefect_server(home: Path, record_task_runs: bool = True) -> tuple[sub
     env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_UI_ENABLED="false")
     env.pop("PREFECT_API_URL", None)
+    if database_url:
+        env.update(postgres_server_env(database_url))
     for service in ("SCHEDULER", "LATE_RUNS", "FOREMAN", "PAUSE_EXPIRATIONS", "CANCELLATION_CLEANUP",
                     "REPOSSESSOR", "TRIGGERS", "DB_VACUUM", "CLEANUP_RECONCILER", "EVENT_LOGGER"):
         env[f"PREFECT_SERVER_SERVICES_{service}_ENABLED"] = "false"
-    port = free_port()
+    port = port or free_port()
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with open(home / "server.log", "wb") as log:
+    with open(home / "server.log", "ab") as log:
         proc = subprocess.Popen(argv + ([] if record_task_runs else ["--no-services"]), env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
@@ -80,6 +85,72 @@ def start_prefect_server(home: Path, record_task_runs: bool = True) -> tuple[sub
         proc.kill()
         raise RuntimeError(f"prefect server did not start:\n{(home / 'server.log').read_text()}") from None
     return proc, url
+
+
+def postgres_server_env(database_url: str) -> dict[str, str]:
+    """What a Prefect server on PostgreSQL needs besides its defaults: the database URL (driver
+    ``postgresql+asyncpg``) and a connection pool sized for a fleet (Prefect's default is 5 plus 10
+    overflow per server process; a fleet's bursts of state proposals queue on it)."""
+    return {"PREFECT_API_DATABASE_CONNECTION_URL": database_url,
+            "PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE": "20",
+            "PREFECT_SERVER_DATABASE_SQLALCHEMY_MAX_OVERFLOW": "20"}
+
+
+class Postgres:
+    """A temporary PostgreSQL cluster (Debian's ``postgresql`` package) in ``root`` on a free loopback
+    port, with a database ``prefect``; trust authentication, loopback only, stopped by :meth:`stop`.
+
+    ``initdb`` refuses to run as root, so as root the cluster belongs to the ``postgres`` user and
+    every server command runs through ``runuser -u postgres``.
+
+    Raises:
+        RuntimeError: no PostgreSQL binaries (``scripts/setup test`` installs them), or the cluster
+            did not start (its log in the message).
+    """
+
+    def __init__(self, root: Path):
+        import glob
+        import shutil
+
+        bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(Path(d).parent.name))
+        if not bindirs:
+            raise RuntimeError("PostgreSQL is not installed (/usr/lib/postgresql/*/bin); run scripts/setup test")
+        self.bin = Path(bindirs[-1])
+        self.root = root
+        self.data = root / "pgdata"
+        self.port = free_port()
+        self.log = root / "postgres.log"
+        self.as_user: list[str] = []
+        root.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(root, "postgres")
+            for parent in root.parents:  # the postgres user must be able to reach its folder
+                mode = parent.stat().st_mode
+                if not mode & 0o001:
+                    os.chmod(parent, mode | 0o001)
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start", "-o",
+                  f"-p {self.port} -c listen_addresses=127.0.0.1 -k {root} -c max_connections=300 "
+                  "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "prefect")
+
+    @property
+    def url(self) -> str:
+        """The SQLAlchemy URL Prefect takes (``PREFECT_API_DATABASE_CONNECTION_URL``)."""
+        return f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/prefect"
+
+    def _run(self, tool: str, *args: str) -> None:
+        result = subprocess.run([*self.as_user, str(self.bin / tool), *args], capture_output=True, text=True,
+                                timeout=120)
+        if result.returncode != 0:
+            log = self.log.read_text() if self.log.exists() else ""
+            raise RuntimeError(f"{tool} failed ({result.returncode}): {result.stderr or result.stdout}\n{log}")
+
+    def stop(self) -> None:
+        """Stop the cluster (fast shutdown); its files stay in ``root`` for the caller to delete."""
+        subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
+                       capture_output=True, timeout=60)
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:
@@ -98,14 +169,15 @@ def stop_process_group(proc: subprocess.Popen) -> None:
 class SidecarProcess:
     """A ``python -m sidecar`` process in ``cwd`` with ``args`` (seed flags), on a free port.
 
-    The module's folders are ``cwd/ion``; development data lives in ``cwd/.dev``.
+    The module's folders are ``basedir`` (default ``cwd/ion``); development data lives in ``cwd/.dev``.
     """
 
-    def __init__(self, cwd: Path, args: list[str], *, secret: str = SECRET, env: dict[str, str] | None = None):
+    def __init__(self, cwd: Path, args: list[str], *, secret: str = SECRET, env: dict[str, str] | None = None,
+                 basedir: Path | None = None):
         self.cwd = cwd
         self.port = free_port()
         self.secret = secret
-        self.basedir = cwd / "ion"
+        self.basedir = basedir or cwd / "ion"
         self.log = cwd / f"sidecar-{self.port}.log"
         argv = [sys.executable, "-m", "sidecar", f"--serverport={self.port}", f"--basedir={self.basedir}",
                 f"--sharedsecret={secret}", *args]

@@ -1,0 +1,175 @@
+"""Prefect outages with real processes: a sidecar started before its Prefect server, the server killed
+before /ready, between /ready and /done, and during /done. Every call answers 503 "Prefect API
+unavailable" (never 500) while the API is down, the sidecar recovers without a restart, a /done whose
+data plane has committed answers 200 although the API is down, and its flow run ends Completed once
+the API is back. Each step asserts that its fault really happened."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support import SidecarProcess, dev_args, free_port, start_prefect_server
+
+pytestmark = pytest.mark.timeout(900)
+
+
+class Server:
+    """A Prefect server (SQLite in ``home``) that can be killed and started again on one port."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.proc = None
+
+    def start(self) -> None:
+        self.proc, url = start_prefect_server(self.home, port=self.port)
+        assert url == self.url
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+
+
+def wait_health(sidecar: SidecarProcess, status: int, timeout: float) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            response = httpx.get(f"{sidecar.url}/healthz", timeout=5)
+        except httpx.TransportError:  # not listening yet
+            assert time.monotonic() < deadline and sidecar.proc.poll() is None, sidecar.output()
+            time.sleep(0.1)
+            continue
+        if response.status_code == status or time.monotonic() > deadline:
+            assert response.status_code == status, response.text
+            return response
+        time.sleep(0.1)
+
+
+def assert_unavailable(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.json()["message"].startswith("Prefect API unavailable"), response.text
+
+
+def flow_run_state(api_url: str, flow_run_id: str) -> str:
+    response = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10)
+    response.raise_for_status()
+    return response.json()["state"]["type"]
+
+
+def wait_state(api_url: str, flow_run_id: str, expected: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    state = None
+    while time.monotonic() < deadline:
+        try:
+            state = flow_run_state(api_url, flow_run_id)
+        except httpx.HTTPError:
+            state = "unreachable"
+        if state == expected:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"flow run {flow_run_id} is {state}, expected {expected}")
+
+
+def write_outputs(basedir: Path, files: int) -> None:
+    data = basedir / "out" / "data" / "many"
+    data.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        (data / f"f{i:04}.bin").write_bytes(os.urandom(4096))
+    events = basedir / "out" / "events"
+    events.mkdir(parents=True, exist_ok=True)
+    (events / "e1.json").write_text('[{"key": "eventType", "value": "file_discovered"}, '
+                                     '{"key": "files", "value": "many/f0000.bin"}]')
+
+
+def test_sidecar_rides_out_prefect_outages(tmp_path: Path) -> None:
+    server = Server(tmp_path / "prefect-home")
+    server.home.mkdir()
+    env = {"PREFECT_API_URL": server.url}
+    wait = ["--prefectstartuptimeoutseconds=2"]
+    (tmp_path / "a").mkdir()
+    first = SidecarProcess(tmp_path / "a", dev_args("evt-out-a", "corr-out", "moda") + wait, env=env,
+                           basedir=tmp_path / "a" / "ion")
+    second = None
+    try:
+        # 1. The sidecar starts before its Prefect server: 503, not 500, and no restart needed later.
+        assert wait_health(first, 503, 60).json()["status"] == "starting"
+        assert_unavailable(first.get("/ready"))
+        server.start()
+        wait_health(first, 200, 60)
+
+        # 2. The server is killed before /ready: health turns 503 within a few seconds, /ready is 503.
+        server.kill()
+        assert "unreachable" in wait_health(first, 503, 15).json()["message"]
+        assert_unavailable(first.get("/ready"))
+        server.start()
+        wait_health(first, 200, 60)
+        ready = first.get("/ready")
+        assert ready.status_code == 200, ready.text
+
+        # 3. Killed between /ready and /done: /done is 503 and commits nothing; later it succeeds.
+        write_outputs(first.basedir, 3)
+        server.kill()
+        wait_health(first, 503, 15)
+        assert_unavailable(first.get("/done"))
+        dev = tmp_path / "a" / ".dev"
+        committed = [p for d in ("blobs", "documents", "events") for p in (dev / d).rglob("*") if p.is_file()]
+        assert committed == [], "a refused /done committed something"
+        server.start()
+        wait_health(first, 200, 60)
+        done = first.get("/done")
+        assert done.status_code == 200, done.text
+        assert flow_run_state(server.url, done.json()["flowRunId"]) == "COMPLETED"
+
+        # 4. Killed during /done: the data plane commits, /done answers 200 while the API is down, and
+        #    the flow run ends Completed once the API is back (never left Running).
+        (tmp_path / "b").mkdir()
+        second = SidecarProcess(tmp_path / "b", dev_args("evt-out-b", "corr-out", "modb") + wait, env=env,
+                                basedir=tmp_path / "b" / "ion")
+        second.wait_healthy(60)
+        assert second.get("/ready").status_code == 200
+        write_outputs(second.basedir, 600)
+        blobs = tmp_path / "b" / ".dev" / "blobs" / "evt-out-b" / "modb" / "many"
+        answer: dict = {}
+
+        def call_done() -> None:
+            answer["response"] = second.get("/done", timeout=300)
+            answer["at"] = time.monotonic()
+
+        caller = threading.Thread(target=call_done)
+        caller.start()
+        deadline = time.monotonic() + 120
+        while not (blobs.exists() and any(blobs.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.kill()
+        killed_at = time.monotonic()
+        stored_at_kill = len(list(blobs.iterdir()))
+        assert stored_at_kill < 600, "the kill came after the upload: the fault did not happen during /done"
+        caller.join(300)
+        response = answer["response"]
+        assert response.status_code == 200, response.text
+        assert server.proc.poll() is not None and answer["at"] > killed_at, "/done answered before the outage"
+        assert len(list(blobs.iterdir())) == 600
+        assert len(response.json()["events"]) == 1
+        flow_run_id = response.json()["flowRunId"]
+        server.start()
+        wait_state(server.url, flow_run_id, "COMPLETED", 120)
+        log = second.output()
+        assert "could not be reported" in log or "answering before Prefect recorded its final state" in log, log
+        assert "500" not in [line.split()[-1] for line in log.splitlines() if "HTTP/1.1" in line]
+    finally:
+        for sidecar in (first, second):
+            if sidecar is not None:
+                sidecar.stop()
+        server.stop()
