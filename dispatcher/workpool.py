@@ -85,6 +85,7 @@ class WorkPoolLauncher:
         from prefect.client.orchestration import get_client
         from prefect.deployments import run_deployment
 
+        started = asyncio.get_running_loop().time()
         # timeout=0: create the run and return; waiting here lets a cancelled wait cancel the run.
         flow_run = await run_deployment(
             f"module-run/{self.deployment}", parameters={"run": asdict(run)},
@@ -107,10 +108,12 @@ class WorkPoolLauncher:
         except asyncio.CancelledError:
             await asyncio.shield(self._cancel(flow_run.id))
             raise
+        seconds = round(asyncio.get_running_loop().time() - started, 3)
         if state.is_completed():
-            return Outcome(True, exitcode=0)
+            return Outcome(True, exitcode=0, seconds=seconds)
         reason = state.message or state.name
-        return Outcome(False, f"deployment run {flow_run.name} {state.name}: {reason}", log=tail(run.module_log))
+        return Outcome(False, f"deployment run {flow_run.name} {state.name}: {reason}", seconds=seconds,
+                       log=tail(run.module_log))
 
     @staticmethod
     async def _cancel(flow_run_id) -> None:
