@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
 
 async def _run(graph, rundir: Path, correlationid: str, args: argparse.Namespace, files: Path | None,
                data: dict[str, str]):
+    from prefect import tags
+
     from dispatcher.dispatch import Dispatcher, graph_run
     from dispatcher.launchers import LocalLauncher
 
@@ -104,7 +106,9 @@ async def _run(graph, rundir: Path, correlationid: str, args: argparse.Namespace
         launcher = LocalLauncher()
     dispatcher = Dispatcher(graph, rundir, correlationid, launcher)
     try:
-        await graph_run(dispatcher, correlationid, str(files) if files else None, data)
+        # The tag the sidecars put on their flow runs (flows/history.py): one filter shows the graph run.
+        with tags(f"correlation:{correlationid}"):
+            await graph_run(dispatcher, correlationid, str(files) if files else None, data)
     finally:
         await _drain_prefect()
     return list(dispatcher.records.values())

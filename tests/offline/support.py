@@ -104,6 +104,20 @@ def graph_run_in_prefect(correlationid: str, timeout: float = 30) -> tuple[objec
     return asyncio.run(read())
 
 
+def flow_runs_tagged(tag: str) -> list:
+    """Every flow run carrying ``tag``, read through the Prefect API."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    async def read():
+        async with get_client() as api:
+            return await api.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+
+    return asyncio.run(read())
+
+
 def pid_alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -119,5 +133,5 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
-__all__ = ["EXAMPLE", "HERE", "check_inputs_match_parents", "graph_run_in_prefect", "leftovers", "offline_argv",
+__all__ = ["EXAMPLE", "HERE", "check_inputs_match_parents", "flow_runs_tagged", "graph_run_in_prefect", "leftovers", "offline_argv",
            "os", "pid_alive", "run_offline", "summary", "wait_for"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dispatcher.graph import GraphError, load_graph
-from tests.offline.support import (HERE, check_inputs_match_parents, graph_run_in_prefect, leftovers, offline_argv,
+from tests.offline.support import (HERE, flow_runs_tagged, check_inputs_match_parents, graph_run_in_prefect, leftovers, offline_argv,
                                    pid_alive, run_offline, summary, wait_for)
 from tests.support import python_env
 
@@ -115,6 +115,12 @@ def test_the_graph_run_is_one_flow_run_with_a_task_run_per_module_run(fault_run:
         assert f"correlation:{cid}" in task.tags and f"module:{record['module']}" in task.tags
         assert task.state.is_completed() == (record["status"] == "Completed"), (record, task.state)
         assert task.run_count == record["attempts"]
+    # The sidecars' own ready/done flow runs carry the same tag (flows/history.py), all Completed: the
+    # failures above are the modules', never the sidecars'.
+    sidecar_runs = flow_runs_tagged(f"correlation:{cid}")
+    names = sorted(r.name.split("-")[0] for r in sidecar_runs if r.name != graph.name)
+    assert names.count("ready") == 1 + 4 + 1 and names.count("done") == 1 + 3  # source, 4 worker attempts, hang
+    assert all(r.state.is_completed() for r in sidecar_runs), [(r.name, r.state.name) for r in sidecar_runs]
 
 
 def test_ctrl_c_mid_graph_stops_every_process(tmp_path: Path) -> None:
