@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         _usage(f"--files / initial.files: {files} is not a folder")
     correlationid = args.correlationid or f"offline-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     rundir = Path(args.rundir or Path(".ion-offline") / correlationid).resolve()
+    if (rundir / ".dev").exists():
+        _usage(f"{rundir} already holds a graph run (its .dev/); give another --rundir or --correlationid")
     rundir.mkdir(parents=True, exist_ok=True)
 
     devserver = None

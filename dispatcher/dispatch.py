@@ -193,10 +193,8 @@ class Dispatcher:
                         valideventtypes=list(spec.valideventtypes), timeoutseconds=spec.timeoutseconds,
                         startupseconds=spec.startupseconds,
                         rundir=str(self.rundir), folder=str(folder))
-        try:
-            outcome = await self.launcher.launch(run)
-        finally:
-            await self.collect()
+        outcome = await self.launcher.launch(run)  # a failed attempt is an outcome, not an exception
+        await self.collect()
         record.reason = outcome.reason
         write_json_atomic(folder / "outcome.json", outcome.as_dict())
         if outcome.ok:

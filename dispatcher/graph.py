@@ -158,7 +158,7 @@ def _check(graph: Graph, shown: str) -> None:
             raise GraphError(f"{shown}: key {key}.startupseconds: more than 0 seconds, not {spec.startupseconds}")
         if spec.retrydelayseconds < 0:
             raise GraphError(f"{shown}: key {key}.retrydelayseconds: not negative, not {spec.retrydelayseconds}")
-        for i, event_type in enumerate([*spec.subscribes, *spec.valideventtypes]):
+        for event_type in [*spec.subscribes, *spec.valideventtypes]:
             if not event_type.strip() or "," in event_type:
                 raise GraphError(f"{shown}: key {key}: event type {event_type!r} is empty or has a comma")
         cwd = graph.resolve(spec.cwd)

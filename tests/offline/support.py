@@ -4,7 +4,6 @@ check bytes across parent and child, find leftover processes, read the graph run
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -32,8 +31,8 @@ def run_offline(graph: Path, *args: str, cwd: Path, timeout: float = 400) -> sub
     return result
 
 
-def summary(rundir: Path) -> dict[tuple[str, str], dict]:
-    """``summary.json``'s module runs by (module, event type, index in file order)."""
+def summary(rundir: Path) -> list[dict]:
+    """``summary.json``'s module runs, in the order they started."""
     return json.loads((rundir / "summary.json").read_text())["runs"]
 
 
@@ -134,4 +133,4 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 __all__ = ["EXAMPLE", "HERE", "check_inputs_match_parents", "flow_runs_tagged", "graph_run_in_prefect", "leftovers", "offline_argv",
-           "os", "pid_alive", "run_offline", "summary", "wait_for"]
+           "pid_alive", "run_offline", "summary", "wait_for"]

@@ -159,3 +159,8 @@ def test_a_graph_file_error_names_the_file_and_key(tmp_path: Path) -> None:
         load_graph(bad)
     result = run_offline(bad, cwd=tmp_path, timeout=60)
     assert result.returncode == 2 and "bad.yaml: key modules.m.colour" in result.stderr
+
+
+def test_a_used_graph_run_folder_is_refused(fault_run: dict, tmp_path: Path) -> None:
+    result = run_offline(HERE / "graph.yaml", "--rundir", str(fault_run["rundir"]), cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and "already holds a graph run" in result.stderr
