@@ -105,6 +105,7 @@ def test_compose_declares_every_service(compose: dict) -> None:
     # One image, built once: only the sidecar builds it, the one-shot containers reuse it as built.
     builders = [name for name, svc in services.items() if "build" in svc]
     assert builders == ["sidecar"] and services["sidecar"]["build"]["context"] == str(ROOT)
+    assert services["sidecar"]["pull_policy"] == "build"  # never looked up in a registry
     for name in ONE_SHOT:
         assert services[name]["image"] == services["sidecar"]["image"] == "ion-sidecar:local"
         assert services[name]["pull_policy"] == "never", f"{name} must not pull the locally built image"
