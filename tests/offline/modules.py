@@ -4,13 +4,14 @@
 - ``worker``: copies its one input file on and publishes one ``checked`` event; appends ``start``/``end``
   lines (event id, monotonic seconds) to ``$TRACE``; for the event with ``index`` = ``$FAIL_INDEX`` it
   fails its first attempt (exit 3 after /ready, before /done: a marker file remembers the attempt).
-- ``broken``: exits 4 before calling the sidecar, every time.
+- ``broken``: never calls the sidecar: its first attempt exits 4, every later one crashes (SIGKILL).
 - ``hang``: stages inputs, writes its pid (and its child's) to ``$PIDS``, then never ends.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -52,7 +53,11 @@ def worker(client: SidecarClient) -> None:
 
 def broken(client: SidecarClient) -> None:
     print("broken: the input cannot be read, giving up", flush=True)
-    raise SystemExit(4)
+    marker = Path(os.environ["TRACE"]).with_name("broken-once")
+    if not marker.exists():
+        marker.touch()
+        raise SystemExit(4)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def hang(client: SidecarClient) -> None:

@@ -81,11 +81,14 @@ def test_a_module_run_that_fails_once_is_retried_and_commits_once(fault_run: dic
     assert sum(1 for r in runs_of(fault_run, "worker") if r["attempts"] == 1) == 2
 
 
-def test_a_module_that_always_fails_goes_to_the_dead_letter_folder_with_the_reason(fault_run: dict) -> None:
+def test_a_module_that_always_fails_or_crashes_goes_to_the_dead_letter_folder_with_the_reason(fault_run: dict) -> None:
     [broken] = runs_of(fault_run, "broken")
     assert broken["attempts"] == 2
     letter = json.loads((fault_run["rundir"] / "deadletter" / f"broken--{broken['eventid']}.json").read_text())
-    assert letter["attempts"] == 2 and letter["reason"] == "the module exited with code 4"
+    first = json.loads((Path(broken["folders"][0]) / "outcome.json").read_text())
+    assert first["reason"] == "the module exited with code 4" and first["exitcode"] == 4
+    # The dead letter carries the last attempt's reason: a crash.
+    assert letter["attempts"] == 2 and letter["reason"] == "the module was killed by SIGKILL"
     assert letter["event"]["type"] == "start" and letter["event"]["context"]["eventId"] == broken["eventid"]
     assert "broken: the input cannot be read, giving up" in letter["logLines"]
 
@@ -93,7 +96,7 @@ def test_a_module_that_always_fails_goes_to_the_dead_letter_folder_with_the_reas
 def test_a_module_that_hangs_is_killed_at_its_time_out_with_its_children(fault_run: dict) -> None:
     [hang] = runs_of(fault_run, "hang")
     letter = json.loads((fault_run["rundir"] / "deadletter" / f"hang--{hang['eventid']}.json").read_text())
-    assert letter["attempts"] == 1 and letter["reason"] == "timed out after 15 s; the module was killed"
+    assert letter["attempts"] == 1 and letter["reason"] == "timed out after 25 s; the module was killed"
     assert "hang: waiting for ever" in letter["logLines"]
     module_pid, child_pid = map(int, fault_run["pids"].read_text().split())
     assert not pid_alive(module_pid) and not pid_alive(child_pid)
