@@ -5,6 +5,7 @@
   lines (event id, monotonic seconds) to ``$TRACE``; for the event with ``index`` = ``$FAIL_INDEX`` it
   fails its first attempt (exit 3 after /ready, before /done: a marker file remembers the attempt).
 - ``broken``: never calls the sidecar: its first attempt exits 4, every later one crashes (SIGKILL).
+- ``lazy``: stages its inputs and exits 0 without calling /done.
 - ``hang``: stages inputs, writes its pid (and its child's) to ``$PIDS``, then never ends.
 """
 
@@ -60,6 +61,11 @@ def broken(client: SidecarClient) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def lazy(client: SidecarClient) -> None:
+    client.ready()
+    client.write_event("forgotten", "item", index="9", path="none")  # never committed
+
+
 def hang(client: SidecarClient) -> None:
     client.ready()
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
@@ -70,4 +76,4 @@ def hang(client: SidecarClient) -> None:
 
 
 if __name__ == "__main__":
-    {"source": source, "worker": worker, "broken": broken, "hang": hang}[sys.argv[1]](SidecarClient())
+    {"source": source, "worker": worker, "broken": broken, "lazy": lazy, "hang": hang}[sys.argv[1]](SidecarClient())

@@ -48,10 +48,11 @@ def test_graph_run_ends_with_a_summary_and_exit_code_1_for_its_dead_letters(faul
     result = fault_run["result"]
     print(f"fault graph run: {fault_run['seconds']:.1f} s")
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "module  " in result.stdout and "attempts" in result.stdout and "2 dead letters" in result.stdout
+    assert "module  " in result.stdout and "attempts" in result.stdout and "3 dead letters" in result.stdout
     statuses = sorted((r["module"], r["status"]) for r in summary(fault_run["rundir"]))
-    assert statuses == [("broken", "Dead letter"), ("hang", "Dead letter"), ("source", "Completed"),
-                        ("worker", "Completed"), ("worker", "Completed"), ("worker", "Completed")]
+    assert statuses == [("broken", "Dead letter"), ("hang", "Dead letter"), ("lazy", "Dead letter"),
+                        ("source", "Completed"), ("worker", "Completed"), ("worker", "Completed"),
+                        ("worker", "Completed")]
 
 
 def test_fan_out_runs_one_module_run_per_event_bounded_by_the_concurrency_limit(fault_run: dict) -> None:
@@ -93,6 +94,15 @@ def test_a_module_that_always_fails_or_crashes_goes_to_the_dead_letter_folder_wi
     assert "broken: the input cannot be read, giving up" in letter["logLines"]
 
 
+def test_exit_0_without_done_is_a_failed_attempt_and_commits_nothing(fault_run: dict) -> None:
+    [lazy] = runs_of(fault_run, "lazy")
+    letter = json.loads((fault_run["rundir"] / "deadletter" / f"lazy--{lazy['eventid']}.json").read_text())
+    assert letter["reason"] == "the module exited 0 without a successful /done (sidecar phase: ready)"
+    metas = [json.loads(p.read_text()) for p in (fault_run["rundir"] / ".dev" / "documents" / "eventmeta").glob("*.json")]
+    producers = {m["producer"] for m in metas}
+    assert {"ion-offline", "source", "worker"} <= producers and "lazy" not in producers
+
+
 def test_a_module_that_hangs_is_killed_at_its_time_out_with_its_children(fault_run: dict) -> None:
     [hang] = runs_of(fault_run, "hang")
     letter = json.loads((fault_run["rundir"] / "deadletter" / f"hang--{hang['eventid']}.json").read_text())
@@ -122,7 +132,8 @@ def test_the_graph_run_is_one_flow_run_with_a_task_run_per_module_run(fault_run:
     # failures above are the modules', never the sidecars'.
     sidecar_runs = flow_runs_tagged(f"correlation:{cid}")
     names = sorted(r.name.split("-")[0] for r in sidecar_runs if r.name != graph.name)
-    assert names.count("ready") == 1 + 4 + 1 and names.count("done") == 1 + 3  # source, 4 worker attempts, hang
+    # source, 4 worker attempts, lazy, hang
+    assert names.count("ready") == 1 + 4 + 1 + 1 and names.count("done") == 1 + 3
     assert all(r.state.is_completed() for r in sidecar_runs), [(r.name, r.state.name) for r in sidecar_runs]
 
 
@@ -130,7 +141,7 @@ def test_ctrl_c_mid_graph_stops_every_process(tmp_path: Path) -> None:
     cid = f"corr-ctrl-c-{int(time.time())}"
     pids = tmp_path / "pids.txt"
     argv = offline_argv(HERE / "graph.yaml", f"modules.hang.env.PIDS={pids}", "modules.hang.timeoutseconds=600",
-                        "~modules.source", "~modules.broken", "~modules.worker", "--correlationid", cid,
+                        "~modules.source", "~modules.broken", "~modules.worker", "~modules.lazy", "--correlationid", cid,
                         "--rundir", str(tmp_path / "run"))
     with open(tmp_path / "offline.log", "wb") as out:
         proc = subprocess.Popen(argv, cwd=tmp_path, env=python_env(), stdout=out, stderr=subprocess.STDOUT)
