@@ -19,6 +19,7 @@ from flows.runtime import TASK_OPTIONS, Runtime, blob_key, child_event_id, split
 from sidecar.dataplane.blobs import BlobInfo, gather_bounded
 from sidecar.layout import DonePlan, OutputFile, PlannedEvent, plan_outputs
 from sidecar.models import BlobFile, DoneSummary, Event, EventContext, EventMeta, EventRef, Insight
+from sidecar.orchestration import fleet_slot
 
 
 @task(name="upload-files", task_run_name="upload-{count}-files", **TASK_OPTIONS)
@@ -26,8 +27,9 @@ async def upload_files(runtime: Runtime, files: list[OutputFile], count: int, li
                        progress: history.TransferProgress) -> list[BlobInfo]:
     """Upload ``files`` to their blob keys; returns what the blob store holds for each."""
     blobs = runtime.dataplane.blobs
-    return await gather_bounded(limit, [progress.track(blobs.upload(f.local, blob_key(runtime.cfg, f.path)), f.size)
-                                        for f in files])
+    async with fleet_slot(runtime.cfg.transfer.fleetlimit):
+        return await gather_bounded(limit, [progress.track(blobs.upload(f.local, blob_key(runtime.cfg, f.path)), f.size)
+                                            for f in files])
 
 
 @task(name="upsert-insight", task_run_name="upsert-insight", **TASK_OPTIONS)

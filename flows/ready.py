@@ -18,6 +18,7 @@ from flows.runtime import TASK_OPTIONS, Runtime, split_batches
 from sidecar.dataplane.blobs import BlobInfo, gather_bounded
 from sidecar.errors import DataPlaneError
 from sidecar.models import BlobFile, EventMeta, ReadySummary
+from sidecar.orchestration import fleet_slot
 from sidecar.paths import collisions, confine, name_problem, shown
 
 
@@ -35,7 +36,8 @@ async def download_files(runtime: Runtime, files: list[BlobFile], count: int, li
     target = runtime.layout.in_data
     jobs = [progress.track(blobs.download(f.key, target / f.path, BlobInfo(f.key, f.size, f.md5)), f.size)
             for f in files]
-    infos = await gather_bounded(limit, jobs)
+    async with fleet_slot(runtime.cfg.transfer.fleetlimit):
+        infos = await gather_bounded(limit, jobs)
     return sum(info.size for info in infos)
 
 

@@ -130,6 +130,9 @@ class TransferConfig:
     retries: int = 3
     # The wait before each retry, seconds.
     retrydelayseconds: float = 1.0
+    # A Prefect global concurrency limit (by name) bounding transfer task runs across every sidecar of a
+    # fleet: each takes one slot; empty: no fleet-wide bound. The limit must exist in the Prefect API.
+    fleetlimit: str = ""
 
 
 @dataclass

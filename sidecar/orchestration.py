@@ -27,6 +27,7 @@ states travel as events (no blocking API call), so a running body is not stopped
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -455,6 +456,21 @@ class PrefectApi:
                 await asyncio.wait_for(worker.drain_all(timeout=self.timeout), self.timeout)
             except Exception as exc:  # noqa: BLE001 - shutting down; report, never block the exit
                 log.warning("could not send the remaining %s items to the Prefect API: %s", worker.__name__, exc)
+
+
+def fleet_slot(name: str):
+    """An async context manager holding one slot of the Prefect global concurrency limit ``name``
+    (``--transfer.fleetlimit``) for the duration of one transfer task run; a no-op when ``name`` is empty.
+
+    Prefect's ``concurrency(strict=True)`` waits for a free slot through the API and raises
+    ``ConcurrencySlotAcquisitionError`` when no such limit exists (a transient error to the task's
+    retries, then a 5xx); a failed lease renewal during a long transfer does not stop the transfer.
+    """
+    if not name:
+        return contextlib.nullcontext()
+    from prefect.concurrency.asyncio import concurrency
+
+    return concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False)
 
 
 def _shown(url: str) -> str:
