@@ -39,7 +39,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from sidecar import flags
 from sidecar.logs import MIN_SECRET_CHARS
-from sidecar.config import PROVIDER_GROUPS, REQUIRED_KEYS, SECRET_KEYS, SidecarConfig, lookup, register
+from sidecar.config import (
+    PROVIDER_GROUPS,
+    REQUIRED_KEYS,
+    SECRET_KEYS,
+    AzureBlobConfig,
+    CredentialKind,
+    SidecarConfig,
+    lookup,
+    register,
+)
 from sidecar.paths import segment_problem, shown, text_problem
 from sidecar.sharedsecret import secret_problem
 
@@ -289,7 +298,12 @@ def check(cfg: SidecarConfig) -> None:
         raise UsageError(f"--serverport={cfg.serverport} is not a TCP port")
     blob = cfg.azureblobprovider
     if blob.enabled:
-        if not blob.connectionstring and not (blob.blobaccountname and blob.blobaccountkey):
+        if blob.credential is not CredentialKind.key:
+            _check_blob_token_settings(blob)
+        elif blob.clientid or blob.accounturl:
+            raise UsageError(f"--azureblobprovider.{'clientid' if blob.clientid else 'accounturl'} needs a token "
+                             "credential (--azureblobprovider.credential=default|managedidentity|workloadidentity)")
+        elif not blob.connectionstring and not (blob.blobaccountname and blob.blobaccountkey):
             raise UsageError("--azureblobprovider=true needs --azureblobprovider.blobaccountname and "
                              ".blobaccountkey, or --azureblobprovider.connectionstring")
         if not re.fullmatch(r"(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", blob.containername):
@@ -308,9 +322,48 @@ def check(cfg: SidecarConfig) -> None:
         raise UsageError("--mongodbdocprovider=true needs --mongodbdocprovider.name and .password, "
                          "or --mongodbdocprovider.uri")
     bus = cfg.servicebuseventprovider
-    if bus.enabled and not bus.connectionstring and not (bus.namespace and bus.key and bus.authorizationrulename):
+    if bus.enabled and bus.credential is not CredentialKind.key:
+        _check_token_settings("servicebuseventprovider", bus.credential, bus.clientid,
+                              {"connectionstring": bus.connectionstring, "key": bus.key})
+        if not bus.namespace:
+            raise UsageError(f"--servicebuseventprovider.credential={bus.credential.value} needs "
+                             "--servicebuseventprovider.namespace")
+    elif bus.enabled and bus.clientid:
+        raise UsageError("--servicebuseventprovider.clientid needs a token credential "
+                         "(--servicebuseventprovider.credential=default|managedidentity|workloadidentity)")
+    elif bus.enabled and not bus.connectionstring and not (bus.namespace and bus.key and bus.authorizationrulename):
         raise UsageError("--servicebuseventprovider=true needs --servicebuseventprovider.namespace, .key and "
                          ".authorizationrulename, or --servicebuseventprovider.connectionstring")
+
+
+def _check_token_settings(provider: str, kind: CredentialKind, clientid: str, keys: dict[str, str]) -> None:
+    """Reject a token credential combined with key settings, or missing its environment."""
+    from sidecar.dataplane.credentials import settings_problem
+
+    given = [name for name, value in keys.items() if value]
+    if given:
+        raise UsageError(f"--{provider}.credential={kind.value} signs in with Microsoft Entra ID: drop "
+                         f"--{provider}.{given[0]} (or use --{provider}.credential=key)")
+    problem = settings_problem(provider, kind, clientid)
+    if problem:
+        raise UsageError(problem)
+
+
+def _check_blob_token_settings(blob: AzureBlobConfig) -> None:
+    from sidecar.dataplane.credentials import USER_DELEGATION_MAX_SECONDS
+
+    _check_token_settings("azureblobprovider", blob.credential, blob.clientid,
+                          {"connectionstring": blob.connectionstring, "blobaccountkey": blob.blobaccountkey})
+    if not blob.accounturl and not blob.blobaccountname:
+        raise UsageError(f"--azureblobprovider.credential={blob.credential.value} needs "
+                         "--azureblobprovider.blobaccountname or --azureblobprovider.accounturl")
+    if blob.accounturl and not re.fullmatch(r"https://[^/?#\s]+(/[^?#\s]*)?", blob.accounturl):
+        # Bearer tokens travel only over TLS (Azure Storage and azure-core refuse them over http).
+        raise UsageError(f"--azureblobprovider.accounturl={blob.accounturl} is not an https:// URL "
+                         "(tokens are sent only over TLS)")
+    if blob.sasexpiryseconds > USER_DELEGATION_MAX_SECONDS:
+        raise UsageError(f"--azureblobprovider.sasexpiryseconds={blob.sasexpiryseconds} exceeds 7 days "
+                         f"({USER_DELEGATION_MAX_SECONDS} s), the longest a user-delegation SAS may last")
 
 
 def check_startup(cfg: SidecarConfig) -> None:

@@ -30,6 +30,16 @@ class LogLevel(str, Enum):
     error = "error"
 
 
+class CredentialKind(str, Enum):
+    """How an Azure provider signs in (``sidecar/dataplane/credentials.py``): its key or connection
+    string, or a Microsoft Entra ID token credential from azure-identity."""
+
+    key = "key"
+    default = "default"
+    managedidentity = "managedidentity"
+    workloadidentity = "workloadidentity"
+
+
 @dataclass
 class ContextConfig:
     """The run's context: which module handles which event (``--context.*``)."""
@@ -72,6 +82,12 @@ class AzureBlobConfig:
     connecttimeoutseconds: float = 10.0
     # Deadline between two reads of a blob service response, seconds.
     readtimeoutseconds: float = 60.0
+    # key: account key or connection string; default, managedidentity, workloadidentity: Entra ID token.
+    credential: CredentialKind = CredentialKind.key
+    # Client id of the user-assigned managed identity or workload identity (token credentials only).
+    clientid: str = ""
+    # Blob endpoint for token credentials; empty: https://{blobaccountname}.blob.core.windows.net.
+    accounturl: str = ""
 
 
 @dataclass
@@ -116,6 +132,10 @@ class ServiceBusConfig:
     connectionstring: str = ""
     # Hard deadline for publishing one /done's events, seconds.
     publishtimeoutseconds: float = 30.0
+    # key: SAS rule key or connection string; default, managedidentity, workloadidentity: Entra ID token.
+    credential: CredentialKind = CredentialKind.key
+    # Client id of the user-assigned managed identity or workload identity (token credentials only).
+    clientid: str = ""
 
 
 @dataclass

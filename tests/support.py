@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -25,15 +26,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float, ok=(200,), proc: subprocess.Popen | None = None) -> httpx.Response:
-    """Poll ``url`` until it answers with a status in ``ok``; fail after ``timeout`` seconds."""
+def wait_http(url: str, timeout: float, ok=(200,), proc: subprocess.Popen | None = None,
+              verify: ssl.SSLContext | bool = True) -> httpx.Response:
+    """Poll ``url`` until it answers with a status in ``ok``; fail after ``timeout`` seconds.
+    ``verify``: the TLS context (trusted CAs) for an https ``url``, as httpx takes it."""
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} while waiting for {url}")
         try:
-            response = httpx.get(url, timeout=2)
+            response = httpx.get(url, timeout=2, verify=verify)
             if response.status_code in ok:
                 return response
             last = response.status_code

@@ -45,11 +45,18 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
 )
 from azure.core.utils import parse_connection_string
-from azure.storage.blob import BlobBlock, BlobSasPermissions, ContentSettings, generate_blob_sas
+from azure.storage.blob import (
+    BlobBlock,
+    BlobSasPermissions,
+    ContentSettings,
+    UserDelegationKey,
+    generate_blob_sas,
+)
 from azure.storage.blob.aio import BlobServiceClient
 
-from sidecar.config import AzureBlobConfig
+from sidecar.config import AzureBlobConfig, CredentialKind
 from sidecar.dataplane.blobs import STORE, BlobInfo, BlobStore, BlobVerificationError
+from sidecar.dataplane.credentials import USER_DELEGATION_MAX_SECONDS, ProviderCredential, token_credential
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
 
 T = TypeVar("T")
@@ -69,8 +76,9 @@ class _AzureFileSystem(AzureBlobFileSystem):
     so this override builds it with ``client_options`` (keyword arguments of ``BlobServiceClient``).
     """
 
-    def __init__(self, *, client_options: dict[str, Any], **kwargs: Any):
+    def __init__(self, *, client_options: dict[str, Any], account_url: str, **kwargs: Any):
         self._client_options = client_options
+        self._account_url = account_url
         super().__init__(**kwargs)
 
     def do_connect(self) -> None:
@@ -79,8 +87,8 @@ class _AzureFileSystem(AzureBlobFileSystem):
                 self.connection_string, **self._client_options)
         else:
             self.service_client = BlobServiceClient(
-                f"https://{self.account_name}.blob.core.windows.net",
-                credential={"account_name": self.account_name, "account_key": self.account_key},
+                self._account_url,
+                credential=self.credential or {"account_name": self.account_name, "account_key": self.account_key},
                 **self._client_options)
 
 
@@ -95,10 +103,11 @@ class AzureBlobStore(BlobStore):
     """
 
     def __init__(self, fs: _AzureFileSystem, container: str, chunkbytes: int,
-                 signer: Callable[[str, int], str] | None):
+                 signer: Callable[[str, int], str] | None, credential: ProviderCredential | None = None):
         super().__init__(fs, container, signer)
         self.container = container
         self.chunkbytes = chunkbytes
+        self.credential = credential
         self._client = fs.service_client.get_container_client(container)
         self._container_ready = False
         self._container_lock = asyncio.Lock()
@@ -108,9 +117,18 @@ class AzureBlobStore(BlobStore):
         built directly because a ``BlobClient`` per recorded file costs more than the string."""
         return f"{self._client.url}/{quote(key, safe='~/')}"
 
+    async def upload(self, local: Path, key: str) -> BlobInfo:
+        """:meth:`BlobStore.upload`; with a user-delegation signer, first makes sure its key is fresh
+        (an async call the synchronous :meth:`url` cannot make), so the event's SAS URL can be signed."""
+        if isinstance(self._signer, UserDelegationSigner):
+            await self._signer.refresh()
+        return await super().upload(local, key)
+
     async def close(self) -> None:
-        """Close the service client's HTTP session."""
+        """Close the service client's HTTP session and the token credential's."""
         await self.fs.service_client.close()
+        if self.credential is not None:
+            await self.credential.close()
 
     async def _ensure_container(self) -> None:
         """Create the container once per process if it is missing (issue 3: created on upload)."""
@@ -203,13 +221,98 @@ class AzureBlobStore(BlobStore):
         return DataPlaneUnavailable(STORE, f"{where}: {type(exc).__name__}: {_first_line(str(exc))}")
 
 
+class UserDelegationSigner:
+    """Read-only SAS URLs signed with a user-delegation key (Microsoft Entra ID), never an account key.
+
+    The key comes from Get User Delegation Key (the identity needs a role with
+    ``Microsoft.Storage/storageAccounts/blobServices/generateUserDelegationKey``, e.g. Storage Blob
+    Delegator or Storage Blob Data Contributor). It is fetched once, valid for the 7 days the service
+    allows, and reused until it would expire within ``seconds`` + :attr:`MARGIN` of now; a SAS cannot
+    outlive its key. Source: Azure Storage REST docs, "Create a user delegation SAS".
+
+    Args:
+        service: the blob service client (token credential); ``container``: the container name;
+        blob_url: ``key -> url`` of a blob; ``seconds``: the SAS lifetime the flows ask for, seconds.
+    """
+
+    MARGIN = 300  # seconds: clock skew and the time between signing and the child's download
+
+    def __init__(self, service: BlobServiceClient, container: str, blob_url: Callable[[str], str], seconds: int):
+        self.service = service
+        self.container = container
+        self.blob_url = blob_url
+        self.seconds = seconds
+        self.key: UserDelegationKey | None = None
+        self._lock = asyncio.Lock()
+
+    def _lasts(self, seconds: int) -> bool:
+        if self.key is None:
+            return False
+        expiry = datetime.fromisoformat(self.key.signed_expiry.replace("Z", "+00:00"))
+        return expiry >= datetime.now(timezone.utc) + timedelta(seconds=seconds + self.MARGIN)
+
+    async def refresh(self) -> None:
+        """Fetch a new user-delegation key unless the one held lasts ``seconds`` + margin more.
+
+        Raises:
+            DataPlaneError: the service refused (e.g. the identity lacks the delegator role).
+            DataPlaneUnavailable: the service or the credential could not answer.
+        """
+        if self._lasts(self.seconds):
+            return
+        async with self._lock:
+            if self._lasts(self.seconds):
+                return
+            now = datetime.now(timezone.utc)
+            try:
+                self.key = await self.service.get_user_delegation_key(
+                    now - timedelta(seconds=self.MARGIN),
+                    now + timedelta(seconds=USER_DELEGATION_MAX_SECONDS - self.MARGIN))
+            except (DataPlaneError, DataPlaneUnavailable):
+                raise
+            except Exception as exc:  # noqa: BLE001 - translated like every other blob service error
+                raise _delegation_error(exc) from exc
+
+    def __call__(self, key: str, seconds: int) -> str:
+        """A read-only user-delegation SAS URL of blob ``key`` valid ``seconds`` seconds.
+
+        Raises:
+            DataPlaneUnavailable: no key lasts that long (``refresh`` was not awaited since it aged).
+        """
+        if not self._lasts(seconds - self.MARGIN):
+            raise DataPlaneUnavailable(STORE, f"no user delegation key lasting {seconds} s to sign blob '{key}'")
+        token = generate_blob_sas(
+            account_name=self.service.account_name, container_name=self.container, blob_name=key,
+            user_delegation_key=self.key, permission=BlobSasPermissions(read=True),
+            expiry=datetime.now(timezone.utc) + timedelta(seconds=seconds))
+        return f"{self.blob_url(key)}?{token}"
+
+
+def _delegation_error(exc: Exception) -> Exception:
+    """The sidecar error for a failed Get User Delegation Key: refused is permanent, the rest retried."""
+    what = "Get User Delegation Key"
+    if isinstance(exc, HttpResponseError) and exc.status_code is not None:
+        code = str(getattr(exc.error_code, "value", exc.error_code) or exc.reason or "")
+        if exc.status_code in (408, 429) or exc.status_code >= 500:
+            return DataPlaneUnavailable(STORE, f"{what}: HTTP {exc.status_code} {code}")
+        if exc.status_code == 401 or code in ("AuthenticationFailed", "InvalidAuthenticationInfo"):
+            return DataPlaneError(STORE, f"{what}: authentication failed: HTTP {exc.status_code} {code}")
+        hint = " (user-delegation SAS URLs need a role such as Storage Blob Delegator)" if exc.status_code == 403 else ""
+        return DataPlaneError(STORE, f"{what} refused: HTTP {exc.status_code} {code}{hint}")
+    return DataPlaneUnavailable(STORE, f"{what}: {type(exc).__name__}: {_first_line(str(exc))}")
+
+
 def azure_blob_store(cfg: AzureBlobConfig) -> AzureBlobStore:
     """The Azure Blob provider for ``cfg`` (``--azureblobprovider.*``). Opens no connection yet.
 
     Args:
-        cfg: ``connectionstring`` (Azurite or any endpoint; wins when set) or ``blobaccountname`` and
-            ``blobaccountkey``; ``containername``; ``chunkbytes`` (bytes per request);
-            ``connecttimeoutseconds``/``readtimeoutseconds``; ``sasexpiryseconds`` is used by the flows.
+        cfg: ``credential`` ``key`` with ``connectionstring`` (Azurite or any endpoint; wins when set)
+            or ``blobaccountname`` and ``blobaccountkey``; or a token ``credential``
+            (:mod:`sidecar.dataplane.credentials`) with ``clientid`` and ``accounturl`` (default
+            ``https://{blobaccountname}.blob.core.windows.net``), whose SAS URLs are user-delegation
+            SAS (:class:`UserDelegationSigner`); ``containername``; ``chunkbytes`` (bytes per
+            request); ``connecttimeoutseconds``/``readtimeoutseconds``; ``sasexpiryseconds``.
+            ``SSL_CERT_FILE``, when set, names the CA bundle the client trusts instead of the system's.
 
     Raises:
         ValueError: the connection string cannot be parsed (the message holds no secret).
@@ -224,7 +327,16 @@ def azure_blob_store(cfg: AzureBlobConfig) -> AzureBlobStore:
         "connection_timeout": cfg.connecttimeoutseconds,
         "read_timeout": cfg.readtimeoutseconds,
     }
-    if cfg.connectionstring:
+    # aiohttp builds its default TLS context when first imported; a CA bundle named later is passed on.
+    if os.environ.get("SSL_CERT_FILE"):
+        client_options["connection_verify"] = os.environ["SSL_CERT_FILE"]
+    token: ProviderCredential | None = None
+    if cfg.credential is not CredentialKind.key:
+        token = token_credential(cfg.credential, cfg.clientid, STORE)
+        account, account_key = cfg.blobaccountname, ""
+        endpoint = cfg.accounturl.rstrip("/") or f"https://{account}.blob.core.windows.net"
+        credentials: dict[str, Any] = {"account_name": account, "credential": token}
+    elif cfg.connectionstring:
         try:
             parts = parse_connection_string(cfg.connectionstring, case_sensitive_keys=False)
         except ValueError:
@@ -232,7 +344,7 @@ def azure_blob_store(cfg: AzureBlobConfig) -> AzureBlobStore:
         account, account_key = parts.get("accountname", ""), parts.get("accountkey", "")
         endpoint = parts.get("blobendpoint") or (f"{parts.get('defaultendpointsprotocol', 'https')}://{account}"
                                                  f".blob.{parts.get('endpointsuffix', 'core.windows.net')}")
-        credentials: dict[str, Any] = {"connection_string": cfg.connectionstring}
+        credentials = {"connection_string": cfg.connectionstring}
     else:
         account, account_key = cfg.blobaccountname, cfg.blobaccountkey
         endpoint = f"https://{account}.blob.core.windows.net"
@@ -246,8 +358,8 @@ def azure_blob_store(cfg: AzureBlobConfig) -> AzureBlobStore:
         client_options["proxies"] = {urlparse(endpoint).scheme: proxy}
     # asynchronous=False only gives adlfs fsspec's I/O loop for the close it registers to run at exit
     # (with no loop that hook fails noisily); the store awaits the "_" coroutines on the caller's loop.
-    fs = _AzureFileSystem(client_options=client_options, asynchronous=False, skip_instance_cache=True,
-                          use_listings_cache=False, **credentials)
+    fs = _AzureFileSystem(client_options=client_options, account_url=endpoint, asynchronous=False,
+                          skip_instance_cache=True, use_listings_cache=False, **credentials)
     store: AzureBlobStore
 
     def sign(key: str, seconds: int) -> str:
@@ -257,7 +369,13 @@ def azure_blob_store(cfg: AzureBlobConfig) -> AzureBlobStore:
             permission=BlobSasPermissions(read=True), expiry=datetime.now(timezone.utc) + timedelta(seconds=seconds))
         return f"{store.blob_url(key)}?{token}"
 
-    store = AzureBlobStore(fs, cfg.containername, chunk, sign if account and account_key else None)
+    signer: Callable[[str, int], str] | None
+    if token is None:
+        signer = sign if account and account_key else None
+    else:
+        signer = None if cfg.sasexpiryseconds <= 0 else UserDelegationSigner(
+            fs.service_client, cfg.containername, lambda key: store.blob_url(key), cfg.sasexpiryseconds)
+    store = AzureBlobStore(fs, cfg.containername, chunk, signer, token)
     return store
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 from azure.servicebus import ServiceBusMessage
 from azure.servicebus.aio import ServiceBusClient, ServiceBusSender
@@ -38,7 +39,8 @@ from azure.servicebus.exceptions import (
     ServiceBusError,
 )
 
-from sidecar.config import ServiceBusConfig
+from sidecar.config import CredentialKind, ServiceBusConfig
+from sidecar.dataplane.credentials import ProviderCredential, token_credential
 from sidecar.dataplane.events import STORE
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
 from sidecar.models import Event
@@ -63,6 +65,39 @@ def connection_string(cfg: ServiceBusConfig) -> str:
         return cfg.connectionstring
     host = cfg.namespace if "." in cfg.namespace else f"{cfg.namespace}.servicebus.windows.net"
     return f"Endpoint=sb://{host}/;SharedAccessKeyName={cfg.authorizationrulename};SharedAccessKey={cfg.key}"
+
+
+def service_bus_client(cfg: ServiceBusConfig) -> ServiceBusClient:
+    """The asyncio ``ServiceBusClient`` for ``cfg``: with the SAS key (:func:`connection_string`), or
+    with a Microsoft Entra ID token credential (:mod:`sidecar.dataplane.credentials`), which the SDK
+    sends on ``$cbs`` as a ``jwt`` put-token for the audience ``https://servicebus.azure.net``.
+
+    With a token credential, a ``namespace`` with an explicit port (``localhost:5672``) is a local
+    emulator spoken to over plain AMQP, as ``UseDevelopmentEmulator=true`` does in a connection
+    string; any other namespace is reached over TLS on port 5671.
+    ``retry_total=0``: Prefect's task retries are the one retry layer (flows/runtime.py).
+    """
+    if cfg.credential is CredentialKind.key:
+        return ServiceBusClient.from_connection_string(connection_string(cfg), retry_total=0)
+    host = cfg.namespace if "." in cfg.namespace or ":" in cfg.namespace else f"{cfg.namespace}.servicebus.windows.net"
+    emulator = urlsplit(f"//{host}").port is not None
+    return _TokenClient(host, token_credential(cfg.credential, cfg.clientid, STORE), retry_total=0,
+                        **({"use_tls": False} if emulator else {}))
+
+
+class _TokenClient(ServiceBusClient):
+    """A ``ServiceBusClient`` that owns its token credential: closing it closes the credential's HTTP
+    session too (the SDK leaves the credential to its caller)."""
+
+    def __init__(self, host: str, credential: ProviderCredential, **kwargs: Any):
+        super().__init__(host, credential, **kwargs)
+        self.owned_credential = credential
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            await self.owned_credential.close()
 
 
 def topic_of(cfg: ServiceBusConfig, event: Event) -> str:
@@ -190,8 +225,7 @@ class ServiceBusEventPublisher:
             # Connections belong to the event loop that opened them; never reuse them on another.
             self._client, self._senders, self._loop = None, {}, loop
         if self._client is None:
-            # retry_total=0: Prefect's task retries are the one retry layer (flows/runtime.py).
-            self._client = ServiceBusClient.from_connection_string(connection_string(self.cfg), retry_total=0)
+            self._client = service_bus_client(self.cfg)
         sender = self._senders.get(topic)
         if sender is None:
             sender = self._senders[topic] = self._client.get_topic_sender(topic_name=topic)

@@ -9,6 +9,7 @@ service only on a free loopback port with temporary storage. Flags (Azurite READ
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import tempfile
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from tests.identity import TlsFiles
 from tests.support import ROOT, dev_args, free_port, stop_process_group, wait_http
 
 # Azurite's development account and its well-known key (public, in Azurite's documentation).
@@ -29,15 +31,17 @@ class Azurite:
 
     port: int
     proc: subprocess.Popen
+    scheme: str = "http"
+    log: Path | None = None  # Azurite's debug log, when started with one
 
     @property
     def endpoint(self) -> str:
         """The blob endpoint of the development account (path-style, as Azurite serves it)."""
-        return f"http://127.0.0.1:{self.port}/{ACCOUNT}"
+        return f"{self.scheme}://127.0.0.1:{self.port}/{ACCOUNT}"
 
     def connection_string(self, key: str = ACCOUNT_KEY) -> str:
         """A connection string for the development account, signing with ``key``."""
-        return (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={key};"
+        return (f"DefaultEndpointsProtocol={self.scheme};AccountName={ACCOUNT};AccountKey={key};"
                 f"BlobEndpoint={self.endpoint};")
 
 
@@ -63,8 +67,12 @@ def azurite_executable() -> str:
 
 
 @contextmanager
-def run_azurite(timeout: float = 60) -> Iterator[Azurite]:
+def run_azurite(timeout: float = 60, tls: TlsFiles | None = None) -> Iterator[Azurite]:
     """Start Azurite's blob service with temporary storage; stop it and delete the storage on exit.
+
+    Args:
+        tls: serve HTTPS with this certificate and key, in OAuth mode (``--oauth basic``: bearer
+            tokens accepted, which Azurite allows only over HTTPS), with a debug log (``Azurite.log``).
 
     Raises:
         FileNotFoundError: Azurite is not installed.
@@ -75,13 +83,18 @@ def run_azurite(timeout: float = 60) -> Iterator[Azurite]:
     log_path = location / "azurite.log"
     argv = [azurite_executable(), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(location),
             "--skipApiVersionCheck", "--disableTelemetry", "--silent"]
+    debug_log = None
+    if tls is not None:
+        debug_log = location / "debug.log"
+        argv += ["--cert", str(tls.cert), "--key", str(tls.key), "--oauth", "basic", "--debug", str(debug_log)]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    azurite = Azurite(port, proc)
+    azurite = Azurite(port, proc, "https" if tls else "http", debug_log)
     try:
         try:
             # Any HTTP answer means it listens; an unsigned request gets 403.
-            wait_http(f"{azurite.endpoint}?comp=list", timeout, ok=(200, 403), proc=proc)
+            wait_http(f"{azurite.endpoint}?comp=list", timeout, ok=(200, 403), proc=proc,
+                      verify=ssl.create_default_context(cafile=str(tls.cert)) if tls else True)
         except Exception as exc:
             raise RuntimeError(f"Azurite did not start: {exc}\n{log_path.read_text(errors='replace')}") from None
         yield azurite
