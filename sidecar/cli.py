@@ -28,6 +28,7 @@ import re
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import yaml
@@ -395,7 +396,9 @@ def redacted_yaml(cfg: SidecarConfig) -> str:
     Values are printed as they are, never resolved: text holding ``${...}`` is literal (dumped with
     PyYAML from the typed config, not through OmegaConf, which would parse it as an interpolation).
     """
-    plain = dataclasses.asdict(cfg)
+    # Enums (log level, credential kinds) are printed as their values.
+    plain = dataclasses.asdict(cfg, dict_factory=lambda pairs: {k: v.value if isinstance(v, Enum) else v
+                                                                for k, v in pairs})
     for key in SECRET_KEYS:
         *parents, leaf = key.split(".")
         owner = plain
@@ -403,7 +406,6 @@ def redacted_yaml(cfg: SidecarConfig) -> str:
             owner = owner[part]
         if owner[leaf]:
             owner[leaf] = "***"
-    plain["loglevel"] = cfg.loglevel.value
     return yaml.safe_dump(plain, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
