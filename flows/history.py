@@ -54,6 +54,8 @@ MAX_ROWS = 100
 MAX_CELL_CHARS = 200
 # Files listed per child event in the events table.
 MAX_EVENT_FILES = 10
+# Files a markdown report lists (its table artifact lists up to MAX_ROWS).
+MAX_REPORT_FILES = 20
 # A transfer gets a progress artifact once it has lasted this long, seconds...
 PROGRESS_AFTER_SECONDS = 1.5
 # ...and the artifact is updated at most this often, seconds.
@@ -164,6 +166,16 @@ def _file_rows(files: Iterable[BlobFile]) -> list[dict[str, Any]]:
                   "files", "path")
 
 
+def _files_section(files: Sequence[BlobFile], table_key: str) -> str:
+    """The first :data:`MAX_REPORT_FILES` files as a markdown table, pointing to the table artifact."""
+    if not files:
+        return "_No files._"
+    shown = _markdown_table(_file_rows(files[:MAX_REPORT_FILES]))
+    more = (f"\n\n… and {len(files) - MAX_REPORT_FILES:,} more: table artifact `{table_key}` lists "
+            f"{min(len(files), MAX_ROWS):,} of the {len(files):,}." if len(files) > MAX_REPORT_FILES else "")
+    return shown + more
+
+
 def _header(step: str, runtime: Runtime) -> str:
     ctx = runtime.cfg.context
     parent = f", parent event `{ctx.parenteventid}`" if ctx.parenteventid else ", no parent event"
@@ -196,10 +208,9 @@ async def _report_ready(runtime: Runtime, meta: EventMeta | None, files: int, mo
     lines = [
         _header(step, runtime),
         f"Staged **{files:,} files, {moved:,} bytes** into `in/data` in {seconds:.3f} s {source}.",
+        f"### Files (`in/data`)\n\n{_files_section(staged, artifact_key(step + '-files', module, event))}",
         f"### Passed-on pairs (`in/meta.json`)\n\n{_pairs(meta.data if meta else [], 'passed-on pairs')}",
     ]
-    if staged:
-        lines.append(f"Files: table artifact `{artifact_key(step + '-files', module, event)}`.")
     work = [acreate_markdown_artifact("\n\n".join(lines), key=artifact_key(step, module, event),
                                       description=f"/ready of {module} for event {event}")]
     if staged:
@@ -238,11 +249,10 @@ async def _report_done(runtime: Runtime, plan: DonePlan, stored: dict[str, BlobI
         _header(step, runtime),
         f"Committed **{len(files):,} files, {moved:,} bytes**, {'an insight' if insight else 'no insight'} "
         f"and **{len(children):,} child events** in {seconds:.3f} s.",
+        f"### Files (`out/data`)\n\n{_files_section(files, artifact_key(step + '-files', module, event))}",
         f"### Insight (`out/meta.json`)\n\n{_pairs(insight.data if insight else [], 'insight pairs')}",
         f"### Child events\n\n{_markdown_table(event_rows) or '_No child events._'}",
     ]
-    if files:
-        lines.append(f"Files: table artifact `{artifact_key(step + '-files', module, event)}`.")
     work = [acreate_markdown_artifact("\n\n".join(lines), key=artifact_key(step, module, event),
                                       description=f"/done of {module} for event {event}")]
     if files:

@@ -118,11 +118,13 @@ def test_graph_run_is_tagged_reported_and_a_bad_input_is_one_warning(tmp_path: P
     assert rows[-1]["path"] == "… and 50 more files not shown"
     events = json.loads(latest(key("done-events", "finder", "Evt_Parent")).data)
     assert events == [{"event id": child_id, "type": "file_discovered",
-                       "destination": f"file {tmp_path}/.dev/events/{child_id}.json",
+                       "destination": f"folder {tmp_path}/.dev/events",
                        "files": ", ".join(passed_on[:10]) + " (+2 more)"}]
     report = latest(key("done", "finder", "Evt_Parent")).data
     assert f"Committed **{many} files, {9 * many:,} bytes**, an insight and **1 child events**" in report
     assert "| files | 150 |" in report and "… (300 more characters)" in report and child_id in report
+    assert "| batch/f019.txt | 9 |" in report and "batch/f020.txt" not in report
+    assert f"… and 130 more: table artifact `{key('done-files', 'finder', 'Evt_Parent')}` lists 100 of the 150." in report
 
     # The child's /ready: the staged files and the passed-on pairs, escaped for markdown.
     staged = json.loads(latest(key("ready-files", "child", child_id)).data)

@@ -45,7 +45,7 @@ class FileEventPublisher:
         return self.root / f"{quote(event_id, safe='')}.json"
 
     def destination(self, event: Event) -> str:
-        return f"file {self.file(event.id)}"
+        return f"folder {self.root}"
 
     async def publish(self, events: list[Event]) -> None:
         for event in events:
