@@ -194,3 +194,29 @@ def test_managed_identity_settings_compose() -> None:
                                     "--azureblobprovider.blobaccountname=acct", "--azureblobprovider.clientid=id"])
     blob = cfg.azureblobprovider
     assert (blob.credential, blob.clientid, blob.blobaccountname) == (CredentialKind.managedidentity, "id", "acct")
+
+
+def test_done_through_a_sidecar_records_user_delegation_sas_urls(
+        oauth_azurite: Azurite, identity: IdentityEndpoint, tls: TlsFiles, tmp_path: Path) -> None:
+    """A real sidecar process signing in with the managed identity: /done uploads, and the child event
+    meta's URL is a user-delegation SAS a child downloads through; no token or identity secret is logged."""
+    from sidecar.dataplane.documents import JsonFileDocumentStore
+    from tests.support import SidecarProcess, dev_args
+    from tests.test_e2e_dev import run_module
+
+    args = [a for a in dev_args("evt-entra", "corr-entra", "parent") if a != "--development=true"] + [
+        "--azureblobprovider=true", "--azureblobprovider.containername=entra-e2e",
+        "--azureblobprovider.credential=managedidentity", f"--azureblobprovider.accounturl={oauth_azurite.endpoint}"]
+    env = {**identity.env(), "SSL_CERT_FILE": str(tls.cert)}
+    with SidecarProcess(tmp_path, args, env=env) as sidecar:
+        done = run_module(sidecar, EVENT_LABEL="root", FILES="1")[-1]["done"]
+        output = sidecar.output()
+    assert done["files"] == 1 and len(done["events"]) == 1, output
+    meta = JsonFileDocumentStore(tmp_path / ".dev" / "documents").get_event_meta(done["events"][0]["eventId"])
+    [recorded] = meta.files
+    query = parse_qs(urlparse(recorded.url).query)
+    assert query["skoid"] == [identity.object_id], recorded.url
+    source = tmp_path / "ion" / "out" / "data" / recorded.path
+    child = httpx.get(recorded.url, verify=ssl.create_default_context(cafile=str(tls.cert)))
+    assert child.status_code == 200 and child.content == source.read_bytes()
+    assert identity.secret not in output and not any(token in output for token in identity.issued)
