@@ -136,15 +136,16 @@ def _cell(value: object) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
 
 
-def capped(rows: Sequence[dict[str, Any]], what: str, first_column: str) -> list[dict[str, Any]]:
-    """The first :data:`MAX_ROWS` of ``rows`` and, when some were left out, one more row whose
-    ``first_column`` says how many ``what`` (e.g. "files") are not shown."""
-    if len(rows) <= MAX_ROWS:
-        return list(rows)
-    columns = list(rows[0])
-    more = {column: "" for column in columns}
-    more[first_column] = f"… and {len(rows) - MAX_ROWS:,} more {what} not shown"
-    return [*rows[:MAX_ROWS], more]
+def capped(rows: Sequence[dict[str, Any]], total: int, what: str, first_column: str) -> list[dict[str, Any]]:
+    """``rows`` (the first items of ``total``; only the first :data:`MAX_ROWS` are kept) and, when some
+    were left out, one more row whose ``first_column`` says how many ``what`` (e.g. "files") are not
+    shown. Callers pass only the first rows, so a run of 100,000 files never builds 100,000 rows."""
+    rows = list(rows[:MAX_ROWS])
+    if total <= len(rows):
+        return rows
+    more = {column: "" for column in rows[0]} if rows else {}
+    more[first_column] = f"… and {total - len(rows):,} more {what} not shown"
+    return [*rows, more]
 
 
 def _markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -157,22 +158,25 @@ def _markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _pairs(pairs: Iterable[KeyValuePair], what: str) -> str:
-    rows = capped([{"key": p.key, "value": p.value} for p in pairs], what, "key")
+    pairs = list(pairs)
+    rows = capped([{"key": p.key, "value": p.value} for p in pairs[:MAX_ROWS]], len(pairs), what, "key")
     return _markdown_table(rows) if rows else f"_No {what}._"
 
 
-def _file_rows(files: Iterable[BlobFile]) -> list[dict[str, Any]]:
-    return capped([{"path": f.path, "bytes": f.size, "MD5": f.md5 or "", "blob key": f.key} for f in files],
-                  "files", "path")
+def _file_rows(files: Sequence[BlobFile], total: int, limit: int = MAX_ROWS) -> list[dict[str, Any]]:
+    """Rows of the first ``limit`` of ``files`` (the first files of ``total``), then the count row."""
+    return capped([{"path": f.path, "bytes": f.size, "MD5": f.md5 or "", "blob key": f.key} for f in files[:limit]],
+                  total, "files", "path")
 
 
-def _files_section(files: Sequence[BlobFile], table_key: str) -> str:
-    """The first :data:`MAX_REPORT_FILES` files as a markdown table, pointing to the table artifact."""
+def _files_section(files: Sequence[BlobFile], total: int, table_key: str) -> str:
+    """The first :data:`MAX_REPORT_FILES` files (of ``total``) as a markdown table, pointing to the table
+    artifact for more."""
     if not files:
         return "_No files._"
-    shown = _markdown_table(_file_rows(files[:MAX_REPORT_FILES]))
-    more = (f"\n\n… and {len(files) - MAX_REPORT_FILES:,} more: table artifact `{table_key}` lists "
-            f"{min(len(files), MAX_ROWS):,} of the {len(files):,}." if len(files) > MAX_REPORT_FILES else "")
+    shown = _markdown_table(_file_rows(files, min(total, MAX_REPORT_FILES), MAX_REPORT_FILES))
+    more = (f"\n\n… and {total - MAX_REPORT_FILES:,} more: table artifact `{table_key}` lists "
+            f"{min(total, MAX_ROWS):,} of the {total:,}." if total > MAX_REPORT_FILES else "")
     return shown + more
 
 
@@ -208,13 +212,13 @@ async def _report_ready(runtime: Runtime, meta: EventMeta | None, files: int, mo
     lines = [
         _header(step, runtime),
         f"Staged **{files:,} files, {moved:,} bytes** into `in/data` in {seconds:.3f} s {source}.",
-        f"### Files (`in/data`)\n\n{_files_section(staged, artifact_key(step + '-files', module, event))}",
+        f"### Files (`in/data`)\n\n{_files_section(staged, len(staged), artifact_key(step + '-files', module, event))}",
         f"### Passed-on pairs (`in/meta.json`)\n\n{_pairs(meta.data if meta else [], 'passed-on pairs')}",
     ]
     work = [acreate_markdown_artifact("\n\n".join(lines), key=artifact_key(step, module, event),
                                       description=f"/ready of {module} for event {event}")]
     if staged:
-        work.append(acreate_table_artifact(_file_rows(staged), key=artifact_key(step + "-files", module, event),
+        work.append(acreate_table_artifact(_file_rows(staged, len(staged)), key=artifact_key(step + "-files", module, event),
                                            description=f"Files staged into in/data ({len(staged):,})"))
     await asyncio.gather(*work)
 
@@ -237,27 +241,28 @@ async def _report_done(runtime: Runtime, plan: DonePlan, stored: dict[str, BlobI
                        children: Sequence[tuple[EventMeta, Event]], seconds: float) -> None:
     module, event, step = _keys(runtime, "done")
     moved = plan.bytes
+    count = len(plan.files)
     files = [BlobFile(path=f.path, key=stored[f.path].key, size=stored[f.path].size, md5=stored[f.path].md5)
-             for f in plan.files]
+             for f in plan.files[:MAX_ROWS]]
     events = runtime.dataplane.events
     event_rows = capped([
         {"event id": e.id, "type": e.type, "destination": events.destination(e),
          "files": ", ".join(f.path for f in meta.files[:MAX_EVENT_FILES])
          + (f" (+{len(meta.files) - MAX_EVENT_FILES:,} more)" if len(meta.files) > MAX_EVENT_FILES else "")}
-        for meta, e in children], "child events", "event id")
+        for meta, e in children[:MAX_ROWS]], len(children), "child events", "event id")
     lines = [
         _header(step, runtime),
-        f"Committed **{len(files):,} files, {moved:,} bytes**, {'an insight' if insight else 'no insight'} "
+        f"Committed **{count:,} files, {moved:,} bytes**, {'an insight' if insight else 'no insight'} "
         f"and **{len(children):,} child events** in {seconds:.3f} s.",
-        f"### Files (`out/data`)\n\n{_files_section(files, artifact_key(step + '-files', module, event))}",
+        f"### Files (`out/data`)\n\n{_files_section(files, count, artifact_key(step + '-files', module, event))}",
         f"### Insight (`out/meta.json`)\n\n{_pairs(insight.data if insight else [], 'insight pairs')}",
         f"### Child events\n\n{_markdown_table(event_rows) or '_No child events._'}",
     ]
     work = [acreate_markdown_artifact("\n\n".join(lines), key=artifact_key(step, module, event),
                                       description=f"/done of {module} for event {event}")]
     if files:
-        work.append(acreate_table_artifact(_file_rows(files), key=artifact_key(step + "-files", module, event),
-                                           description=f"Files committed from out/data ({len(files):,})"))
+        work.append(acreate_table_artifact(_file_rows(files, count), key=artifact_key(step + "-files", module, event),
+                                           description=f"Files committed from out/data ({count:,})"))
     if children:
         work.append(acreate_table_artifact(event_rows, key=artifact_key(step + "-events", module, event),
                                            description=f"Child events published ({len(children):,})"))
