@@ -71,23 +71,30 @@ def test_the_example_graph_runs_on_a_process_work_pool(process_worker, tmp_path:
     assert leftovers(cid) == []
 
 
-def test_the_kubernetes_base_job_template_is_accepted_by_prefect(tmp_path: Path) -> None:
+def test_the_kubernetes_base_job_template_is_accepted_by_prefect() -> None:
     # Not run on a cluster here; Prefect's server checks that every {{ placeholder }} of the job
     # configuration is a declared variable and that the variables are a JSON schema.
-    template = ROOT / "deploy" / "workpool" / "kubernetes.json"
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    template = json.loads((ROOT / "deploy" / "workpool" / "kubernetes.json").read_text())
+    broken = json.loads(json.dumps(template))
+    del broken["variables"]["properties"]["graph_runs_claim"]
     pool = f"ion-offline-k8s-{int(time.time())}"
-    created = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", "kubernetes",
-                              "--base-job-template", str(template)], env=python_env(), capture_output=True,
-                             text=True, timeout=120)
-    assert created.returncode == 0, created.stdout + created.stderr
-    shown = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "inspect", pool], env=python_env(),
-                           capture_output=True, text=True, timeout=120)
-    assert "ion-sidecar:local" in shown.stdout and "graph_runs_claim" in shown.stdout
-    broken = tmp_path / "broken.json"
-    spec = json.loads(template.read_text())
-    del spec["variables"]["properties"]["graph_runs_claim"]
-    broken.write_text(json.dumps(spec))
-    refused = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", f"{pool}-broken", "--type",
-                              "kubernetes", "--base-job-template", str(broken)], env=python_env(),
-                             capture_output=True, text=True, timeout=120)
-    assert refused.returncode != 0 and "graph_runs_claim" in refused.stdout + refused.stderr
+
+    async def create() -> tuple[object, Exception | None]:
+        async with get_client() as api:
+            created = await api.create_work_pool(WorkPoolCreate(name=pool, type="kubernetes", base_job_template=template))
+            try:
+                await api.create_work_pool(WorkPoolCreate(name=f"{pool}-broken", type="kubernetes",
+                                                          base_job_template=broken))
+            except Exception as exc:  # noqa: BLE001 - the refusal is what is tested
+                return created, exc
+            return created, None
+
+    created, refused = asyncio.run(create())
+    variables = created.base_job_template["variables"]["properties"]
+    assert variables["image"]["default"] == "ion-sidecar:local" and "graph_runs_claim" in variables
+    assert refused is not None and "graph_runs_claim" in str(refused)
