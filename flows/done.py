@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from flows import history
 from flows.runtime import TASK_OPTIONS, Runtime, blob_key, child_event_id, split_batches
 from sidecar.dataplane.blobs import BlobInfo, gather_bounded
-from sidecar.layout import DonePlan, OutputFile, PlannedEvent, plan_outputs
+from sidecar.layout import check_event_meta_sizes, DonePlan, OutputFile, PlannedEvent, plan_outputs
 from sidecar.models import BlobFile, DoneSummary, Event, EventContext, EventMeta, EventRef, Insight
 from sidecar.orchestration import fleet_slot
 
@@ -94,6 +94,7 @@ async def done(runtime: Runtime) -> DoneSummary:
     cfg = runtime.cfg
     plan = plan_outputs(runtime.layout, list(cfg.valideventtypes), cfg.maxeventbytes,
                         key_of=lambda path: blob_key(cfg, path))
+    check_event_meta_sizes(plan, lambda path: blob_key(cfg, path))
     options = runtime.task_options()
     stored: dict[str, BlobInfo] = {}
     if plan.files:

@@ -26,8 +26,14 @@ from sidecar.paths import collisions, name_problem, segment_problem, shown, text
 
 log = logging.getLogger(__name__)
 
-# Largest out/meta.json accepted, bytes: Cosmos DB's API for MongoDB stores documents up to 2 MiB.
-MAX_INSIGHT_BYTES = 2 * 1024 * 1024
+# Largest document stored, bytes: Cosmos DB's API for MongoDB stores documents up to 2 MiB (MongoDB
+# itself 16 MiB); the smaller bound holds for every provider, so development mode refuses the same.
+MAX_DOCUMENT_BYTES = 2 * 1024 * 1024
+# Largest out/meta.json accepted, bytes: its insight document must fit.
+MAX_INSIGHT_BYTES = MAX_DOCUMENT_BYTES
+# What a file entry of an event meta may add beyond its path, key and size, bytes: an MD5 and a SAS
+# URL (endpoint, container, the key percent-encoded, a token of about 200 characters).
+_FILE_ENTRY_ALLOWANCE = 512
 
 _PAIRS = TypeAdapter(list[KeyValuePair])
 
@@ -337,6 +343,28 @@ def plan_outputs(layout: ModuleLayout, valid_event_types: list[str], max_event_b
             pairs = read_pairs(entry, where, max_event_bytes, empty_ok=False)
             events.append(_plan_event(entry.name, where, pairs, valid_event_types, by_path))
     return DonePlan(files=files, insight=insight, events=events)
+
+
+def check_event_meta_sizes(plan: DonePlan, key_of: Callable[[str], str]) -> None:
+    """Refuse, before anything is committed, an event whose child event meta would not fit in a
+    document (:data:`MAX_DOCUMENT_BYTES`). The meta holds the event's pairs and, per listed file, its
+    path, blob key, size, MD5 and URL; the last two are bounded by an allowance, so the estimate is
+    the same whichever providers are enabled.
+
+    Raises:
+        InputError: naming the event file and key ``files``.
+    """
+    for planned in plan.events:
+        pairs = json.dumps([p.model_dump() for p in planned.data], ensure_ascii=False).encode("utf-8")
+        size = len(pairs) + 1024  # ids, type, producer and field names
+        for path in planned.files:
+            key = key_of(path)
+            size += len(path.encode("utf-8")) + 3 * len(key.encode("utf-8")) + _FILE_ENTRY_ALLOWANCE
+        if size > MAX_DOCUMENT_BYTES:
+            raise InputError(f"out/events/{shown(planned.file)}",
+                             f"its event meta would take about {size} bytes, over the {MAX_DOCUMENT_BYTES} bytes "
+                             f"a document may hold (Cosmos DB); list fewer files ({len(planned.files)} listed)",
+                             key="files")
 
 
 def _check_inside_out(layout: ModuleLayout, path: Path, where: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -59,6 +60,14 @@ def pairs(*kv: tuple[str, str]) -> str:
 
 def refused_name(case_id: str, name: str | bytes, shown: str, detail: str) -> DoneCase:
     return DoneCase(case_id, lambda out: data(out, name), f"out/data/{shown}", detail)
+
+
+def reset_outputs(out: Path) -> None:
+    """Fresh ``out/``: one good file and one good event that would be committed if nothing were refused."""
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "events").mkdir(parents=True)
+    data(out, GOOD, b"good")
+    event(out, "0-good.json", pairs(("eventType", "file_discovered"), ("files", GOOD)))
 
 
 def _outside(out: Path) -> Path:
@@ -129,9 +138,25 @@ DONE_CASES: list[DoneCase] = [
     # Sizes.
     DoneCase("event-too-large", lambda out: event(out, "bad.json", pairs(("eventType", "file_discovered"), ("pad", "x" * 300_000))),
              "out/events/bad.json", "over the limit"),
+    DoneCase("event-meta-too-large", lambda out: (
+        [data(out, f"many/{i:05d}", b"") for i in range(4000)],
+        event(out, "big.json", pairs(("eventType", "file_discovered"), ("files", ",".join(f"many/{i:05d}" for i in range(4000)))))),
+        "out/events/big.json: key 'files'", "over the 2097152 bytes"),
     DoneCase("insight-too-large", lambda out: (out / "meta.json").write_text(pairs(("pad", "x" * (2 * 1024 * 1024)))),
              "out/meta.json", "over the limit"),
 ]
+
+
+# The cases driven through the app against both provider sets: one or two of each family (each costs a
+# flow run, about a second on a loaded machine). Every case of DONE_CASES and READY_CASES also runs in
+# test_rules.py against the validation itself, which takes milliseconds.
+HTTP_DONE = {
+    "backslash-merges", "trailing-dot", "control-tab", "noncharacter-ffff", "private-use", "too-many-segments",
+    "too-long", "latin1-byte", "invalid-utf8-folder", "symlink-two-loop", "folder-link-cycle", "file-link-outside",
+    "dangling-link", "fifo", "event-link-outside", "event-value-surrogate", "insight-surrogate",
+    "event-file-name-latin1", "event-deep-nesting", "event-nan", "files-dotdot", "event-meta-too-large",
+    "event-too-large",
+}
 
 
 # Names every provider keeps as they are: committed, then staged by the child byte for byte. Those
@@ -184,3 +209,6 @@ READY_CASES: list[ReadyCase] = [
     ReadyCase("paths-file-and-folder", [("a", "p/m/a.txt"), ("a/b.txt", "p/m/b.txt")], "path", "a/b.txt",
               "collides with 'a'"),
 ]
+
+HTTP_READY = {"path-empty", "path-dot", "path-escape", "path-absolute", "path-backslash", "key-escape",
+              "paths-duplicate", "paths-file-and-folder"}

@@ -10,9 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from flows.ready import _check_paths
 from sidecar.cli import UsageError, compose_config, redacted_yaml
+from sidecar.errors import DataPlaneError, InputError
+from sidecar.layout import ModuleLayout, check_event_meta_sizes, plan_outputs
+from sidecar.models import BlobFile, EventMeta
 from sidecar.paths import collisions, confine, name_problem, shown, text_problem
 from sidecar.sharedsecret import matches, secret_problem
+from tests.hostile.corpus import DONE_CASES, READY_CASES, reset_outputs
 from tests.support import python_env
 
 REFUSED_NAMES = [
@@ -131,10 +136,40 @@ def test_secret_rule_is_one_rule_for_server_and_client() -> None:
 def test_printconfig_with_interpolation_in_a_secret_prints_and_never_resolves(tmp_path: Path) -> None:
     env = python_env()
     env.pop("SHARED_SECRET", None)
-    result = subprocess.run([sys.executable, "-c", "from sidecar.cli import compose_config, redacted_yaml;"
-                             "import sys; print(redacted_yaml(compose_config(sys.argv[1:])[0]))",
-                             *BASE, "--sharedsecret=${x}", "--context.name=m-${oc.env:HOME}", "--printconfig"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert "sharedsecret: '***'" in result.stdout and "name: m-${oc.env:HOME}" in result.stdout
-    assert "Traceback" not in result.stderr
+    # A secret this short is refused once the configuration is printed: the process exits after printing.
+    result = subprocess.run([sys.executable, "-m", "sidecar", *BASE, "--sharedsecret=${x}",
+                             "--context.name=m-${oc.env:HOME}", f"--basedir={tmp_path / 'ion'}", "--printconfig"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert "sharedsecret: '***'" in result.stdout and "name: m-${oc.env:HOME}" in result.stdout, result.stdout
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 1, result.stderr
+    assert "${x}" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("case", DONE_CASES, ids=[c.id for c in DONE_CASES])
+def test_every_done_case_is_refused_before_any_commit(case, tmp_path: Path) -> None:
+    """The whole corpus against the validation /done runs first (test_hostile.py drives a share of it
+    through the app with both provider sets)."""
+    layout = ModuleLayout(tmp_path / "ion")
+    layout.prepare()
+    reset_outputs(layout.basedir / "out")
+    case.write(layout.basedir / "out")
+
+    def key_of(path: str) -> str:
+        return f"hostile-done/mod/{path}"
+
+    with pytest.raises(InputError) as err:
+        check_event_meta_sizes(plan_outputs(layout, ["file_discovered"], 256 * 1024, key_of=key_of), key_of)
+    message = str(err.value)
+    assert message.startswith(case.file) and case.detail in message, message
+    message.encode("utf-8")  # sendable as JSON and to the Prefect API
+
+
+@pytest.mark.parametrize("case", READY_CASES, ids=[c.id for c in READY_CASES])
+def test_every_ready_case_is_refused_before_anything_is_staged(case, tmp_path: Path) -> None:
+    meta = EventMeta(id="ev", eventId="ev", correlationId="c", parentEventId="p", eventType="t", producer="p",
+                     files=[BlobFile(path=p, key=k, size=5) for p, k in case.files])
+    (tmp_path / "in" / "data").mkdir(parents=True)
+    with pytest.raises(DataPlaneError) as err:
+        _check_paths(meta, tmp_path / "in" / "data")
+    message = str(err.value)
+    assert f"event meta 'ev' lists {case.what} '{case.shown}', which " in message and case.detail in message, message
