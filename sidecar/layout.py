@@ -236,14 +236,15 @@ def list_output_files(layout: ModuleLayout) -> list[OutputFile]:
             if problem:
                 raise InputError(where, problem)
             path = Path(entry.path)
+            # scandir's answers are cached from the listing; a link is resolved (and checked) first.
             real = _link_target(path, real_root, where) if entry.is_symlink() else None
-            if path.is_dir():
+            if entry.is_dir():
                 real = real or os.path.realpath(path)
                 if real in ancestors:
                     raise InputError(where, "is a link to a folder that holds it (a cycle)")
                 visit(path, rel + "/", ancestors | {real})
-            elif path.is_file():
-                found.append(OutputFile(rel, path, path.stat().st_size))
+            elif entry.is_file():
+                found.append(OutputFile(rel, path, entry.stat().st_size))
             else:
                 raise InputError(where, "is neither a file nor a folder (a FIFO, socket or device cannot be committed)")
 
@@ -284,7 +285,7 @@ def check_blob_names(files: list[OutputFile], key_of: Callable[[str], str]) -> N
 
 
 def _event_files(value: str, where: str, outputs: dict[str, OutputFile]) -> list[str]:
-    paths: list[str] = []
+    paths: dict[str, None] = {}  # insertion-ordered, and a set for the duplicate check
     for raw in value.split(","):
         entry = raw.strip()
         if not entry:
@@ -296,9 +297,8 @@ def _event_files(value: str, where: str, outputs: dict[str, OutputFile]) -> list
             raise InputError(where, f"'{shown(entry)}' escapes out/data", key="files")
         if normal not in outputs:
             raise InputError(where, f"'{shown(entry)}' is not a file under out/data", key="files")
-        if normal not in paths:
-            paths.append(normal)
-    return paths
+        paths.setdefault(normal)
+    return list(paths)
 
 
 def plan_outputs(layout: ModuleLayout, valid_event_types: list[str], max_event_bytes: int,

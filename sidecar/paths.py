@@ -19,6 +19,7 @@ volume (a name that ``os.fsdecode`` could not decode as UTF-8 holds lone surroga
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -61,6 +62,12 @@ def text_problem(text: str) -> str | None:
     return None
 
 
+# Every code point _char_problem refuses, for one quick search per segment (most names have none).
+_BAD_CHAR = re.compile(
+    "[\x00-\x1f\x7f-\x9f\\\\\ud800-\udfff\ufdd0-\ufdef\ue000-\uf8ff\U000f0000-\U0010ffff"
+    + "".join(f"{chr(plane << 16 | 0xFFFE)}{chr(plane << 16 | 0xFFFF)}" for plane in range(17)) + "]")
+
+
 def _char_problem(ch: str) -> str | None:
     code = ord(ch)
     if 0xDC80 <= code <= 0xDCFF:
@@ -86,10 +93,9 @@ def segment_problem(segment: str) -> str | None:
         return f"has a '{segment}' path segment, which URLs collapse"
     if "/" in segment:
         return "holds '/', which separates the segments of a blob name"
-    for ch in segment:
-        problem = _char_problem(ch)
-        if problem:
-            return problem
+    bad = _BAD_CHAR.search(segment)
+    if bad:
+        return _char_problem(bad.group())
     if segment.endswith("."):
         return "has a name ending with '.', which Azure Storage drops (a different name)"
     if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
