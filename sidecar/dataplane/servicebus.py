@@ -253,6 +253,10 @@ def _first_line(exc: BaseException) -> str:
 
 def _translate(exc: BaseException, topic: str) -> BaseException:
     """The sidecar error for SDK error ``exc`` while publishing to ``topic`` (or ``exc`` itself)."""
+    inner = getattr(exc, "inner_exception", None)
+    if isinstance(inner, DataPlaneUnavailable):
+        # The token credential could not get a token (credentials.ProviderCredential); the SDK wrapped it.
+        return inner
     if isinstance(exc, PERMANENT):
         return DataPlaneError(STORE, f"topic '{topic}': {type(exc).__name__}: {_first_line(exc)}")
     if isinstance(exc, ServiceBusError):
