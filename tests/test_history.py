@@ -204,3 +204,27 @@ def test_progress_only_for_long_transfers_and_at_most_once_per_interval() -> Non
     # Created after 0.3 s, then one write per 0.3 s at most, and one at the end.
     assert 2 <= slow.updates <= (elapsed - 0.3) / 0.3 + 2, (slow.updates, elapsed)
     assert fast.updates == 0 and latest(key_fast) is None
+
+
+def test_bad_input_raised_in_a_task_is_one_warning_for_task_and_flow_runs() -> None:
+    import logging
+
+    from sidecar.errors import InputError
+    from sidecar.logs import BadInputFilter
+
+    bad = BadInputFilter()
+    exc = InputError("out/events/a.json", "not a valid event type", key="eventType")
+
+    def record(logger: str, level: int, msg: str, err: BaseException | None = None, **ids: str) -> logging.LogRecord | None:
+        rec = logging.LogRecord(logger, level, __file__, 1, msg, None, (type(err), err, None) if err else None)
+        rec.__dict__.update(ids)
+        return rec if bad.filter(rec) else None
+
+    task = record("prefect.task_runs", logging.ERROR, "Task run failed with exception", exc, flow_run_id="f", task_run_id="t")
+    assert task.levelno == logging.WARNING and task.exc_info is None
+    assert task.getMessage() == "bad input, nothing committed: out/events/a.json: key 'eventType': not a valid event type"
+    assert record("prefect.task_runs", logging.ERROR, "Finished in state Failed()", flow_run_id="f", task_run_id="t").levelno == logging.INFO
+    assert record("prefect.flow_runs", logging.ERROR, "Encountered exception during execution", exc, flow_run_id="f") is None
+    assert record("prefect.flow_runs", logging.ERROR, "Finished in state Failed()", flow_run_id="f").levelno == logging.INFO
+    # Another run's failure is left as Prefect logs it.
+    assert record("prefect.flow_runs", logging.ERROR, "Finished in state Failed()", flow_run_id="g").levelno == logging.ERROR
