@@ -16,7 +16,10 @@ from prefect.runtime import flow_run
 
 from flows import history
 from flows.runtime import TASK_OPTIONS, Runtime, blob_key, child_event_id, split_batches
-from sidecar.dataplane.blobs import BlobInfo, gather_bounded
+from sidecar import crashpoints
+from sidecar.dataplane.blobs import BlobInfo, gather_all, gather_bounded
+from sidecar.dataplane.events import STORE as EVENT_BUS
+from sidecar.errors import DataPlaneTimeout
 from sidecar.layout import check_event_meta_sizes, DonePlan, OutputFile, PlannedEvent, plan_outputs
 from sidecar.models import BlobFile, DoneSummary, Event, EventContext, EventMeta, EventRef, Insight
 from sidecar.orchestration import fleet_slot
@@ -27,9 +30,14 @@ async def upload_files(runtime: Runtime, files: list[OutputFile], count: int, li
                        progress: history.TransferProgress) -> list[BlobInfo]:
     """Upload ``files`` to their blob keys; returns what the blob store holds for each."""
     blobs = runtime.dataplane.blobs
+
+    async def one(f: OutputFile) -> BlobInfo:
+        info = await progress.track(blobs.upload(f.local, blob_key(runtime.cfg, f.path)), f.size)
+        crashpoints.reached("uploaded-file")
+        return info
+
     async with fleet_slot(runtime.cfg.transfer.fleetlimit):
-        return await gather_bounded(limit, [progress.track(blobs.upload(f.local, blob_key(runtime.cfg, f.path)), f.size)
-                                            for f in files])
+        return await gather_bounded(limit, [one(f) for f in files])
 
 
 @task(name="upsert-insight", task_run_name="upsert-insight", **TASK_OPTIONS)
@@ -46,8 +54,9 @@ async def upsert_event_metas(runtime: Runtime, metas: list[EventMeta], count: in
 
 @task(name="publish-events", task_run_name="publish-{count}-events", **TASK_OPTIONS)
 async def publish_events(runtime: Runtime, events: list[Event], count: int) -> None:
-    """Publish the child events (message id = child event id, so a re-publish is dropped)."""
-    await runtime.dataplane.events.publish(events)
+    """Publish the child events (message id = child event id, so a re-publish is dropped); the ids of
+    each batch the bus accepted are recorded on the volume at once (``sidecar.runstate``)."""
+    await runtime.dataplane.events.publish(events, on_published=runtime.run.add_published)
 
 
 def _insight(runtime: Runtime, plan: DonePlan) -> Insight:
@@ -76,14 +85,31 @@ def _child(runtime: Runtime, planned: PlannedEvent, stored: dict[str, BlobInfo])
     return meta, Event(context=context, type=planned.event_type)
 
 
+async def _publish_within_deadline(runtime: Runtime, events: list[Event], options: dict) -> None:
+    """Run the publish task, its retries included, within ``publishtimeoutseconds`` (the bound the
+    module sees, end to end: ``DESIGN.md``, The sidecar's lifecycle, Time).
+
+    Raises:
+        DataPlaneTimeout: the deadline passed; the task run is cancelled and its connections closed.
+    """
+    seconds = runtime.cfg.servicebuseventprovider.publishtimeoutseconds
+    try:
+        async with asyncio.timeout(seconds if runtime.cfg.servicebuseventprovider.enabled else None):
+            await publish_events.with_options(**options)(runtime, events, len(events))
+    except TimeoutError:
+        raise DataPlaneTimeout(EVENT_BUS, f"publishing {len(events)} events did not finish within {seconds:g} s, "
+                                          "retries included (servicebuseventprovider.publishtimeoutseconds)") from None
+
+
 @flow(name="done", flow_run_name="done-{runtime.cfg.context.name}-{runtime.cfg.context.eventid}",
       validate_parameters=False, persist_result=False, on_failure=[history.record_failure])
 async def done(runtime: Runtime) -> DoneSummary:
     """Commit the outputs under ``out/``; returns the summary ``/done`` answers.
 
     Args:
-        runtime: the run's config, folders and data plane. Child events in ``runtime.published`` (an
-            earlier attempt published them) are not published again; this flow adds the ids it publishes.
+        runtime: the run's config, folders and data plane. Child events recorded as published in
+            ``runtime.run`` (an earlier attempt, maybe of a sidecar since restarted, published them) are
+            not published again; this flow records each batch the event bus accepts.
 
     Raises:
         InputError: an output breaks the folder contract (HTTP 400); nothing was committed.
@@ -101,10 +127,13 @@ async def done(runtime: Runtime) -> DoneSummary:
         limit = runtime.semaphore()
         upload = upload_files.with_options(**options)
         batches = split_batches(plan.files, cfg.transfer.tasks, lambda f: f.size)
+        # gather_all (a TaskGroup): when one batch fails, the others are cancelled and finished before the flow
+        # run ends, so no upload outlives the answer (a retried /done never overlaps a stale one).
         async with history.TransferProgress.for_run(runtime, "done", "uploaded", [f.size for f in plan.files]) as progress:
-            results = await asyncio.gather(*(upload(runtime, b, len(b), limit, progress) for b in batches))
+            results = await gather_all(upload(runtime, b, len(b), limit, progress) for b in batches)
         for batch, infos in zip(batches, results):
             stored.update({f.path: info for f, info in zip(batch, infos)})
+    crashpoints.reached("uploaded")
     insight = _insight(runtime, plan) if plan.insight else None
     if insight:
         await upsert_insight.with_options(**options)(runtime, insight)
@@ -112,10 +141,12 @@ async def done(runtime: Runtime) -> DoneSummary:
     if children:
         metas = [meta for meta, _ in children]
         await upsert_event_metas.with_options(**options)(runtime, metas, len(metas))
-        pending = [event for _, event in children if event.id not in runtime.published]
-        if pending:
-            await publish_events.with_options(**options)(runtime, pending, len(pending))
-            runtime.published.update(event.id for event in pending)
+    crashpoints.reached("metas")
+    recorded = set(runtime.run.record.published)
+    pending = [event for _, event in children if event.id not in recorded]
+    if pending:
+        await _publish_within_deadline(runtime, pending, options)
+    crashpoints.reached("published")
     summary = DoneSummary(
         flowRunId=str(flow_run.get_id()), files=len(plan.files), bytes=plan.bytes,
         seconds=round(time.perf_counter() - started, 3),

@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 
 from flows import history
 from flows.runtime import TASK_OPTIONS, Runtime, split_batches
-from sidecar.dataplane.blobs import BlobInfo, gather_bounded
+from sidecar.dataplane.blobs import BlobInfo, gather_all, gather_bounded
 from sidecar.errors import DataPlaneError
 from sidecar.models import BlobFile, EventMeta, ReadySummary
 from sidecar.orchestration import fleet_slot
@@ -89,8 +89,10 @@ async def ready(runtime: Runtime) -> ReadySummary:
         limit = runtime.semaphore()
         batches = split_batches(files, runtime.cfg.transfer.tasks, lambda f: f.size)
         download = download_files.with_options(**options)
+        # gather_all (a TaskGroup): when one batch fails, the others are cancelled and finished before the flow
+        # run ends, so no download writes into in/data after the answer (or into a retry's fresh in/).
         async with history.TransferProgress.for_run(runtime, "ready", "downloaded", [f.size for f in files]) as progress:
-            moved = sum(await asyncio.gather(*(download(runtime, b, len(b), limit, progress) for b in batches)))
+            moved = sum(await gather_all(download(runtime, b, len(b), limit, progress) for b in batches))
     layout.write_input_meta(meta.data if meta else [])
     summary = ReadySummary(
         flowRunId=str(flow_run.get_id()), files=len(files), bytes=moved,

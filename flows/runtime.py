@@ -20,6 +20,7 @@ from sidecar.config import ID_NAMESPACE, SidecarConfig
 from sidecar.dataplane import DataPlane, build_dataplane
 from sidecar.errors import is_transient
 from sidecar.layout import ModuleLayout
+from sidecar.runstate import RunStore
 
 T = TypeVar("T")
 
@@ -35,14 +36,15 @@ class Runtime:
     JSON-encoding them, and this object holds secrets; the UI shows ``flows.history.describe`` of it.
     """
 
-    __slots__ = ("cfg", "layout", "dataplane", "published")
+    __slots__ = ("cfg", "layout", "dataplane", "run")
 
     def __init__(self, cfg: SidecarConfig, layout: ModuleLayout, dataplane: DataPlane):
         self.cfg = cfg
         self.layout = layout
         self.dataplane = dataplane
-        # Ids of child events this process has published: a retried /done skips them.
-        self.published: set[str] = set()
+        # The run's record on the volume (phase, summaries, published child events): a retried or
+        # restarted /done skips the events recorded there.
+        self.run = RunStore(layout.basedir, cfg.context.eventid, cfg.context.name)
 
     @classmethod
     def for_config(cls, cfg: SidecarConfig) -> "Runtime":
@@ -70,7 +72,7 @@ class Runtime:
 def retry_transient(task: Task, task_run: TaskRun, state: State) -> bool:
     """Prefect ``retry_condition_fn``: retry transient failures only (see ``errors.is_transient``)."""
     exc = state.data
-    return not isinstance(exc, BaseException) or is_transient(exc)
+    return isinstance(exc, BaseException) and is_transient(exc)
 
 
 def child_event_id(cfg: SidecarConfig, event_file: str) -> str:

@@ -24,9 +24,10 @@ from flows.done import done as done_flow
 from flows.history import tagged
 from flows.ready import ready as ready_flow
 from flows.runtime import Runtime
-from sidecar.errors import InputError, SidecarError, StateError
+from sidecar.errors import InputError, SidecarError, StateError, Stopping, volume_error
 from sidecar.models import DoneSummary, ReadySummary
 from sidecar.orchestration import PrefectApi
+from sidecar.runstate import RunStore
 from sidecar.sharedsecret import HEADER, header_value, matches
 
 log = logging.getLogger(__name__)
@@ -41,46 +42,78 @@ class Phase(str, enum.Enum):
 
 
 class RunState:
-    """The run's state machine; one per sidecar process (one module run).
+    """The run's state machine over its record on the volume (``sidecar.runstate``).
 
     ``phase`` moves new -> ready -> done and only on success; the summary of each successful step is
-    kept so repeats answer the same. ``inflight`` is the running step, which concurrent callers await.
+    recorded (durably, before the caller is answered) so repeats answer the same, here or in a
+    restarted sidecar. ``inflight`` is the running step, which concurrent callers await. The record
+    is re-read from the volume whenever no step runs: it is the run's only memory, so a module that
+    deleted its base folder gets a fresh run (README: Restarts).
     """
 
-    def __init__(self) -> None:
-        self.phase = Phase.new
-        self.ready_summary: ReadySummary | None = None
-        self.done_summary: DoneSummary | None = None
+    def __init__(self, store: RunStore) -> None:
+        self.store = store
         self.inflight: tuple[Phase, asyncio.Task] | None = None
+        self.stopping = False
+
+    @property
+    def phase(self) -> Phase:
+        """The phase of the run as last read or written."""
+        return Phase(self.store.record.phase)
 
     async def run(self, step: Phase, start: Callable[[], Awaitable[Any]]) -> Any:
         """Run ``step`` (ready or done) once, sharing an in-flight run with concurrent callers.
 
         Raises:
             StateError: the step is out of order (HTTP 409).
+            Stopping: the sidecar is stopping (SIGTERM); the call can be retried on its successor.
+            VolumeError: the record could not be read or written.
             Exception: whatever the step's flow raised; the phase is left unchanged.
         """
+        if self.stopping:
+            raise Stopping("the sidecar is stopping (SIGTERM); call again once it is back")
+        if self.inflight is None:
+            record = self.store.refresh()
+            if step is Phase.ready and record.closed:
+                # A done run whose sidecar stopped gracefully: /ready starts this run afresh.
+                self.store.record = record = self.store.fresh()
+            elif record.phase != Phase.new.value:
+                log.info("resuming the run recorded in %s (phase %s, %d events published)",
+                         self.store.path, record.phase, len(record.published))
         if step is Phase.ready and (self.phase is Phase.done or self._running(Phase.done)):
             raise StateError("/ready after /done: this module's run is already committed")
         if step is Phase.done and self.phase is Phase.new:
             raise StateError("/done before /ready: call /ready first and wait for it to succeed")
-        kept = self.ready_summary if step is Phase.ready else self.done_summary
+        kept = self.store.record.ready if step is Phase.ready else self.store.record.done
         if kept is not None:
-            return kept
+            return (ReadySummary if step is Phase.ready else DoneSummary).model_validate(kept)
         if self.inflight is None:
-            self.inflight = (step, asyncio.create_task(start()))
+            self.inflight = (step, asyncio.create_task(self._step(step, start)))
         task = self.inflight[1]
         try:
             # shield: a caller that disconnects must not cancel the run the others wait for.
-            summary = await asyncio.shield(task)
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if self.stopping and task.cancelled():
+                raise Stopping("the sidecar stopped this call (SIGTERM); the run's state is kept on the "
+                               "volume: call again once it is back") from None
+            raise
         finally:
             if task.done() and self.inflight and self.inflight[1] is task:
                 self.inflight = None
-        if step is Phase.ready:
-            self.ready_summary, self.phase = summary, Phase.ready
-        else:
-            self.done_summary, self.phase = summary, Phase.done
+
+    async def _step(self, step: Phase, start: Callable[[], Awaitable[Any]]) -> Any:
+        summary = await start()
+        # Recorded before anyone is answered: a restarted sidecar then answers the same.
+        self.store.save(phase=step.value, **{step.value: summary.model_dump(mode="json")})
         return summary
+
+    def stop(self) -> None:
+        """SIGTERM: refuse new steps and cancel the running one (its transfers end with it); its
+        callers are answered 503. The record keeps what was done, so the successor resumes."""
+        self.stopping = True
+        if self.inflight is not None:
+            self.inflight[1].cancel()
 
     def _running(self, step: Phase) -> bool:
         return self.inflight is not None and self.inflight[0] is step
@@ -101,7 +134,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     prefect_api = PrefectApi(cfg.prefectstartuptimeoutseconds, flows=[ready_flow, done_flow], devdir=cfg.devdir,
                              require_api=cfg.requireprefectapi)
     prefect_api.resolve()
-    state = RunState()
+    state = RunState(runtime.run)
     expected_secret = header_value(cfg.sharedsecret)
 
     @asynccontextmanager
@@ -112,6 +145,11 @@ def create_app(runtime: Runtime) -> FastAPI:
         try:
             yield
         finally:
+            state.stop()
+            try:
+                runtime.run.close()  # a graceful stop after /done closes the run (README: Restarts)
+            except SidecarError as exc:
+                log.error("could not close the run record: %s", exc.message)
             await prefect_api.stop()
             await runtime.dataplane.close()
 
@@ -143,6 +181,9 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        volume = volume_error(exc, runtime.layout.basedir)
+        if volume is not None:  # the module's own volume (full, read-only, permissions): name the path
+            return await sidecar_error(request, volume)
         log.exception("%s %s failed", request.method, request.url.path)
         return error_body(500, f"internal error: {type(exc).__name__}: {exc}")
 

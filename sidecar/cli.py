@@ -440,14 +440,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve(cfg: SidecarConfig) -> None:
-    """Build the runtime for ``cfg`` and run the API under uvicorn until SIGINT/SIGTERM."""
-    import uvicorn
+    """Build the runtime for ``cfg`` and run the API under uvicorn until SIGINT/SIGTERM.
 
+    Sized for a container that may be short of file descriptors (``sidecar.serving``). On SIGTERM the
+    running ``/ready`` or ``/done`` is cancelled and its callers answered 503 (JSON, retry: the run's
+    record lets the successor resume), then the sidecar stops gracefully and exits 0.
+    """
     from flows.runtime import Runtime
     from sidecar.api import create_app
     from sidecar.logs import configure_logging
+    from sidecar.serving import run_server
 
     configure_logging(cfg)
     app = create_app(Runtime.for_config(cfg))
-    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.serverport, log_config=None, lifespan="on"))
-    server.run()
+    run_server(app, cfg.host, cfg.serverport, on_stop=app.state.run.stop)

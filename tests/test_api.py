@@ -121,9 +121,9 @@ class CountingEvents:
     def __init__(self, inner):
         self.inner, self.published = inner, []
 
-    async def publish(self, events):
+    async def publish(self, events, **options):
         self.published += [e.id for e in events]
-        await self.inner.publish(events)
+        await self.inner.publish(events, **options)
 
     async def close(self):
         await self.inner.close()

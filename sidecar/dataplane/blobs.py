@@ -7,23 +7,25 @@ adlfs (``abfs://``) on a container. The flows see only :class:`BlobStore`, never
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Iterable, TypeVar
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
 
-from sidecar.errors import DataPlaneError, DataPlaneUnavailable
+from sidecar.errors import DataPlaneError, DataPlaneUnavailable, VolumeError
 from sidecar.paths import name_problem, shown
 
 log = logging.getLogger(__name__)
 
 STORE = "blob store"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -76,12 +78,12 @@ class BlobStore:
             BlobVerificationError: the stored size differs (transient: retried by the task).
             DataPlaneUnavailable / DataPlaneError: from :meth:`_translate`.
         """
-        size = local.stat().st_size
         try:
+            size = local.stat().st_size
             # A provider whose write response already tells what was stored saves a round trip.
             info = await self._put(local, key) or await self.info(key)
         except Exception as exc:  # noqa: BLE001 - translated to the sidecar's errors
-            raise self._translate(exc, key) from exc
+            raise (local_error(exc, local) or self._translate(exc, key)) from exc
         if info is None or info.size != size:
             raise BlobVerificationError(key, f"stored {info.size if info else 'nothing'}, sent {size} bytes")
         return info
@@ -96,18 +98,23 @@ class BlobStore:
             DataPlaneError: the blob does not exist (not retried).
             BlobVerificationError: the received size or MD5 differs (retried).
         """
-        local.parent.mkdir(parents=True, exist_ok=True)
         # A short name of its own beside the target: ".{name}.partial" would not fit beside a name of
         # 250 bytes or more (a segment is at most 255), and could be another input's name.
         partial = local.with_name(f".{hashlib.md5(os.fsencode(local.name)).hexdigest()[:16]}.partial")
         try:
+            local.parent.mkdir(parents=True, exist_ok=True)
             received_md5 = await self._get(key, partial)
-        except FileNotFoundError:
-            partial.unlink(missing_ok=True)
-            raise DataPlaneError(STORE, f"blob '{key}' does not exist") from None
         except Exception as exc:  # noqa: BLE001
             partial.unlink(missing_ok=True)
+            volume = local_error(exc, partial)
+            if volume is not None:
+                raise volume from exc
+            if isinstance(exc, FileNotFoundError):
+                raise DataPlaneError(STORE, f"blob '{key}' does not exist") from None
             raise self._translate(exc, key) from exc
+        except BaseException:  # cancelled (a sibling failed): leave nothing behind in in/data
+            partial.unlink(missing_ok=True)
+            raise
         size = partial.stat().st_size
         if expected is not None and expected.size != size:
             partial.unlink(missing_ok=True)
@@ -117,7 +124,11 @@ class BlobStore:
             if received_md5 != expected.md5:
                 partial.unlink(missing_ok=True)
                 raise BlobVerificationError(key, f"received MD5 {received_md5}, expected {expected.md5}")
-        os.replace(partial, local)
+        try:
+            os.replace(partial, local)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise (local_error(exc, local) or exc) from exc
         return BlobInfo(key, size, expected.md5 if expected else None)
 
     async def info(self, key: str) -> BlobInfo | None:
@@ -156,6 +167,30 @@ class BlobStore:
         return DataPlaneUnavailable(STORE, f"blob '{key}': {type(exc).__name__}: {exc}")
 
 
+# Errors that only a local file system gives (a full or read-only volume, refused permissions, a
+# file where a folder should be): without a file name they still mean the module's volume.
+LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST}
+
+
+def local_error(exc: BaseException, local: Path) -> VolumeError | None:
+    """The :class:`~sidecar.errors.VolumeError` for ``exc`` when it failed on the module's side of a
+    transfer of ``local`` (a file under ``in/data`` or ``out/data``), else None (a data-plane error).
+
+    An ``OSError`` naming a file is local when it names ``local``, its partial download or a folder
+    above it; one naming no file is local when its errno is one only file systems give (``LOCAL_ERRNOS``).
+    """
+    if not isinstance(exc, OSError) or isinstance(exc, (ConnectionError, TimeoutError)):
+        return None
+    names = [Path(os.path.abspath(n)) for n in (exc.filename, exc.filename2) if isinstance(n, (str, os.PathLike))]
+    target = Path(os.path.abspath(local))
+    if names:
+        mine = {target, target.with_name(f".{target.name}.partial"), *target.parents}
+        hit = next((n for n in names if n in mine), None)
+        return VolumeError(str(hit), exc) if hit is not None else None
+    return VolumeError(str(target), exc) if exc.errno in LOCAL_ERRNOS else None
+
+
 def _md5_of(raw: dict[str, Any]) -> str | None:
     settings = raw.get("content_settings") or {}
     digest = settings.get("content_md5") if isinstance(settings, dict) else getattr(settings, "content_md5", None)
@@ -177,20 +212,43 @@ def local_blob_store(root: Path) -> BlobStore:
     return BlobStore(fsspec.filesystem("file", auto_mkdir=True), str(root.resolve()))
 
 
-async def gather_bounded(limit: asyncio.Semaphore, jobs: list[Any]) -> list[Any]:
-    """Await the coroutines ``jobs`` at most ``limit`` at a time; the first error cancels the rest."""
+async def gather_all(jobs: Iterable[Awaitable[T]]) -> list[T]:
+    """Await ``jobs`` concurrently in an ``asyncio.TaskGroup``; their results in order.
 
-    async def one(job: Any) -> Any:
-        async with limit:
-            return await job
+    Structured concurrency: when one job fails, every other is cancelled and has finished before this
+    returns, so no transfer outlives the flow run that started it. A coroutine that never started is
+    closed (cancelled before its first step).
 
-    tasks = [asyncio.ensure_future(one(job)) for job in jobs]
+    Raises:
+        The first job's error itself (not the TaskGroup's ``ExceptionGroup``), so callers and the API
+        see the sidecar's errors (``DataPlaneUnavailable``, ``VolumeError``, ...) unchanged.
+    """
     try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for job in jobs:  # jobs cancelled before they started: close them, or Python warns they were never awaited
-            job.close()
-        raise
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(job) for job in jobs]
+    except BaseExceptionGroup as group_error:
+        raise _first(group_error) from None
+    return [task.result() for task in tasks]
+
+
+def _first(group_error: BaseExceptionGroup) -> BaseException:
+    error: BaseException = group_error
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+async def gather_bounded(limit: asyncio.Semaphore, jobs: list[Awaitable[T]]) -> list[T]:
+    """Await the coroutines ``jobs`` at most ``limit`` at a time (:func:`gather_all`: the first error
+    cancels the rest and is raised once all have finished)."""
+
+    async def one(job: Awaitable[T]) -> T:
+        try:
+            async with limit:
+                return await job
+        finally:
+            close = getattr(job, "close", None)
+            if close is not None:  # a job cancelled before it started: or Python warns it was never awaited
+                close()
+
+    return await gather_all(one(job) for job in jobs)

@@ -8,13 +8,16 @@ be harmless on every provider: the file is overwritten, Service Bus drops the du
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 from urllib.parse import quote
 
 from sidecar.layout import write_json_atomic
 from sidecar.models import Event
 
 STORE = "event bus"
+
+# Called with the ids of each batch of events right after the event bus accepted it.
+OnPublished = Callable[[list[str]], None]
 
 
 class EventPublisher(Protocol):
@@ -24,8 +27,9 @@ class EventPublisher(Protocol):
     (``store="event bus"``); a refused publish raises :class:`~sidecar.errors.DataPlaneError`.
     """
 
-    async def publish(self, events: list[Event]) -> None:
-        """Publish ``events`` (all or, on error, possibly some of them; retrying is safe)."""
+    async def publish(self, events: list[Event], on_published: OnPublished | None = None) -> None:
+        """Publish ``events`` (all or, on error, possibly some of them; retrying is safe), calling
+        ``on_published(ids)`` after each batch the bus accepted."""
 
     def destination(self, event: Event) -> str:
         """Where ``event`` goes, for people reading the run history (e.g. ``topic 'x'``)."""
@@ -47,9 +51,11 @@ class FileEventPublisher:
     def destination(self, event: Event) -> str:
         return f"folder {self.root}"
 
-    async def publish(self, events: list[Event]) -> None:
+    async def publish(self, events: list[Event], on_published: OnPublished | None = None) -> None:
         for event in events:
             write_json_atomic(self.file(event.id), event.model_dump(mode="json"))
+        if on_published is not None:  # one batch: re-writing a file is harmless, so no need to fsync per event
+            on_published([event.id for event in events])
 
     async def close(self) -> None:
         pass

@@ -12,7 +12,9 @@ default ``retry_total=3``, and against a peer that accepts TCP but never speaks 
 even with ``send_messages(timeout=...)`` (measured; issue 4). So the SDK's own retries are off
 (Prefect's task retries are the one retry layer) and every ``publish`` runs under a hard deadline,
 ``publishtimeoutseconds``; past it the half-open connection is torn down and the publish fails with
-:class:`~sidecar.errors.DataPlaneUnavailable` (HTTP 503).
+:class:`~sidecar.errors.DataPlaneTimeout` (HTTP 503, not retried). The done flow bounds the whole
+publish step, task retries included, by the same deadline (``flows/done.py``), so the bound a user
+sets is the bound the module sees.
 
 Errors: authentication or authorization refused is a :class:`~sidecar.errors.DataPlaneError` (HTTP
 502, not retried); connection failures, busy or throttled answers are ``DataPlaneUnavailable``. A
@@ -41,8 +43,8 @@ from azure.servicebus.exceptions import (
 
 from sidecar.config import CredentialKind, ServiceBusConfig
 from sidecar.dataplane.credentials import ProviderCredential, token_credential
-from sidecar.dataplane.events import STORE
-from sidecar.errors import DataPlaneError, DataPlaneUnavailable
+from sidecar.dataplane.events import STORE, OnPublished
+from sidecar.errors import DataPlaneError, DataPlaneTimeout, DataPlaneUnavailable
 from sidecar.models import Event
 
 log = logging.getLogger(__name__)
@@ -139,11 +141,13 @@ class ServiceBusEventPublisher:
     def destination(self, event: Event) -> str:
         return f"topic '{topic_of(self.cfg, event)}'"
 
-    async def publish(self, events: list[Event]) -> None:
+    async def publish(self, events: list[Event], on_published: OnPublished | None = None) -> None:
         """Publish ``events``, each to its topic (:func:`topic_of`), in as few batches as fit.
 
-        Partial success is possible (an earlier topic or batch went out); publishing the same events
-        again is safe, since Service Bus drops a message id it has seen (duplicate detection).
+        Partial success is possible (an earlier topic or batch went out); ``on_published`` is called
+        with the ids of each batch right after Service Bus accepted it, so the caller can record what
+        went out. Publishing the same events again is safe where Service Bus drops a message id it has
+        seen (duplicate detection).
 
         Raises:
             DataPlaneUnavailable: the bus did not answer within ``publishtimeoutseconds``, refused
@@ -157,7 +161,7 @@ class ServiceBusEventPublisher:
         for event in events:
             by_topic.setdefault(topic_of(self.cfg, event), []).append(event)
         current = [""]  # the topic being published to, for error messages
-        work = asyncio.ensure_future(self._send_all(by_topic, current))
+        work = asyncio.ensure_future(self._send_all(by_topic, current, on_published))
         try:
             finished, _ = await asyncio.wait({work}, timeout=self.cfg.publishtimeoutseconds)
         except asyncio.CancelledError:
@@ -165,7 +169,7 @@ class ServiceBusEventPublisher:
             raise
         if not finished:
             await self._abandon(work)
-            raise DataPlaneUnavailable(
+            raise DataPlaneTimeout(
                 STORE, f"publishing to topic '{current[0]}' did not finish within "
                        f"{self.cfg.publishtimeoutseconds:g} s (servicebuseventprovider.publishtimeoutseconds)")
         exc = work.exception()
@@ -177,10 +181,11 @@ class ServiceBusEventPublisher:
                 raise exc
             raise error from exc
 
-    async def _send_all(self, by_topic: dict[str, list[Event]], current: list[str]) -> None:
+    async def _send_all(self, by_topic: dict[str, list[Event]], current: list[str],
+                        on_published: OnPublished | None) -> None:
         for topic, group in by_topic.items():
             current[0] = topic
-            await self._send(topic, group)
+            await self._send(topic, group, on_published or (lambda ids: None))
 
     async def _abandon(self, work: asyncio.Future) -> None:
         """Stop the publish ``work`` that outlived its deadline, leaving no connection open.
@@ -201,22 +206,27 @@ class ServiceBusEventPublisher:
             work.exception()  # retrieved: the deadline error is what the caller gets
         await self._discard()
 
-    async def _send(self, topic: str, events: list[Event]) -> None:
+    async def _send(self, topic: str, events: list[Event], on_published: OnPublished) -> None:
         sender = await self._sender(topic)
         batch = await sender.create_message_batch()
+        ids: list[str] = []
         for event in events:
             message = to_message(event)
             try:
                 batch.add_message(message)
+                ids.append(event.id)
                 continue
             except MessageSizeExceededError:
                 if len(batch) == 0:
                     raise
             await sender.send_messages(batch)
+            on_published(ids)
             batch = await sender.create_message_batch()
             batch.add_message(message)
+            ids = [event.id]
         if len(batch):
             await sender.send_messages(batch)
+            on_published(ids)
         log.debug("published %d events to topic %s", len(events), topic)
 
     async def _sender(self, topic: str) -> ServiceBusSender:

@@ -113,7 +113,7 @@ class Watch:
             self.hooks.pop("before documents", lambda: None)()
             return original_insight(insight)
 
-        async def publish(batch):
+        async def publish(batch, **options):
             self.hooks.pop("before events", lambda: None)()
             metas = {m["_id"]: m for m in stack.documents()}
             blobs = set(stack.blobs())
@@ -121,7 +121,7 @@ class Watch:
                 meta = metas.get(event.id)
                 if meta is None or any(f["key"] not in blobs for f in meta["files"]):
                     self.violations.append(event.id)
-            await original_publish(batch)
+            await original_publish(batch, **options)
             self.hooks.pop("after events", lambda: None)()
 
         documents.upsert_insight = upsert_insight

@@ -1,0 +1,147 @@
+"""The run's record on the module's volume, so a restarted sidecar resumes the run it was serving.
+
+``DESIGN.md`` (The sidecar's lifecycle, Restarts): on Ion a sidecar is a container that Kubernetes may
+kill (OOM, eviction, a liveness probe) and start again with the same arguments on the same volume
+while the module works. The record lives beside ``in/`` and ``out/``, never inside them:
+``{basedir}/.sidecar/run.json``, written atomically (temp file, fsync, rename, fsync of the folder).
+
+It holds the run's identity (event id, module name), its phase (new, ready, done), the summary of each
+step that succeeded, the ids of the child events the event bus accepted (recorded batch by batch, right
+after the broker accepted each), and ``closed``: set when the sidecar stopped gracefully after ``/done``
+succeeded.
+
+The one rule (README, Restarts): **a sidecar resumes the recorded run when the record names its event
+id and module name and the run is open; ``/ready`` on no record, another run's record, or a closed
+run starts a fresh run** (``in/`` and ``out/`` emptied, inputs staged again). So:
+
+- a killed sidecar (SIGKILL, OOM, or SIGTERM before ``/done`` succeeded) leaves an open record: its
+  successor answers ``/done`` without a new ``/ready``, a repeated ``/ready`` with the kept summary
+  (outputs untouched), and publishes no event recorded as published;
+- a module author re-running the same ids in development mode starts afresh: ``scripts/dev`` stopped
+  with Ctrl-C after ``/done`` closed the run, and a module that deletes its base folder before
+  ``/ready`` (as Ion's example module does) deletes the record with it.
+
+The window left: a crash after the broker accepted a batch and before its ids were recorded. The
+restarted sidecar publishes that batch again with the same message ids (the child event ids), and
+Service Bus duplicate detection drops them; a topic without it delivers that batch twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from sidecar import crashpoints
+from sidecar.errors import VolumeError
+
+log = logging.getLogger(__name__)
+
+# The record's folder under the base directory, and the record's file name in it.
+RECORD_DIR = ".sidecar"
+RECORD_FILE = "run.json"
+
+
+class RunRecord(BaseModel):
+    """What a restarted sidecar needs to resume a run (see the module docstring)."""
+
+    eventId: str
+    name: str
+    phase: Literal["new", "ready", "done"] = "new"
+    ready: dict[str, Any] | None = None  # the /ready summary (ReadySummary as JSON)
+    done: dict[str, Any] | None = None  # the /done summary (DoneSummary as JSON)
+    published: list[str] = Field(default_factory=list)  # child event ids the event bus accepted
+    closed: bool = False  # the sidecar stopped gracefully after /done succeeded
+
+
+class RunStore:
+    """Reads and writes the record of the run ``(event_id, name)`` under ``basedir``.
+
+    ``record`` is the run as this process knows it; :meth:`refresh` reloads it from the volume, the
+    only memory that outlives the process. Every write is atomic and durable (fsync) before it returns.
+
+    Raises (every writing method): :class:`~sidecar.errors.VolumeError` naming ``.sidecar/run.json``
+    when the volume refuses the write (full, read-only, permissions).
+    """
+
+    def __init__(self, basedir: Path, event_id: str, name: str):
+        self.basedir = basedir
+        self.event_id = event_id
+        self.name = name
+        self.path = basedir / RECORD_DIR / RECORD_FILE
+        self.record = self.fresh()
+
+    def fresh(self) -> RunRecord:
+        """A new record of this run: phase new, nothing published."""
+        return RunRecord(eventId=self.event_id, name=self.name)
+
+    def refresh(self) -> RunRecord:
+        """Reload ``record`` from the volume: this run's record if the file names this run, else a
+        fresh one (no file, another run's file, or a file that cannot be read, which is logged)."""
+        self.record = self._load()
+        return self.record
+
+    def _load(self) -> RunRecord:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return self.fresh()
+        except OSError as exc:
+            raise VolumeError(f"{RECORD_DIR}/{RECORD_FILE}", exc) from exc
+        try:
+            record = RunRecord.model_validate(json.loads(raw))
+        except (ValueError, ValidationError) as exc:
+            log.warning("ignoring the unreadable run record %s/%s: %s", RECORD_DIR, RECORD_FILE,
+                        str(exc).splitlines()[0])
+            return self.fresh()
+        if (record.eventId, record.name) != (self.event_id, self.name):
+            return self.fresh()
+        return record
+
+    def save(self, **changes: Any) -> RunRecord:
+        """Apply ``changes`` (fields of :class:`RunRecord`) to ``record`` and write it durably."""
+        self.record = self.record.model_copy(update=changes)
+        self._write(self.record.model_dump_json(indent=2).encode())
+        return self.record
+
+    def add_published(self, ids: Iterable[str]) -> None:
+        """Record that the event bus accepted the child events ``ids`` (called once per batch)."""
+        crashpoints.reached("accepted")
+        known = set(self.record.published)
+        added = [i for i in ids if i not in known]
+        if added:
+            self.save(published=[*self.record.published, *added])
+
+    def close(self) -> None:
+        """Mark a done run closed (a graceful stop): the next ``/ready`` starts a fresh run. A run
+        that is not done stays open, so a restarted sidecar resumes it."""
+        if self.record.phase == "done" and not self.record.closed and self.path.exists():
+            self.save(closed=True)
+
+    def _write(self, data: bytes) -> None:
+        folder = self.path.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{RECORD_FILE}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            # The rename itself is durable only once the folder's entry is on disk.
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise VolumeError(f"{RECORD_DIR}/{RECORD_FILE}", exc) from exc
