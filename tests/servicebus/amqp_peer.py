@@ -23,8 +23,9 @@ and to receive from a subscription, when the connection string carries ``UseDeve
   Data section per encoded message. proton does not expose a transfer's message format, so a transfer
   whose every Data section holds an encoded AMQP message (it starts with a section descriptor, which
   no JSON or text body does) is taken as a batch and split;
-- duplicate detection by ``message_id`` per topic (Service Bus's ``requiresDuplicateDetection``, here
-  always on with an unbounded window): a repeated message id is accepted and dropped, and counted in
+- duplicate detection by ``message_id`` per topic (Service Bus's ``requiresDuplicateDetection``, on by
+  default with an unbounded window; ``create_topic(..., duplicate_detection=False)`` turns it off, as
+  on a topic created without it): a repeated message id is accepted and dropped, and counted in
   :attr:`Topic.duplicates`;
 - receivers: peek-lock deliveries carry 16-byte delivery tags (the SDK reads them as lock tokens) and
   the outcome the receiver sends (complete = accepted, abandon = released/modified) is echoed back
@@ -80,6 +81,7 @@ class Topic:
     seen_ids: set[str] = field(default_factory=set)
     transfers: list[int] = field(default_factory=list)  # messages carried by each accepted transfer
     duplicates: int = 0
+    duplicate_detection: bool = True
 
 
 def _sections(payload: bytes) -> list[Described] | None:
@@ -256,7 +258,8 @@ class _Broker(Handler):
                 message.decode(encoded)
                 if message.id is not None and str(message.id) in topic.seen_ids:
                     topic.duplicates += 1
-                    continue
+                    if topic.duplicate_detection:
+                        continue
                 if message.id is not None:
                     topic.seen_ids.add(str(message.id))
                 for sub in topic.subscriptions.values():
@@ -415,10 +418,13 @@ class AmqpPeer:
         """AMQP connections open right now."""
         return len(self._broker.connections)
 
-    def create_topic(self, name: str, subscriptions: list[str] = ("sub",)) -> Topic:
-        """Declare topic ``name`` with ``subscriptions`` (as in the emulator's ``Config.json``)."""
+    def create_topic(self, name: str, subscriptions: list[str] = ("sub",), duplicate_detection: bool = True) -> Topic:
+        """Declare topic ``name`` with ``subscriptions`` (as in the emulator's ``Config.json``).
+
+        ``duplicate_detection=False``: every message is delivered, repeated message ids too (still
+        counted in :attr:`Topic.duplicates`), as on a topic without ``requiresDuplicateDetection``."""
         with self.lock:
-            topic = self.topics.setdefault(name, Topic(name))
+            topic = self.topics.setdefault(name, Topic(name, duplicate_detection=duplicate_detection))
             for sub in subscriptions:
                 topic.subscriptions.setdefault(sub, Subscription(sub))
             return topic

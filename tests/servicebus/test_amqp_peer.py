@@ -56,3 +56,17 @@ def test_peek_lock_complete_removes_and_abandon_redelivers(amqp_peer: AmqpPeer) 
         assert await receive_all(cs, topic.name) == []
 
     asyncio.run(run())
+
+
+def test_duplicate_detection_can_be_switched_off(amqp_peer: AmqpPeer) -> None:
+    topic = amqp_peer.create_topic(unique("nodedup"), ["a"], duplicate_detection=False)
+    cs = amqp_peer.connection_string()
+
+    async def run() -> list:
+        async with ServiceBusClient.from_connection_string(cs, retry_total=0) as client:
+            async with client.get_topic_sender(topic.name) as sender:
+                await sender.send_messages(ServiceBusMessage("first", message_id="same"))
+                await sender.send_messages(ServiceBusMessage("again", message_id="same"))
+        return await receive_all_raw(cs, topic.name, "a")
+
+    assert asyncio.run(run()) == ["first", "again"] and topic.duplicates == 1
