@@ -92,13 +92,17 @@ async def _publish_within_deadline(runtime: Runtime, events: list[Event], option
     Raises:
         DataPlaneTimeout: the deadline passed; the task run is cancelled and its connections closed.
     """
-    seconds = runtime.cfg.servicebuseventprovider.publishtimeoutseconds
+    bus = runtime.cfg.servicebuseventprovider
     try:
-        async with asyncio.timeout(seconds if runtime.cfg.servicebuseventprovider.enabled else None):
+        async with asyncio.timeout(bus.publishtimeoutseconds if bus.enabled else None):
             await publish_events.with_options(**options)(runtime, events, len(events))
     except TimeoutError:
-        raise DataPlaneTimeout(EVENT_BUS, f"publishing {len(events)} events did not finish within {seconds:g} s, "
-                                          "retries included (servicebuseventprovider.publishtimeoutseconds)") from None
+        from sidecar.dataplane.servicebus import topic_of
+
+        topics = ", ".join(sorted({f"'{topic_of(bus, event)}'" for event in events}))
+        raise DataPlaneTimeout(EVENT_BUS, f"publishing {len(events)} events to topic {topics} did not finish "
+                                          f"within {bus.publishtimeoutseconds:g} s, retries included "
+                                          "(servicebuseventprovider.publishtimeoutseconds)") from None
 
 
 @flow(name="done", flow_run_name="done-{runtime.cfg.context.name}-{runtime.cfg.context.eventid}",

@@ -223,11 +223,16 @@ async def gather_all(jobs: Iterable[Awaitable[T]]) -> list[T]:
         The first job's error itself (not the TaskGroup's ``ExceptionGroup``), so callers and the API
         see the sidecar's errors (``DataPlaneUnavailable``, ``VolumeError``, ...) unchanged.
     """
+    error: BaseException | None = None
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(job) for job in jobs]
     except BaseExceptionGroup as group_error:
-        raise _first(group_error) from None
+        error = _first(group_error)
+    if error is not None:
+        # Raised outside the except block, and without `from`: the error keeps the cause it was
+        # raised from (is_transient reads it to tell a timeout), and gets no group as its context.
+        raise error
     return [task.result() for task in tasks]
 
 

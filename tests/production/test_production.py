@@ -92,7 +92,7 @@ def make_runtime(stack: Stack, tmp_path: Path, event_id: str, name: str = "mod")
         f"--sharedsecret={SECRET}", f"--basedir={tmp_path / event_id}", f"--devdir={tmp_path / '.dev'}",
         "--transfer.retries=1", "--transfer.retrydelayseconds=0.1",
         "--mongodbdocprovider.serverselectiontimeoutseconds=1", "--mongodbdocprovider.sockettimeoutseconds=5",
-        "--servicebuseventprovider.publishtimeoutseconds=3",
+        "--servicebuseventprovider.publishtimeoutseconds=10",
     ])
     return Runtime.for_config(cfg)
 

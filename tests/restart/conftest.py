@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 
 from tests.production.conftest import Stack, stack  # noqa: F401 - the module-scoped stack fixture
 from tests.servicebus.conftest import unique
-from tests.support import SECRET, free_port, python_env
+from tests.support import SECRET, free_port, python_env, wait_http
 
 
 @pytest.fixture(scope="module")
@@ -46,16 +47,18 @@ class Sidecar:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, pause_at: str | None = None, **env: str) -> "Sidecar":
-        """Start the process; with ``pause_at`` it stops itself (SIGSTOP) at that crash point."""
+    def start(self, pause_at: str | None = None, nofile: int | None = None, **env: str) -> "Sidecar":
+        """Start the process; with ``pause_at`` it stops itself (SIGSTOP) at that crash point; with
+        ``nofile`` its open-file limit (soft and hard, as ``ulimit -n``) is that many descriptors."""
         extra = dict(env)
         if pause_at:
             extra["SIDECAR_TEST_PAUSE_AT"] = pause_at
         self.starts += 1
         with open(self.log, "ab") as out:
             out.write(f"--- start {self.starts} (pause at {pause_at})\n".encode())
+            limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None
             self.proc = subprocess.Popen(self.argv, cwd=self.workdir, env=python_env(**extra), stdout=out,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, preexec_fn=limit)
         return self
 
     def wait_paused(self, timeout: float = 120) -> None:
@@ -86,6 +89,12 @@ class Sidecar:
             self.proc.kill()
             self.proc.wait()
             raise AssertionError(f"sidecar did not stop within {timeout} s of SIGTERM:\n{self.output()}")
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        try:
+            wait_http(f"{self.url}/healthz", timeout, proc=self.proc)
+        except Exception:
+            raise AssertionError(f"sidecar did not become healthy:\n{self.output()}") from None
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

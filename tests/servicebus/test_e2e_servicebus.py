@@ -62,7 +62,7 @@ def test_parent_then_child_chain_through_a_service_bus_topic(tmp_path: Path, amq
 def test_done_answers_503_while_the_bus_hangs_and_the_retry_publishes_each_event_once(tmp_path: Path) -> None:
     listener = SilentListener()  # the bus is down: it accepts TCP and never answers
     types = [unique("found"), unique("flagged")]
-    deadline = 2.0
+    deadline = 4.0  # bounds the whole publish step, Prefect's task-run bookkeeping included
     extra = (f"--servicebuseventprovider.publishtimeoutseconds={deadline}", "--transfer.retries=1",
              "--transfer.retrydelayseconds=0.1")  # no topic: one topic per event type
     peer = None
@@ -81,8 +81,8 @@ def test_done_answers_503_while_the_bus_hangs_and_the_retry_publishes_each_event
             assert failed.status_code == 503, failed.text
             body = failed.json()
             assert body["statusCode"] == 503 and "event bus" in body["message"] and types[0] in body["message"]
-            # Two task attempts (retries=1), each bounded by the deadline, plus the flow's own work.
-            assert elapsed < 2 * deadline + 30
+            # The deadline bounds the publish step, its task retries included, plus the flow's own work.
+            assert deadline <= elapsed < deadline + 30
             assert listener.accepted >= 1 and listener.closed.wait(5)
 
             listener.close()  # the bus comes back on the same address

@@ -1,0 +1,102 @@
+"""The sidecar process under stress: SIGTERM during a call, and file-descriptor exhaustion
+(``sidecar/serving.py``). Real processes in development mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from sidecar.client import SidecarClient
+from tests.restart.conftest import Sidecar
+from tests.support import SECRET, dev_args
+
+
+def test_sigterm_answers_the_inflight_call_503_json_exits_0_and_the_successor_resumes(tmp_path: Path,
+                                                                                       sidecars: list) -> None:
+    sidecar = Sidecar(tmp_path, dev_args("term-evt", "term-corr", "mod") + [f"--devdir={tmp_path / '.dev'}"])
+    sidecars.append(sidecar)
+    sidecar.start(pause_at="uploaded")
+    client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
+    client.ready(attempts=240, delay=0.5)
+    for i in range(3):
+        client.write_file(f"f{i}.txt", b"x" * 100)
+        client.write_event(f"e{i}", "file_discovered", [f"f{i}.txt"])
+    answers: list[httpx.Response] = []
+    call = threading.Thread(target=lambda: answers.append(
+        httpx.get(f"{sidecar.url}/done", headers={"secret": SECRET}, timeout=120)), daemon=True)
+    call.start()
+    sidecar.wait_paused()  # /done is in flight, frozen after its uploads
+    os.kill(sidecar.proc.pid, signal.SIGTERM)  # as a liveness probe's restart or a node drain does
+    os.kill(sidecar.proc.pid, signal.SIGCONT)
+    call.join(60)
+    assert sidecar.proc.wait(60) == 0, sidecar.output()
+    [answer] = answers
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["statusCode"] == 503 and "SIGTERM" in answer.json()["message"]
+    record = json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
+    assert record["phase"] == "ready" and not record["closed"] and record["published"] == []
+    assert not (tmp_path / ".dev" / "events").exists()  # cancelled before the publish
+
+    sidecar.start()  # the same flags: the module's retry resumes the run
+    done = client.done(attempts=240, delay=0.5)
+    assert done["files"] == 3 and len(done["events"]) == 3
+    assert len(list((tmp_path / ".dev" / "events").glob("*.json"))) == 3
+    assert sidecar.stop() == 0
+
+
+def test_descriptor_exhaustion_closes_idle_connections_and_logs_once(tmp_path: Path, sidecars: list) -> None:
+    nofile, idle = 160, 240  # more idle connections than the process has descriptors
+    sidecar = Sidecar(tmp_path, dev_args("fd-evt", "fd-corr", "mod") + [f"--devdir={tmp_path / '.dev'}"])
+    sidecars.append(sidecar)
+    sidecar.start(nofile=nofile)
+    sidecar.wait_healthy()
+    process = psutil.Process(sidecar.proc.pid)
+    assert process.rlimit(psutil.RLIMIT_NOFILE) == (nofile, nofile)
+    log_before = sidecar.log.stat().st_size
+
+    sockets = []
+    started = time.monotonic()
+    for _ in range(idle):  # connect and never send a byte
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", sidecar.port))
+        sockets.append(sock)
+    cpu_before = sum(process.cpu_times()[:2])
+    time.sleep(2)
+    assert process.num_fds() >= nofile - 5, "the fault: the sidecar's descriptors are used up"
+
+    # /healthz is answered (or refused fast) once idle connections are closed: within the idle timeout.
+    answer = httpx.get(f"{sidecar.url}/healthz", timeout=30)
+    waited = time.monotonic() - started
+    assert answer.status_code in (200, 503), answer.text
+    assert waited < 20, f"/healthz answered only after {waited:.1f} s"
+    cpu = (sum(process.cpu_times()[:2]) - cpu_before) / (time.monotonic() - started - 0)
+    # Connections that never sent a byte were closed by the sidecar (the client reads EOF).
+    closed = 0
+    for sock in sockets:
+        sock.setblocking(True)
+        sock.settimeout(15)
+        try:
+            if sock.recv(1) == b"":
+                closed += 1
+        except (ConnectionResetError, TimeoutError, OSError):
+            pass
+        sock.close()
+    text = sidecar.output()
+    grew = sidecar.log.stat().st_size - log_before
+    print(f"\nfd exhaustion: /healthz {answer.status_code} after {waited:.1f} s, {closed}/{idle} idle connections "
+          f"closed by the sidecar, CPU {cpu:.0%}, log grew {grew} bytes")
+    assert closed == idle
+    assert text.count("cannot accept connections") == 1, text[-3000:]  # happened, and logged once
+    assert grew < 20_000
+    assert cpu < 0.5
+    assert httpx.get(f"{sidecar.url}/healthz", timeout=10).status_code == 200  # recovered
+    assert sidecar.stop() == 0
