@@ -130,7 +130,7 @@ class ServiceBusConfig:
     authorizationrulename: str = ""
     # The emulator or a SAS connection string; when set it wins over namespace/key/rule.
     connectionstring: str = ""
-    # Hard deadline for publishing one /done's events, seconds.
+    # Deadline for the whole publish step of one /done (every batch, task retries included), seconds.
     publishtimeoutseconds: float = 30.0
     # key: SAS rule key or connection string; default, managedidentity, workloadidentity: Entra ID token.
     credential: CredentialKind = CredentialKind.key
@@ -146,7 +146,7 @@ class TransferConfig:
     concurrency: int = 16
     # At most this many transfer task runs per flow run (each moves a batch of files).
     tasks: int = 4
-    # Prefect task retries for data-plane I/O (the one retry layer: providers do not retry).
+    # Prefect task retries for data-plane I/O (the one retry layer: providers do not retry); a timed-out wait is not retried.
     retries: int = 3
     # The wait before each retry, seconds.
     retrydelayseconds: float = 1.0

@@ -1,5 +1,5 @@
 """A sidecar killed (SIGKILL) at each step of /done and started again with the same flags on the same
-volume, while the module retries as ``sidecar.client`` does: nothing lost, nothing duplicated.
+volume, while the module retries as its client (``ion_sidecar_client``) does: nothing lost, nothing duplicated.
 
 Real processes and real peers: Azurite, nx-27017 and the AMQP 1.0 peer with duplicate detection OFF on
 the topic, so every delivery counts. The sidecar freezes itself at a named step
@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sidecar.client import SidecarCallError, SidecarClient
+from ion_sidecar_client import SidecarCallError, SidecarClient
 from tests.production.conftest import Stack
 from tests.restart.conftest import Sidecar
 from tests.servicebus.conftest import unique
@@ -51,7 +51,7 @@ def write_outputs(client: SidecarClient, label: str) -> None:
 
 
 class Module(threading.Thread):
-    """The module: /ready, write outputs, /done, retrying as sidecar.client does (connection errors
+    """The module: /ready, write outputs, /done, retrying as the module client does (connection errors
     and 5xx). ``again``: after a failed /done it calls /ready once more first, as a module that
     restarted its own protocol would."""
 
@@ -64,15 +64,15 @@ class Module(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.answers["ready"] = self.client.ready(attempts=240, delay=0.5)
+            self.answers["ready"] = self.client.ready(retry_seconds=120)
             write_outputs(self.client, self.label)
             try:
-                self.answers["done"] = self.client.done(attempts=1 if self.again else 240, delay=0.5)
+                self.answers["done"] = self.client.done(retry_seconds=0 if self.again else 120)
             except (httpx.TransportError, SidecarCallError):
                 if not self.again:
                     raise
-                self.answers["ready again"] = self.client.ready(attempts=240, delay=0.5)
-                self.answers["done"] = self.client.done(attempts=240, delay=0.5)
+                self.answers["ready again"] = self.client.ready(retry_seconds=120)
+                self.answers["done"] = self.client.done(retry_seconds=120)
         except BaseException as exc:  # reported by the test
             self.error = exc
 
@@ -161,9 +161,9 @@ def test_sigkill_at_every_step_of_done_loses_and_duplicates_nothing(tmp_path: Pa
 
     sidecar.start()
     client = module.client
-    assert client.done(attempts=240, delay=0.5) == done  # answered from the record, nothing committed again
+    assert client.done(retry_seconds=120) == done  # answered from the record, nothing committed again
     with pytest.raises(SidecarCallError) as refused:
-        client.ready(attempts=1)
+        client.ready(retry_seconds=0)
     assert refused.value.status_code == 409
     assert sidecar.stop() == 0
     assert record(sidecar)["closed"] and record(sidecar)["phase"] == "done"

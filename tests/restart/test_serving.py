@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from sidecar.client import SidecarClient
+from ion_sidecar_client import SidecarClient
 from tests.restart.conftest import Sidecar
 from tests.support import SECRET, dev_args
 
@@ -25,7 +25,7 @@ def test_sigterm_answers_the_inflight_call_503_json_exits_0_and_the_successor_re
     sidecars.append(sidecar)
     sidecar.start(pause_at="uploaded")
     client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
-    client.ready(attempts=240, delay=0.5)
+    client.ready(retry_seconds=120)
     for i in range(3):
         client.write_file(f"f{i}.txt", b"x" * 100)
         client.write_event(f"e{i}", "file_discovered", [f"f{i}.txt"])
@@ -46,7 +46,7 @@ def test_sigterm_answers_the_inflight_call_503_json_exits_0_and_the_successor_re
     assert not (tmp_path / ".dev" / "events").exists()  # cancelled before the publish
 
     sidecar.start()  # the same flags: the module's retry resumes the run
-    done = client.done(attempts=240, delay=0.5)
+    done = client.done(retry_seconds=120)
     assert done["files"] == 3 and len(done["events"]) == 3
     assert len(list((tmp_path / ".dev" / "events").glob("*.json"))) == 3
     assert sidecar.stop() == 0
