@@ -18,10 +18,11 @@ from tests.servicebus.conftest import SilentListener
 from tests.test_api import H, make_runtime
 
 # The configured bound of each test, and what a flow run may add around the I/O: creating and reporting
-# the flow and task runs to the Prefect API (2.7 s measured at a load average of 17 on 2 cores), seconds.
-# One more attempt would add the bound again plus 1 s of back-off, more than the slack.
-BOUND = 5.0
-SLACK = 5.0
+# the flow and task runs to the Prefect API (1.7 to 2.8 s measured at a load average of 17 on 2 cores,
+# more at 27), seconds. One more attempt would add the bound again plus 1 s of back-off: more than the
+# slack, so the test still tells a bound from a multiple of it.
+BOUND = 8.0
+SLACK = 8.0
 
 
 @pytest.fixture
