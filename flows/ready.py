@@ -34,10 +34,12 @@ async def download_files(runtime: Runtime, files: list[BlobFile], count: int, li
     """Download ``files`` into ``in/data`` at their relative paths; returns the bytes moved."""
     blobs = runtime.dataplane.blobs
     target = runtime.layout.in_data
-    jobs = [progress.track(blobs.download(f.key, target / f.path, BlobInfo(f.key, f.size, f.md5)), f.size)
-            for f in files]
+
+    async def one(f: BlobFile) -> BlobInfo:  # the download starts only when its turn comes
+        return await progress.track(blobs.download(f.key, target / f.path, BlobInfo(f.key, f.size, f.md5)), f.size)
+
     async with fleet_slot(runtime.cfg.transfer.fleetlimit):
-        infos = await gather_bounded(limit, jobs)
+        infos = await gather_bounded(limit, [one(f) for f in files])
     return sum(info.size for info in infos)
 
 
