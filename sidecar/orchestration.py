@@ -49,7 +49,7 @@ CHECK_SECONDS = 3.0
 # Back-off between probes of an unreachable API, seconds: first and largest.
 BACKOFF_SECONDS = (0.5, 5.0)
 # Deadline of one probe, seconds.
-PROBE_TIMEOUT = 3.0
+PROBE_TIMEOUT = 5.0
 # How long a call whose body has finished waits for Prefect's engine to report the final state while
 # the API is believed up, seconds; past it the call answers and the report continues in the background.
 REPORT_WAIT_SECONDS = 30.0
@@ -279,7 +279,7 @@ class PrefectApi:
             self.reason = "ok"
             self._available.set()
         else:
-            if was or self.reason == "starting":
+            if was or reason != self.reason:
                 log.warning("Prefect API unavailable: %s", reason)
             self.reason = reason
             self._available.clear()

@@ -46,12 +46,14 @@ def pytest_unconfigure(config) -> None:
 
 
 @pytest.fixture(scope="session")
-def prefect_on_postgres(tmp_path_factory: pytest.TempPathFactory):
+def prefect_on_postgres():
     """A Prefect server on a temporary PostgreSQL cluster: yields ``(api_url, server_process)``.
 
     Fails (never skips) when PostgreSQL or the server cannot start; both are stopped at the end.
     """
-    root = tmp_path_factory.mktemp("prefect-postgres")
+    # Not under pytest's basetemp: every pytest session on the machine makes /tmp/pytest-of-USER
+    # private (0700) again and prunes old numbered folders, which locks the postgres user out.
+    root = Path(tempfile.mkdtemp(prefix="sidecar-prefect-postgres-"))
     postgres = Postgres(root / "pg")
     try:
         home = root / "home"
@@ -63,3 +65,4 @@ def prefect_on_postgres(tmp_path_factory: pytest.TempPathFactory):
             stop_process_group(proc)
     finally:
         postgres.stop()
+        shutil.rmtree(root, ignore_errors=True)
