@@ -1,36 +1,47 @@
-"""Benchmark of the Azure Blob provider against a plain client, side by side in one run (issue 3).
+"""Blob transfers through the sidecar against the strongest plain SDK client, side by side in one run.
 
-Against one Azurite (started here, as the tests start it) and one Prefect API, for each workload
+Against one Azurite (from ``.tools/``, started here as the tests start it) and one Prefect server, for
+each workload (``1000 x 4 KiB`` and ``8 x 64 MiB`` files of random bytes in ten subfolders) it times,
+in at least three rounds whose order of approaches rotates, each direction on its own:
 
-- ``1000 x 4 KiB`` and ``8 x 64 MiB`` files in ten subfolders,
+- sidecar upload: a real parent sidecar process's ``/done`` (uploads ``out/data``, records one child
+  event listing every file); sidecar download: a real child sidecar process's ``/ready`` (downloads them
+  into ``in/data``, each checked by size and MD5). Both processes run with the default settings and
+  ``--azureblobprovider=true`` and are started and healthy before the clock starts.
+- plain upload / plain download: ``azure.storage.blob.aio`` only, each direction in a fresh process
+  (fresh connections, as a fresh sidecar has): ``upload_blob(file, max_concurrency=P)`` and
+  ``download_blob(max_concurrency=P).readinto(file)``, ``F`` files at once under a semaphore, chunk
+  size ``C`` (``max_single_put_size``, ``max_block_size``, ``max_single_get_size``,
+  ``max_chunk_get_size``), ``use_env_settings=False``, and for large uploads ``validate_content=True``.
 
-it times, interleaved, at least three rounds of
+How the plain client was tuned: ``--tune`` times it over a grid (``TUNE_GRID``: files at once 32/64/128
+for small files; chunk 4/8 MiB x 2/4/8 per blob x with or without MD5 for large ones) and ``PLAIN``
+holds the fastest per workload and direction. On this machine 64 small files at once beat 16, 32 and
+128; for large uploads a Content-MD5 on every block (``validate_content=True``) is faster, not slower,
+because Azurite computes a CRC64 in JavaScript for every Put Block that comes without one
+(``BlockBlobHandler.stageBlock``), which costs it more than the client's MD5. The plain client checks
+nothing else: the strongest client does the least work; the bench checks its files' MD5s afterwards.
+The CPU seconds of each process during its transfer are printed beside the wall times: on a loaded
+machine they say where a gap comes from (own work or waiting) better than the wall times do.
 
-- sidecar: a real parent sidecar process's ``/done`` (uploads ``out/data``, records one child event
-  listing every file) plus a real child sidecar process's ``/ready`` (downloads them into ``in/data``),
-  both with the default settings and ``--azureblobprovider=true``; the processes are started and
-  healthy before the clock starts;
-- plain: the same upload then download with ``azure.storage.blob.aio`` only: ``asyncio.gather`` under a
-  semaphore of 32, 4 MiB chunks (``max_single_put_size``/``max_block_size``/``max_single_get_size``/
-  ``max_chunk_get_size``), otherwise the SDK's defaults, in its own process (the issue's baseline);
-- plain-noenv: the same with ``use_env_settings=False``, which the provider also sets (see
-  ``sidecar/dataplane/azure.py``), to show what is left of the sidecar's own cost,
+It prints medians, spreads (min-max) and the ratios sidecar / plain per direction, the CPU seconds and
+peak RSS of each process, then moves one 1 GiB file of random bytes both ways (sidecar and plain) and
+prints the RSS rise of each sidecar above its idle RSS; the MD5s of the sources, of what the event meta
+recorded and of what the child staged must agree (else the bench fails).
 
-and prints the medians, the ratios sidecar/plain and sidecar/plain-noenv, and the peak RSS of each
-sidecar process during its call (and of the plain client's process). Last, one parent/child pair
-moves a 1 GiB file and the rise of each sidecar's RSS above its idle RSS (just before the call) is
-printed.
-
-Run: ``scripts/setup test && .venv/bin/python bench/azure_transfers.py [--rounds 3]``.
+Run: ``scripts/setup test && .venv/bin/python bench/azure_transfers.py [--rounds 3]`` (10-30 min);
+``--tune`` for the plain client's grid; ``--profile DIR`` records each sidecar call with py-spy.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,72 +55,112 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
-CHUNK = 4 * MiB
-PLAIN_CONCURRENCY = 32
 WORKLOADS = {"1000 x 4 KiB": (1000, 4 * KiB), "8 x 64 MiB": (8, 64 * MiB)}
 EVENT_TYPE = "file_discovered"
+CONTAINER = "bench"
 
 
-# --- the plain client (in its own process: ``azure_transfers.py plain SRC DST PREFIX ENV``) ------------
+@dataclass(frozen=True)
+class Plain:
+    """The plain client's settings: ``chunk`` bytes per request, ``per_blob`` requests in flight per
+    blob (the SDK's ``max_concurrency``), ``files`` blobs in flight at once, and ``md5``: upload with
+    ``validate_content=True`` (a Content-MD5 on every request)."""
 
-async def plain_transfer(connection_string: str, src: Path, dst: Path, prefix: str, env_settings: bool) -> float:
-    """Upload every file under ``src`` then download them into ``dst``; returns the seconds taken.
+    chunk: int
+    per_blob: int
+    files: int
+    md5: bool = False
 
-    ``env_settings`` is the SDK's ``use_env_settings`` (default True: aiohttp looks up ~/.netrc and the
-    proxy variables on every request; the provider turns it off and resolves the proxy once)."""
+    def argv(self) -> list[str]:
+        return [str(self.chunk), str(self.per_blob), str(self.files), str(int(self.md5))]
+
+    def __str__(self) -> str:
+        return f"chunk {self.chunk // MiB:>2} MiB, per blob {self.per_blob}, files {self.files:>3}, md5 {int(self.md5)}"
+
+
+# The fastest settings per workload and direction of `--tune` on this machine (see README, Benchmarks).
+PLAIN = {
+    "1000 x 4 KiB": {"up": Plain(4 * MiB, 1, 64), "down": Plain(4 * MiB, 1, 64)},
+    "8 x 64 MiB": {"up": Plain(4 * MiB, 4, 8, md5=True), "down": Plain(8 * MiB, 4, 8)},
+    "1 x 1 GiB": {"up": Plain(4 * MiB, 8, 1, md5=True), "down": Plain(8 * MiB, 8, 1)},
+}
+TUNE_GRID = {
+    "1000 x 4 KiB": [Plain(4 * MiB, 1, f, m) for f in (32, 64, 128) for m in (False, True)],
+    "8 x 64 MiB": [Plain(c, p, 8, m) for c in (4 * MiB, 8 * MiB) for p in (2, 4, 8) for m in (False, True)],
+}
+
+
+# --- the plain client (a process of its own: ``azure_transfers.py plain up|down SRC DST PREFIX C P F``) -
+
+async def plain_transfer(connection_string: str, direction: str, src: Path, dst: Path, prefix: str,
+                         cfg: Plain) -> dict[str, float]:
+    """Upload every file under ``src`` (``up``) or download them into ``dst`` (``down``); returns the
+    seconds taken and the process's RSS (bytes) just before the clock started."""
+    import psutil
     from azure.core.exceptions import ResourceExistsError
     from azure.storage.blob.aio import BlobServiceClient
 
     files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
     service = BlobServiceClient.from_connection_string(
-        connection_string, max_single_put_size=CHUNK, max_block_size=CHUNK, max_single_get_size=CHUNK,
-        max_chunk_get_size=CHUNK, use_env_settings=env_settings)
+        connection_string, max_single_put_size=cfg.chunk, max_block_size=cfg.chunk,
+        max_single_get_size=cfg.chunk, max_chunk_get_size=cfg.chunk, use_env_settings=False)
     async with service:
-        client = service.get_container_client("bench-plain")
-        try:
-            await client.create_container()
-        except ResourceExistsError:
-            pass
-        limit = asyncio.Semaphore(PLAIN_CONCURRENCY)
+        client = service.get_container_client(CONTAINER)
+        limit = asyncio.Semaphore(cfg.files)
 
         async def upload(rel: str) -> None:
             async with limit:
                 with open(src / rel, "rb") as f:
-                    await client.get_blob_client(f"{prefix}/{rel}").upload_blob(f, overwrite=True)
+                    await client.get_blob_client(f"{prefix}/{rel}").upload_blob(
+                        f, overwrite=True, max_concurrency=cfg.per_blob, validate_content=cfg.md5)
 
         async def download(rel: str) -> None:
             async with limit:
                 target = dst / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                stream = await client.get_blob_client(f"{prefix}/{rel}").download_blob()
+                stream = await client.get_blob_client(f"{prefix}/{rel}").download_blob(max_concurrency=cfg.per_blob)
                 with open(target, "wb") as f:
                     await stream.readinto(f)
 
-        started = time.perf_counter()
-        await asyncio.gather(*(upload(rel) for rel in files))
-        await asyncio.gather(*(download(rel) for rel in files))
-        return time.perf_counter() - started
+        if direction == "up":
+            try:
+                await client.create_container()
+            except ResourceExistsError:
+                pass
+        idle = psutil.Process().memory_info().rss
+        started, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*((upload if direction == "up" else download)(rel) for rel in files))
+        return {"seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu, "idle": idle}
 
 
 # --- measuring ----------------------------------------------------------------------------------------
 
 class RssSampler:
-    """Samples the RSS of process ``pid`` every 10 ms while active: ``idle`` (first sample), ``peak``."""
+    """Samples the RSS of process ``pid`` every 5 ms while active: ``idle`` (first sample), ``peak``;
+    ``cpu()``: CPU seconds (user + system) the process used since the sampler was made."""
 
     def __init__(self, pid: int):
         import psutil
 
         self.process = psutil.Process(pid)
         self.idle = self.peak = self.process.memory_info().rss
+        self._cpu = self._cpu_now()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        while not self._stop.wait(0.01):
+        while not self._stop.wait(0.005):
             try:
                 self.peak = max(self.peak, self.process.memory_info().rss)
             except Exception:  # noqa: BLE001 - the process ended
                 return
+
+    def _cpu_now(self) -> float:
+        times = self.process.cpu_times()
+        return times.user + times.system
+
+    def cpu(self) -> float:
+        return self._cpu_now() - self._cpu
 
     def __enter__(self) -> "RssSampler":
         self._thread.start()
@@ -120,64 +171,119 @@ class RssSampler:
         self._thread.join()
 
 
-APPROACHES = ("plain", "plain-noenv", "sidecar")
+class Profiler:
+    """``py-spy record`` of process ``pid`` into ``path`` (collapsed stacks) while active; no-op without a path."""
+
+    def __init__(self, pid: int, path: Path | None):
+        self.pid, self.path, self.proc = pid, path, None
+
+    def __enter__(self) -> "Profiler":
+        if self.path:
+            spy = Path(sys.executable).with_name("py-spy")
+            self.proc = subprocess.Popen([str(spy), "record", "--pid", str(self.pid), "--rate", "250", "--format",
+                                          "raw", "--threads", "--nonblocking", "-o", str(self.path)],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)  # py-spy attaches
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(60)
 
 
 @dataclass
-class Rounds:
-    """Seconds and peak RSS (bytes) of each round of one workload, per approach (``APPROACHES``);
-    for the sidecar the RSS is the larger of the parent's during ``/done`` and the child's during ``/ready``."""
+class Sample:
+    """One measured transfer: ``seconds``, the process's CPU seconds meanwhile (user + system, all
+    threads), its RSS ``idle`` (before the clock) and ``peak`` (bytes)."""
 
-    seconds: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in APPROACHES})
-    rss: dict[str, list[int]] = field(default_factory=lambda: {a: [] for a in APPROACHES})
+    seconds: float
+    cpu: float
+    idle: int
+    peak: int
 
 
-def make_files(root: Path, count: int, size: int, sparse: bool = False) -> list[str]:
-    """``count`` files of ``size`` bytes in ten subfolders of ``root``; returns their relative paths."""
-    rels = [f"d{i % 10}/f{i:04d}.bin" for i in range(count)]
-    for rel in rels:
+@dataclass
+class Results:
+    """Samples per (approach, direction) of one workload, e.g. ``samples["sidecar", "up"]``."""
+
+    samples: dict[tuple[str, str], list[Sample]] = field(default_factory=dict)
+
+    def add(self, approach: str, direction: str, sample: Sample) -> None:
+        self.samples.setdefault((approach, direction), []).append(sample)
+
+
+def make_files(root: Path, count: int, size: int) -> dict[str, str]:
+    """``count`` files of ``size`` random bytes in ten subfolders of ``root``; returns path -> MD5 (hex)."""
+    digests = {}
+    for i in range(count):
+        rel = f"d{i % 10}/f{i:04d}.bin"
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.md5()
         with open(path, "wb") as f:
-            if sparse:
-                f.truncate(size)
-            else:
-                for _ in range(0, size, MiB):
-                    f.write(os.urandom(min(MiB, size)))
-    return rels
+            for offset in range(0, size, 8 * MiB):
+                block = os.urandom(min(8 * MiB, size - offset))
+                digest.update(block)
+                f.write(block)
+        digests[rel] = digest.hexdigest()
+    return digests
 
 
-def plain_round(azurite, src: Path, work: Path, prefix: str, env_settings: bool) -> tuple[float, int]:
-    """One plain upload + download in a fresh process; returns its seconds and peak RSS (bytes)."""
+def md5_tree(root: Path) -> dict[str, str]:
+    """Relative path -> MD5 (hex) of every file below ``root``."""
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            out[path.relative_to(root).as_posix()] = hashlib.file_digest(f, "md5").hexdigest()
+    return out
+
+
+def plain_round(azurite, src: Path, digests: dict[str, str], work: Path, tag: str, settings: dict[str, Plain],
+                verify: bool = True) -> dict[str, Sample]:
+    """One plain upload then download, each in a fresh process with ``settings[direction]``; returns a
+    Sample per direction."""
     from tests.support import python_env
 
-    dst = work / f"plain-{prefix}"
-    argv = [sys.executable, __file__, "plain", str(src), str(dst), prefix, str(int(env_settings))]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
-                            env=python_env(BENCH_CONNECTION_STRING=azurite.connection_string()))
-    with RssSampler(proc.pid) as rss:
-        out, _ = proc.communicate(timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"plain client failed ({proc.returncode})")
+    dst = work / f"plain-{tag}"
+    out = {}
+    for direction in ("up", "down"):
+        argv = [sys.executable, __file__, "plain", direction, str(src), str(dst), tag, *settings[direction].argv()]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                env=python_env(BENCH_CONNECTION_STRING=azurite.connection_string()))
+        with RssSampler(proc.pid) as rss:
+            stdout, _ = proc.communicate(timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"plain client failed ({proc.returncode})")
+        got = json.loads(stdout.decode().strip().splitlines()[-1])
+        out[direction] = Sample(got["seconds"], got["cpu"], got["idle"], rss.peak)
+    if verify and md5_tree(dst) != digests:
+        raise RuntimeError(f"plain {tag}: the downloaded files differ from the sources")
     shutil.rmtree(dst, ignore_errors=True)
-    return float(out.decode().strip().splitlines()[-1]), rss.peak
+    return out
 
 
-def sidecar_round(azurite, src: Path, rels: list[str], work: Path, tag: str) -> dict[str, float]:
-    """One parent ``/done`` plus child ``/ready``; returns seconds, and idle/peak RSS of each process."""
+def sidecar_round(azurite, src: Path, digests: dict[str, str], work: Path, tag: str,
+                  profile: Path | None = None) -> dict[str, Sample]:
+    """One parent ``/done`` then child ``/ready`` (processes healthy before the clock); checks that the
+    child staged every file with the source's MD5 and that the event meta recorded it; returns a
+    Sample per direction."""
     from flows.runtime import child_event_id
     from sidecar.config import ContextConfig, SidecarConfig
+    from sidecar.dataplane.documents import JsonFileDocumentStore
     from tests.azure.azurite import sidecar_args
     from tests.support import SidecarProcess
 
+    rels = sorted(digests)
     parent_id, correlation = f"bench-{tag}", f"corr-{tag}"
     parent_cfg = SidecarConfig(context=ContextConfig(eventid=parent_id, correlationid=correlation, name="parent"))
     child_id = child_event_id(parent_cfg, "batch.json")
-    devdir = f"--devdir={work / f'dev-{tag}'}"  # the document store the two share
+    devdir = work / f"dev-{tag}"  # the document store the two share
     (work / f"parent-{tag}").mkdir()
     (work / f"child-{tag}").mkdir()
-    parent_args = sidecar_args(azurite, "bench-sidecar", parent_id, correlation, "parent") + [devdir]
-    child_args = sidecar_args(azurite, "bench-sidecar", child_id, correlation, "child", parent=parent_id) + [devdir]
+    parent_args = sidecar_args(azurite, CONTAINER, parent_id, correlation, "parent") + [f"--devdir={devdir}"]
+    child_args = sidecar_args(azurite, CONTAINER, child_id, correlation, "child", parent=parent_id) + \
+        [f"--devdir={devdir}"]
     parent = SidecarProcess(work / f"parent-{tag}", parent_args)
     child = SidecarProcess(work / f"child-{tag}", child_args)
     try:
@@ -190,95 +296,143 @@ def sidecar_round(azurite, src: Path, rels: list[str], work: Path, tag: str) -> 
             os.link(src / rel, out / "data" / rel)
         pairs = [{"key": "eventType", "value": EVENT_TYPE}, {"key": "files", "value": ",".join(rels)}]
         (out / "events" / "batch.json").write_text(json.dumps(pairs))
-        with RssSampler(parent.proc.pid) as done_rss:
+        with Profiler(parent.proc.pid, profile and profile / f"{tag}-done.txt"), RssSampler(parent.proc.pid) as rss:
             started = time.perf_counter()
             done = parent.get("/done", timeout=900)
-            done_seconds = time.perf_counter() - started
+            up = Sample(time.perf_counter() - started, rss.cpu(), rss.idle, 0)
+        up.peak = rss.peak
         assert done.status_code == 200, done.text
         assert done.json()["events"][0]["eventId"] == child_id
-        with RssSampler(child.proc.pid) as ready_rss:
+        with Profiler(child.proc.pid, profile and profile / f"{tag}-ready.txt"), RssSampler(child.proc.pid) as rss:
             started = time.perf_counter()
             ready = child.get("/ready", timeout=900)
-            ready_seconds = time.perf_counter() - started
+            down = Sample(time.perf_counter() - started, rss.cpu(), rss.idle, 0)
+        down.peak = rss.peak
         assert ready.status_code == 200 and ready.json()["files"] == len(rels), ready.text
+        meta = JsonFileDocumentStore(devdir / "documents").get_event_meta(child_id)
+        recorded = {f.path: f.md5 for f in meta.files}
+        if recorded != digests or md5_tree(child.basedir / "in" / "data") != digests:
+            raise RuntimeError(f"sidecar {tag}: recorded or staged MD5s differ from the sources")
     finally:
         parent.stop()
         child.stop()
     shutil.rmtree(work / f"parent-{tag}", ignore_errors=True)
     shutil.rmtree(work / f"child-{tag}", ignore_errors=True)
-    return {"seconds": done_seconds + ready_seconds, "done": done_seconds, "ready": ready_seconds,
-            "done_idle": done_rss.idle, "done_peak": done_rss.peak,
-            "ready_idle": ready_rss.idle, "ready_peak": ready_rss.peak}
+    return {"up": up, "down": down}
 
 
 def mib(n: float) -> str:
     return f"{n / MiB:.0f}"
 
 
-def main(rounds: int) -> None:
-    work = Path(tempfile.mkdtemp(prefix="bench-azure-"))
-    os.environ.update(PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                      PREFECT_UI_ENABLED="false")
-    os.environ.pop("PREFECT_API_URL", None)
-    from prefect.server.api.server import SubprocessASGIServer
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):6.2f} [{min(values):.2f}-{max(values):.2f}]"
 
+
+def run(argv: argparse.Namespace) -> None:
     from tests.azure.azurite import run_azurite
+    from tests.support import start_prefect_server, stop_process_group
 
-    prefect = SubprocessASGIServer()
-    prefect.start(120)
-    os.environ["PREFECT_API_URL"] = prefect.api_url
-    results: dict[str, Rounds] = {name: Rounds() for name in WORKLOADS}
+    work = Path(tempfile.mkdtemp(prefix="bench-azure-"))
+    (work / "prefect").mkdir()
+    server, url = start_prefect_server(work / "prefect")
+    os.environ["PREFECT_API_URL"] = url
+    if argv.profile:
+        argv.profile.mkdir(parents=True, exist_ok=True)
+    workloads = {name: WORKLOADS[name] for name in (argv.only or WORKLOADS)}
+    results = {name: Results() for name in workloads}
+    load_before = os.getloadavg()
     began = time.perf_counter()
+    one_gib: dict[str, dict[str, Sample]] = {}
     try:
         with run_azurite() as azurite:
-            sources = {}
-            for name, (count, size) in WORKLOADS.items():
-                sources[name] = (work / f"src-{count}", make_files(work / f"src-{count}", count, size))
-            for r in range(rounds):
-                for w, (name, (src, rels)) in enumerate(sources.items()):
-                    # Rotate which approach goes first, so drift in the machine's load evens out.
-                    for approach in APPROACHES[r % 3:] + APPROACHES[:r % 3]:
+            sources = {name: (work / f"src-{count}", make_files(work / f"src-{count}", count, size))
+                       for name, (count, size) in workloads.items()}
+            if argv.tune:
+                return tune(azurite, sources, work, argv.rounds)
+            for r in range(argv.rounds):
+                for w, (name, (src, digests)) in enumerate(sources.items()):
+                    # Alternate which approach goes first, so drift in the machine's load evens out.
+                    for approach in (("sidecar", "plain") if (r + w) % 2 else ("plain", "sidecar")):
                         tag = f"{r}-{w}-{approach}"
                         if approach == "sidecar":
-                            got = sidecar_round(azurite, src, rels, work, tag)
-                            seconds, peak = got["seconds"], int(max(got["done_peak"], got["ready_peak"]))
+                            got = sidecar_round(azurite, src, digests, work, tag, argv.profile)
                         else:
-                            seconds, peak = plain_round(azurite, src, work, tag, approach == "plain")
-                        results[name].seconds[approach].append(seconds)
-                        results[name].rss[approach].append(peak)
-                        print(f"round {r + 1} {name:>13} {approach:>11}: {seconds:7.2f} s", flush=True)
-            big = work / "src-1g"
-            rels = make_files(big, 1, GiB, sparse=True)
-            one_gib = sidecar_round(azurite, big, rels, work, "1g")
+                            got = plain_round(azurite, src, digests, work, tag, PLAIN[name])
+                        for direction, sample in got.items():
+                            results[name].add(approach, direction, sample)
+                        print(f"round {r + 1} {name:>13} {approach:>8}: up {got['up'].seconds:6.2f} s "
+                              f"({got['up'].cpu:5.2f} s CPU), down {got['down'].seconds:6.2f} s "
+                              f"({got['down'].cpu:5.2f} s CPU)", flush=True)
+            if not argv.skip_1gib:
+                shutil.rmtree(work / "src-1000", ignore_errors=True)
+                big = work / "src-1g"
+                digests = make_files(big, 1, GiB)
+                one_gib["sidecar"] = sidecar_round(azurite, big, digests, work, "1g-sidecar", argv.profile)
+                one_gib["plain"] = plain_round(azurite, big, digests, work, "1g-plain", PLAIN["1 x 1 GiB"])
     finally:
-        prefect.stop()
+        stop_process_group(server)
         shutil.rmtree(work, ignore_errors=True)
+    report(results, one_gib, argv.rounds, load_before, time.perf_counter() - began)
 
-    print(f"\nAzure Blob provider vs plain azure.storage.blob.aio on Azurite: medians of {rounds} rounds, "
-          f"peak RSS the largest of them (whole run {time.perf_counter() - began:.0f} s)")
-    print("plain: the SDK's defaults but 4 MiB chunks, gather under a semaphore of 32; plain-noenv: the same with "
-          "use_env_settings=False, as the provider does")
-    print(f"{'workload':>13} | {'plain s':>8} | {'noenv s':>8} | {'sidecar s':>9} | {'sidecar/plain':>13} | "
-          f"{'sidecar/noenv':>13} | peak RSS MiB plain, noenv, sidecar")
+
+def report(results: dict[str, Results], one_gib: dict[str, dict[str, Sample]], rounds: int,
+           load_before: tuple[float, ...], seconds: float) -> None:
+    load_after = os.getloadavg()
+    print(f"\nsidecar vs plain azure.storage.blob.aio on Azurite, {rounds} rounds, median [min-max] seconds; "
+          f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
+          f"({seconds:.0f} s)")
+    print(f"{'workload':>13} | {'dir':>4} | {'plain s':>19} | {'sidecar s':>19} | {'sidecar/plain':>13} | "
+          f"{'CPU s plain, sidecar':>20} | peak RSS MiB plain, sidecar (sidecar rise)")
     for name, res in results.items():
-        median = {a: statistics.median(res.seconds[a]) for a in APPROACHES}
-        peaks = ", ".join(mib(max(res.rss[a])) for a in APPROACHES)
-        print(f"{name:>13} | {median['plain']:8.2f} | {median['plain-noenv']:8.2f} | {median['sidecar']:9.2f} | "
-              f"{median['sidecar'] / median['plain']:12.2f}x | {median['sidecar'] / median['plain-noenv']:12.2f}x | "
-              f"{peaks}")
-    print(f"\n1 GiB file: parent /done {one_gib['done']:.1f} s, RSS idle {mib(one_gib['done_idle'])} MiB, peak "
-          f"{mib(one_gib['done_peak'])} MiB, rise {mib(one_gib['done_peak'] - one_gib['done_idle'])} MiB; "
-          f"child /ready {one_gib['ready']:.1f} s, RSS idle {mib(one_gib['ready_idle'])} MiB, peak "
-          f"{mib(one_gib['ready_peak'])} MiB, rise {mib(one_gib['ready_peak'] - one_gib['ready_idle'])} MiB")
-    print("goals: ratio <= 1.10x on both workloads; RSS rise <= 128 MiB for the 1 GiB file")
+        for direction in ("up", "down"):
+            plain, side = res.samples["plain", direction], res.samples["sidecar", direction]
+            ratio = statistics.median(s.seconds for s in side) / statistics.median(s.seconds for s in plain)
+            cpu = f"{statistics.median(s.cpu for s in plain):.2f}, {statistics.median(s.cpu for s in side):.2f}"
+            print(f"{name:>13} | {direction:>4} | {spread([s.seconds for s in plain])} | "
+                  f"{spread([s.seconds for s in side])} | {ratio:12.2f}x | {cpu:>20} | {mib(max(s.peak for s in plain))}, "
+                  f"{mib(max(s.peak for s in side))} ({mib(max(s.peak - s.idle for s in side))})")
+    if one_gib:
+        for direction, call in (("up", "/done"), ("down", "/ready")):
+            side, plain = one_gib["sidecar"][direction], one_gib["plain"][direction]
+            print(f"    1 x 1 GiB | {direction:>4} | sidecar {call} {side.seconds:.1f} s ({side.cpu:.1f} s CPU), RSS idle "
+                  f"{mib(side.idle)} MiB, peak {mib(side.peak)} MiB, rise {mib(side.peak - side.idle)} MiB; plain "
+                  f"{plain.seconds:.1f} s ({plain.cpu:.1f} s CPU), peak RSS {mib(plain.peak)} MiB; sidecar/plain "
+                  f"{side.seconds / plain.seconds:.2f}x")
+        print("    1 x 1 GiB: MD5 of source, event meta and staged file agree")
+    print("goals: sidecar/plain <= 1.10x each way for both workloads; sidecar RSS rise <= 128 MiB for 1 GiB")
+
+
+def tune(azurite, sources: dict[str, tuple[Path, dict[str, str]]], work: Path, rounds: int) -> None:
+    """The plain client over ``TUNE_GRID``: median seconds per direction, the fastest first."""
+    for name, (src, digests) in sources.items():
+        rows = []
+        for i, cfg in enumerate(TUNE_GRID[name]):
+            got = [plain_round(azurite, src, digests, work, f"tune-{name[:4].strip()}-{i}-{r}",
+                               {"up": cfg, "down": cfg}, verify=(r == 0)) for r in range(rounds)]
+            up = statistics.median(g["up"].seconds for g in got)
+            down = statistics.median(g["down"].seconds for g in got)
+            rows.append((up, down, cfg))
+            print(f"{name}: {cfg}: up {up:.2f} s, down {down:.2f} s", flush=True)
+        for d, direction in enumerate(("up", "down")):
+            print(f"\n{name} {direction}, fastest first (median of {rounds}):")
+            for row in sorted(rows, key=lambda row: row[d])[:5]:
+                print(f"  {row[2]}: {row[d]:5.2f} s")
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "plain":
-        _, _, source, target, prefix, env = sys.argv
-        connection_string = os.environ["BENCH_CONNECTION_STRING"]
-        print(asyncio.run(plain_transfer(connection_string, Path(source), Path(target), prefix, env == "1")))
+        _, _, direction, source, target, prefix, chunk, per_blob, files, md5 = sys.argv
+        settings = Plain(int(chunk), int(per_blob), int(files), md5 == "1")
+        print(json.dumps(asyncio.run(plain_transfer(os.environ["BENCH_CONNECTION_STRING"], direction, Path(source),
+                                                    Path(target), prefix, settings))))
     else:
         parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
         parser.add_argument("--rounds", type=int, default=3, help="rounds per workload and approach (medians)")
-        main(parser.parse_args().rounds)
+        parser.add_argument("--only", action="append", choices=list(WORKLOADS), help="run only this workload")
+        parser.add_argument("--skip-1gib", action="store_true", help="leave out the 1 GiB file")
+        parser.add_argument("--tune", action="store_true", help="time the plain client over its settings grid")
+        parser.add_argument("--profile", type=Path, help="py-spy record each sidecar call into this folder")
+        # A SIGTERM unwinds like Ctrl-C, so Azurite, the Prefect server and the temporary files go too.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        run(parser.parse_args())
