@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -24,7 +23,6 @@ from sidecar.errors import InputError
 from sidecar.models import KeyValuePair
 from sidecar.paths import collisions, name_problem, segment_problem, shown, text_problem
 
-log = logging.getLogger(__name__)
 
 # Largest document stored, bytes: Cosmos DB's API for MongoDB stores documents up to 2 MiB (MongoDB
 # itself 16 MiB); the smaller bound holds for every provider, so development mode refuses the same.
@@ -333,10 +331,11 @@ def plan_outputs(layout: ModuleLayout, valid_event_types: list[str], max_event_b
     events: list[PlannedEvent] = []
     if layout.out_events.is_dir():
         for entry in sorted(layout.out_events.iterdir()):
-            if entry.suffix != ".json" or not entry.is_file():
-                log.warning("ignoring %s: events are out/events/*.json files", shown(layout.name(entry)))
-                continue
             where = shown(layout.name(entry))
+            if entry.suffix != ".json" or not (entry.is_file() or entry.is_symlink()):
+                # Refused, not skipped: a misnamed event file dropped in silence is a child never notified.
+                raise InputError(where, "is not an event file: out/events holds only *.json files, one event each "
+                                        "(rename it or remove it)")
             if text_problem(entry.name):
                 raise InputError(where, "the file name is not valid UTF-8")
             _check_inside_out(layout, entry, where)

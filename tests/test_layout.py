@@ -109,9 +109,11 @@ def test_symlink_inside_out_data_is_a_file(layout: ModuleLayout) -> None:
     assert "alias.bin" in [f.path for f in plan.files] and plan.events[0].files == ["alias.bin"]
 
 
-def test_non_json_files_in_events_are_ignored(layout: ModuleLayout) -> None:
+def test_anything_but_json_files_in_events_is_refused_by_name(layout: ModuleLayout) -> None:
+    # A misnamed event file skipped in silence would be a child event lost behind a 200.
     (layout.out_events / "notes.txt").write_text("scratch")
-    assert plan_outputs(layout, TYPES, 1024).events == []
+    with pytest.raises(InputError, match=r"^out/events/notes.txt: is not an event file"):
+        plan_outputs(layout, TYPES, 1024)
 
 
 def test_no_valid_event_types_rejects_every_event(layout: ModuleLayout) -> None:

@@ -125,6 +125,10 @@ DONE_CASES: list[DoneCase] = [
              "out/events/bad.json", "malformed JSON"),
     DoneCase("event-deep-nesting", lambda out: event(out, "bad.json", "[" * 100_000 + "]" * 100_000),
              "out/events/bad.json", "nested too deeply"),
+    DoneCase("event-not-json-suffix", lambda out: event(out, "e1.txt", pairs(("eventType", "file_discovered"))),
+             "out/events/e1.txt", "is not an event file"),
+    DoneCase("event-folder", lambda out: (out / "events" / "sub.json").mkdir(),
+             "out/events/sub.json", "is not an event file"),
     DoneCase("event-null", lambda out: event(out, "bad.json", "null"), "out/events/bad.json", "got NoneType"),
     DoneCase("event-nan", lambda out: event(out, "bad.json", '[{"key": "eventType", "value": NaN}]'),
              "out/events/bad.json", "item 0"),
@@ -155,7 +159,7 @@ HTTP_DONE = {
     "too-long", "latin1-byte", "invalid-utf8-folder", "symlink-two-loop", "folder-link-cycle", "file-link-outside",
     "dangling-link", "fifo", "event-link-outside", "event-value-surrogate", "insight-surrogate",
     "event-file-name-latin1", "event-deep-nesting", "event-nan", "files-dotdot", "event-meta-too-large",
-    "event-too-large",
+    "event-too-large", "event-not-json-suffix",
 }
 
 
