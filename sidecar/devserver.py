@@ -17,8 +17,9 @@ So the server belongs to a small supervisor process instead, one per state folde
   The kernel releases it when the sidecar exits, SIGKILL included, so when the supervisor can take it
   exclusively, no sidecar is left: after :data:`LINGER_SECONDS` it stops the server and exits. It
   keeps the lock while it stops, so a sidecar arriving then waits and starts a new supervisor.
-- ``server.json``: the supervisor's pid and the server's URL. The port is kept from one supervisor to
-  the next, so the UI's address stays the same for a working directory.
+- ``server.json``: the supervisor's pid and the server's URL, removed when the supervisor stops.
+- ``port``: the server's port, kept from one supervisor to the next (reused while it is free), so the
+  UI's address stays the same for a working directory.
 
 The server is ``uvicorn prefect.server.api.server:create_app`` (what ``SubprocessASGIServer`` runs, but
 with the UI on and not ephemeral, so Prefect's task-run recorder writes task runs), its database
@@ -234,6 +235,7 @@ class Supervisor:
         previous = self._previous_port()
         port = _free_port(previous)
         url = f"http://127.0.0.1:{port}"
+        (self.state_dir / "port").write_text(str(port))
         _write_info(self.state_dir, {"pid": os.getpid(), "port": port, "url": f"{url}/api", "ui": url})
         log.info("supervisor %s: Prefect server for %s on %s", os.getpid(), self.state_dir, url)
         backoff = 1.0
@@ -273,8 +275,8 @@ class Supervisor:
 
     def _previous_port(self) -> int | None:
         try:
-            return int(json.loads((self.state_dir / "server.json").read_text())["port"])
-        except (OSError, ValueError, KeyError, TypeError):
+            return int((self.state_dir / "port").read_text())
+        except (OSError, ValueError):
             return None
 
     def _start_server(self, port: int) -> None:

@@ -280,7 +280,12 @@ class PrefectApi:
             self._available.set()
         else:
             if was or reason != self.reason:
-                log.warning("Prefect API unavailable: %s", reason)
+                # Before the first answer this is the normal start-up wait (a development server takes
+                # up to a minute or two the first time), not an outage worth a WARNING.
+                if self.ever_available:
+                    log.warning("Prefect API unavailable: %s", reason)
+                else:
+                    log.info("waiting for the Prefect API: %s", reason)
             self.reason = reason
             self._available.clear()
 

@@ -92,6 +92,8 @@ def test_one_supervised_dev_server_per_working_directory(tmp_path: Path) -> None
         gone, alive = psutil.wait_procs([restarted, *supervisors], timeout=devserver.LINGER_SECONDS + 30)
         assert not alive, f"orphaned: {[p.cmdline() for p in alive]}"
         assert not (state_dir / "server.json").exists()
+        # The next supervisor of this directory takes the same port: the UI's address does not move.
+        assert devserver.Supervisor(state_dir)._previous_port() == info["port"]
     finally:
         for sidecar in sidecars:
             sidecar.stop()
