@@ -38,6 +38,7 @@ from typing import IO, Any, Callable, TypeVar
 from urllib.parse import quote, urlparse
 
 from adlfs import AzureBlobFileSystem
+from azure.core.pipeline.transport import AioHttpTransport
 from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
@@ -69,6 +70,24 @@ MAX_BLOCKS = 50_000
 _THREAD_BYTES = 256 * 1024
 
 
+class _OneTlsContextTransport(AioHttpTransport):
+    """azure-core's aiohttp transport, building its TLS context once instead of on every request.
+
+    With ``connection_verify`` naming a CA bundle, ``AioHttpTransport._build_ssl_config`` creates a new
+    ``ssl.SSLContext`` and reads the bundle for every request (azure-core 1.41), even over plain HTTP;
+    aiohttp then pools connections per context, so none is reused. Measured on 1000 blobs of 4 KiB:
+    77% of the sidecar's CPU and 16x the plain client's time. The context depends only on its
+    arguments, so one per (cert, verify) serves every request.
+    """
+
+    def _build_ssl_config(self, cert: Any, verify: Any) -> Any:
+        cache = self.__dict__.setdefault("_tls_contexts", {})
+        key = (tuple(cert) if isinstance(cert, (list, tuple)) else cert, verify)
+        if key not in cache:
+            cache[key] = super()._build_ssl_config(cert, verify)
+        return cache[key]
+
+
 class _AzureFileSystem(AzureBlobFileSystem):
     """adlfs whose service client has bounded request sizes, timeouts and no SDK retries.
 
@@ -82,14 +101,14 @@ class _AzureFileSystem(AzureBlobFileSystem):
         super().__init__(**kwargs)
 
     def do_connect(self) -> None:
+        options = {**self._client_options, "transport": _OneTlsContextTransport(**self._client_options)}
         if self.connection_string:
-            self.service_client = BlobServiceClient.from_connection_string(
-                self.connection_string, **self._client_options)
+            self.service_client = BlobServiceClient.from_connection_string(self.connection_string, **options)
         else:
             self.service_client = BlobServiceClient(
                 self._account_url,
                 credential=self.credential or {"account_name": self.account_name, "account_key": self.account_key},
-                **self._client_options)
+                **options)
 
 
 class AzureBlobStore(BlobStore):
