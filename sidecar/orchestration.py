@@ -55,6 +55,8 @@ PROBE_TIMEOUT = 5.0
 REPORT_WAIT_SECONDS = 30.0
 # How long shutdown waits for outstanding state reports, seconds.
 SHUTDOWN_REPORT_SECONDS = 10.0
+# How long a cancelled call (SIGTERM) waits for its flow run's engine to end its transfers, seconds.
+STOP_ENGINE_SECONDS = 20.0
 
 
 class PrefectUnavailable(SidecarError):
@@ -346,6 +348,12 @@ class PrefectApi:
         finished = asyncio.create_task(outcome.finished.wait())
         try:
             await asyncio.wait([engine, finished], return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The call is cancelled (SIGTERM): the engine runs in its own task, so cancel it too and let
+            # its transfers end before the caller is answered, or the flow would go on committing.
+            engine.cancel()
+            await asyncio.wait([engine], timeout=STOP_ENGINE_SECONDS)
+            raise
         finally:
             finished.cancel()
         if not outcome.finished.is_set():

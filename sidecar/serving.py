@@ -118,8 +118,24 @@ class SidecarServer(uvicorn.Server):
                 getattr(self, "_captured_signals", []).clear()
 
 
+def keep_sigterm_with_the_server() -> None:
+    """Stop Prefect's flow engine from taking SIGTERM over for the length of each flow run.
+
+    Prefect 3.9's ``flow_engine`` wraps every flow run in ``capture_sigterm()``
+    (``prefect/utilities/engine/__init__.py``), made for a worker's child process: its handler raises
+    ``TerminationSignal`` wherever the main thread happens to be. In this server that is mostly the
+    event loop's ``select()``, so a SIGTERM while a call waited on the data plane crashed the loop: the
+    module got a plain-text 500 and the process exited 1. Here :class:`SidecarServer` owns SIGTERM
+    (it cancels the running call, answers 503 and stops gracefully), so the engine gets a no-op.
+    """
+    import prefect.flow_engine
+
+    prefect.flow_engine.capture_sigterm = contextlib.nullcontext
+
+
 def run_server(app: Any, host: str, port: int, on_stop: Callable[[], None]) -> None:
     """Serve ``app`` on ``host:port`` until SIGTERM/SIGINT (see the module docstring)."""
+    keep_sigterm_with_the_server()
     fd_limit = raise_fd_limit()
     config = uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on",
                             http=IdleClosingH11Protocol, timeout_keep_alive=IDLE_SECONDS,

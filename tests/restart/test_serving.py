@@ -103,3 +103,44 @@ def test_descriptor_exhaustion_closes_idle_connections_and_logs_once(tmp_path: P
     again = httpx.get(f"{sidecar.url}/healthz", timeout=10)
     assert again.status_code in (200, 503) and "status" in again.json(), again.text
     assert sidecar.stop() == 0
+
+
+def test_sigterm_while_the_call_waits_on_a_silent_blob_store_is_503_json_and_exit_0(tmp_path: Path,
+                                                                                    sidecars: list) -> None:
+    # The event loop is idle in select() when the signal lands (the upload waits on a peer that never
+    # answers): Prefect's own SIGTERM bridge, if installed for the flow run, raised TerminationSignal
+    # there, and the module got a plain-text 500 and the process exit code 1 (hostile trial).
+    from tests.azure.azurite import ACCOUNT, ACCOUNT_KEY
+    from tests.servicebus.conftest import SilentListener
+
+    silent = SilentListener()
+    try:
+        endpoint = (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
+                    f"BlobEndpoint=http://127.0.0.1:{silent.port}/{ACCOUNT};")
+        sidecar = Sidecar(tmp_path, ["--context.eventid=term-io", "--context.correlationid=term-corr",
+                                     "--context.name=mod", "--valideventtypes=file_discovered",
+                                     f"--devdir={tmp_path / '.dev'}", "--azureblobprovider=true",
+                                     f"--azureblobprovider.connectionstring={endpoint}",
+                                     "--azureblobprovider.containername=silent", "--azureblobprovider.readtimeoutseconds=120"])
+        sidecars.append(sidecar)
+        sidecar.start()
+        client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
+        client.ready(retry_seconds=900)
+        client.write_file("f.txt", b"x" * 100)
+        answers: list[httpx.Response] = []
+        call = threading.Thread(target=lambda: answers.append(
+            httpx.get(f"{sidecar.url}/done", headers={"secret": SECRET}, timeout=120)), daemon=True)
+        call.start()
+        deadline = time.monotonic() + 120
+        while not silent.accepted and time.monotonic() < deadline:  # the upload is waiting on the peer
+            time.sleep(0.1)
+        assert silent.accepted, f"the upload never reached the blob store:\n{sidecar.output()}"
+        time.sleep(1)
+        os.kill(sidecar.proc.pid, signal.SIGTERM)
+        call.join(60)
+        assert sidecar.proc.wait(60) == 0, sidecar.output()
+        [answer] = answers
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["statusCode"] == 503 and "SIGTERM" in answer.json()["message"]
+    finally:
+        silent.close()
