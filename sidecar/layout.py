@@ -320,6 +320,11 @@ def plan_outputs(layout: ModuleLayout, valid_event_types: list[str], max_event_b
     for folder in (layout.basedir / "out", layout.out_data, layout.out_events):
         if folder.is_symlink():
             raise InputError(layout.name(folder), "is a link; it must be a folder on the shared volume")
+        if folder.exists() and not folder.is_dir():
+            # Read as "no outputs" this committed nothing behind a 200, and /done runs once per run.
+            raise InputError(layout.name(folder), "is not a folder; the folder contract needs it to be one")
+    if layout.out_meta.exists() and not layout.out_meta.is_file():
+        raise InputError("out/meta.json", "is not a file; insights are a JSON array of key/value pairs")
     files = list_output_files(layout)
     if key_of is not None:
         check_blob_names(files, key_of)
