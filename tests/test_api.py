@@ -186,3 +186,23 @@ def test_ready_clears_what_another_run_left_so_done_commits_only_this_run(client
     write_outputs(runtime, 1)
     done = client.get("/done", headers=H).json()
     assert done["files"] == 1 and len(done["events"]) == 1
+
+
+@pytest.mark.parametrize("event_id", ["events", "blobs", "documents", "prefect"])
+def test_an_event_id_named_like_a_dev_folder_keeps_its_dumps_apart(tmp_path: Path, event_id: str) -> None:
+    # Debug dumps once went to {devdir}/{eventid}: event id "events" put insight.json and folders among
+    # the published events, "prefect" into the development Prefect server's state (hostile trial).
+    from sidecar.api import create_app
+
+    runtime = make_runtime(tmp_path, f"--context.eventid={event_id}")
+    with TestClient(create_app(runtime)) as client:
+        assert client.get("/ready", headers=H).status_code == 200
+        write_outputs(runtime)
+        (runtime.layout.out_meta).write_text('[{"key": "k", "value": "v"}]')
+        done = client.get("/done", headers=H)
+        assert done.status_code == 200, done.text
+    dev = tmp_path / ".dev"
+    published = sorted(p.name for p in (dev / "events").iterdir())
+    assert published == sorted(f"{e['eventId']}.json" for e in done.json()["events"]) and published
+    assert (dev / "dumps" / event_id / "dev.done").is_file() and (dev / "dumps" / event_id / "insight.json").is_file()
+    assert not (dev / event_id / "dev.done").exists()

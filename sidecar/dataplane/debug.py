@@ -1,4 +1,7 @@
-"""Debug dumps of development mode: ``{devdir}/{eventid}/...`` shows what a run committed.
+"""Debug dumps of development mode: ``{devdir}/dumps/{eventid}/...`` shows what a run committed.
+
+Under ``dumps/``, never beside ``blobs/``, ``documents/``, ``events/`` and ``prefect/``: an event id
+equal to one of those names wrote debug files among the published events (hostile trial).
 
 ``DESIGN.md`` (Development mode): ``dev.ready``, ``dev.done``, the insight, and each child's event and
 event meta, so a module author can see exactly what would have been committed.
@@ -15,7 +18,7 @@ from sidecar.layout import write_json_atomic
 
 
 class DebugDumps:
-    """Writes the dumps of one event id below ``root`` (``{devdir}/{eventid}``)."""
+    """Writes the dumps of one event id below ``root`` (``{devdir}/dumps/{eventid}``)."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -27,7 +30,7 @@ class DebugDumps:
 
     @staticmethod
     def for_event(devdir: Path, event_id: str) -> "DebugDumps":
-        return DebugDumps(devdir / quote(event_id, safe=""))
+        return DebugDumps(devdir / "dumps" / quote(event_id, safe=""))
 
 
 class NoDumps(DebugDumps):
