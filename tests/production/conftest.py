@@ -11,12 +11,14 @@ import pymongo
 import pytest
 from azure.storage.blob import ContainerClient
 
+from flows.runtime import Runtime
+from sidecar.cli import compose_config
 from tests.azure.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, run_azurite
 from tests.faults import FaultProxy
 from tests.mongo.conftest import NxServer, collection_name
 from tests.servicebus.amqp_peer import AmqpPeer
 from tests.servicebus.conftest import Received, receive_all_sync, unique
-from tests.support import free_port
+from tests.support import SECRET, free_port
 
 # Distinctive secret values that must never reach a log line or the Prefect API.
 MONGO_PASSWORD = "mongo-Pw-7f3e1c"
@@ -118,3 +120,22 @@ def write_outputs(basedir: Path, files: int, size: int, label: str) -> None:
         client.write_file(path, (f"{label}:{i}:".encode() * (size // 8 + 1))[:size])
         client.write_event(f"event{i}", "file_discovered", [path], index=str(i), label=label)
     client.write_insight(files=str(files), label=label)
+
+
+def seed_args(stack: Stack, event_id: str, correlation_id: str, name: str, parent: str = "") -> list[str]:
+    """Seed flags of a sidecar with every real provider of ``stack``."""
+    args = [f"--context.correlationid={correlation_id}", f"--context.eventid={event_id}",
+            f"--context.parenteventid={parent}", f"--context.name={name}", "--loglevel=info",
+            "--valideventtypes=file_discovered"]
+    return args + stack.seed_flags()
+
+
+def make_runtime(stack: Stack, tmp_path: Path, event_id: str, name: str = "mod") -> Runtime:
+    """An in-process runtime on ``stack`` with short timeouts and one task retry (fault trials, soak)."""
+    cfg, _ = compose_config(seed_args(stack, event_id, "corr-" + event_id, name) + [
+        f"--sharedsecret={SECRET}", f"--basedir={tmp_path / event_id}", f"--devdir={tmp_path / '.dev'}",
+        "--transfer.retries=1", "--transfer.retrydelayseconds=0.1",
+        "--mongodbdocprovider.serverselectiontimeoutseconds=1", "--mongodbdocprovider.sockettimeoutseconds=5",
+        "--servicebuseventprovider.publishtimeoutseconds=10",
+    ])
+    return Runtime.for_config(cfg)

@@ -5,37 +5,26 @@ Service Bus (the AMQP 1.0 test peer) at once, with the session's Prefect server.
 - fault injection: each service cut before, during and after its step of /done, then brought back and
   /done retried: in the end every blob, document and message exists exactly once, and no child event
   was ever published whose meta or files were missing;
-- a soak of back-to-back module runs without growth in open file descriptors or leftover state.
+- (a soak of back-to-back module runs is in test_soak.py, its own file so the suite's workers share the load).
 """
 
 from __future__ import annotations
 
 import collections
 import json
-import os
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 from fastapi.testclient import TestClient
 
 from flows.runtime import Runtime, blob_key
 from sidecar.api import create_app
-from sidecar.cli import compose_config
 from tests.azure.azurite import ACCOUNT_KEY
-from tests.production.conftest import BUS_KEY, MONGO_PASSWORD, Stack, write_outputs
+from tests.production.conftest import BUS_KEY, MONGO_PASSWORD, Stack, make_runtime, seed_args, write_outputs
 from tests.support import SECRET, SidecarProcess, read_runs
 from tests.test_e2e_dev import run_child_of_file2, run_module
 
 H = {"secret": SECRET}
-
-
-def seed_args(stack: Stack, event_id: str, correlation_id: str, name: str, parent: str = "") -> list[str]:
-    args = [f"--context.correlationid={correlation_id}", f"--context.eventid={event_id}",
-            f"--context.parenteventid={parent}", f"--context.name={name}", "--loglevel=info",
-            "--valideventtypes=file_discovered"]
-    return args + stack.seed_flags()
 
 
 def test_chain_with_every_real_provider(tmp_path: Path, stack: Stack) -> None:
@@ -85,16 +74,6 @@ def test_chain_with_every_real_provider(tmp_path: Path, stack: Stack) -> None:
     for secret in (SECRET, ACCOUNT_KEY, MONGO_PASSWORD, BUS_KEY):
         assert secret not in text
         assert all(secret not in json.dumps(r.parameters) for r in flow_runs)
-
-
-def make_runtime(stack: Stack, tmp_path: Path, event_id: str, name: str = "mod") -> Runtime:
-    cfg, _ = compose_config(seed_args(stack, event_id, "corr-" + event_id, name) + [
-        f"--sharedsecret={SECRET}", f"--basedir={tmp_path / event_id}", f"--devdir={tmp_path / '.dev'}",
-        "--transfer.retries=1", "--transfer.retrydelayseconds=0.1",
-        "--mongodbdocprovider.serverselectiontimeoutseconds=1", "--mongodbdocprovider.sockettimeoutseconds=5",
-        "--servicebuseventprovider.publishtimeoutseconds=10",
-    ])
-    return Runtime.for_config(cfg)
 
 
 class Watch:
@@ -192,37 +171,3 @@ def test_fault_injection_loses_and_duplicates_nothing(tmp_path: Path, stack: Sta
     assert lost == 0 and duplicated == 0
     assert len(insights) == 1 and set(delivered) == set(child_ids)
     assert all(blobs[k].startswith(f"{event_id}:".encode()) for k in blobs)
-
-
-@pytest.mark.timeout(3600)
-def test_soak_back_to_back_runs_leak_nothing(tmp_path: Path, stack: Stack) -> None:
-    # 100 runs take about 8 minutes here, over the suite's budget: CI runs 20, `SOAK_RUNS=100` the full soak.
-    runs = int(os.environ.get("SOAK_RUNS", "20"))
-    stack.received()
-    process = psutil.Process()
-    fds: list[int] = []
-    children: list[str] = []
-    for i in range(runs):
-        parent = make_runtime(stack, tmp_path, f"soak-{i}", "parent")
-        with TestClient(create_app(parent)) as client:
-            assert client.get("/ready", headers=H).status_code == 200
-            write_outputs(parent.layout.basedir, 1, 4096, f"soak-{i}")
-            done = client.get("/done", headers=H)
-            assert done.status_code == 200, done.text
-        [event] = done.json()["events"]
-        child = make_runtime(stack, tmp_path, event["eventId"], "child")
-        with TestClient(create_app(child)) as client:
-            staged = client.get("/ready", headers=H)
-            assert staged.status_code == 200 and staged.json()["files"] == 1
-            assert client.get("/done", headers=H).status_code == 200
-        children.append(event["eventId"])
-        fds.append(process.num_fds())
-    delivered = collections.Counter(m.message_id for m in stack.received())
-    assert sorted(delivered) == sorted(children) and set(delivered.values()) == {1}
-    assert len(stack.blobs("soak-")) == runs
-    soak_metas = [m for m in stack.documents() if m["parentEventId"].startswith("soak-")]
-    assert len(soak_metas) == runs
-    assert len([d for d in stack.documents("_insights") if d["eventId"].startswith("soak-")]) == runs
-    settled = fds[min(9, runs - 1)]
-    print(f"\nsoak: {runs} parent+child runs; open fds after run 10: {settled}, at the end: {fds[-1]}")
-    assert fds[-1] - settled <= 8, f"open file descriptors grew: {fds}"
