@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import psutil
@@ -17,6 +18,29 @@ import psutil
 from ion_sidecar_client import SidecarClient
 from tests.restart.conftest import Sidecar
 from tests.support import SECRET, dev_args
+
+
+def done_in_background(sidecar: Sidecar) -> Callable[[], httpx.Response]:
+    """Call ``/done`` on a thread; the returned function waits for its answer (60 s at most)."""
+    answers: list[httpx.Response] = []
+    call = threading.Thread(target=lambda: answers.append(
+        httpx.get(f"{sidecar.url}/done", headers={"secret": SECRET}, timeout=120)), daemon=True)
+    call.start()
+
+    def answer() -> httpx.Response:
+        call.join(60)
+        [response] = answers
+        return response
+
+    return answer
+
+
+def assert_stopped_with_503(sidecar: Sidecar, answer: Callable[[], httpx.Response]) -> None:
+    """The in-flight call was answered 503 with the JSON body, and the process exited 0."""
+    response = answer()
+    assert sidecar.proc.wait(60) == 0, sidecar.output()
+    assert response.status_code == 503, response.text
+    assert response.json()["statusCode"] == 503 and "SIGTERM" in response.json()["message"]
 
 
 def test_sigterm_answers_the_inflight_call_503_json_exits_0_and_the_successor_resumes(tmp_path: Path,
@@ -29,18 +53,11 @@ def test_sigterm_answers_the_inflight_call_503_json_exits_0_and_the_successor_re
     for i in range(3):
         client.write_file(f"f{i}.txt", b"x" * 100)
         client.write_event(f"e{i}", "file_discovered", [f"f{i}.txt"])
-    answers: list[httpx.Response] = []
-    call = threading.Thread(target=lambda: answers.append(
-        httpx.get(f"{sidecar.url}/done", headers={"secret": SECRET}, timeout=120)), daemon=True)
-    call.start()
+    answer = done_in_background(sidecar)
     sidecar.wait_paused()  # /done is in flight, frozen after its uploads
     os.kill(sidecar.proc.pid, signal.SIGTERM)  # as a liveness probe's restart or a node drain does
     os.kill(sidecar.proc.pid, signal.SIGCONT)
-    call.join(60)
-    assert sidecar.proc.wait(60) == 0, sidecar.output()
-    [answer] = answers
-    assert answer.status_code == 503, answer.text
-    assert answer.json()["statusCode"] == 503 and "SIGTERM" in answer.json()["message"]
+    assert_stopped_with_503(sidecar, answer)
     record = json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
     assert record["phase"] == "ready" and not record["closed"] and record["published"] == []
     assert not (tmp_path / ".dev" / "events").exists()  # cancelled before the publish
@@ -127,20 +144,13 @@ def test_sigterm_while_the_call_waits_on_a_silent_blob_store_is_503_json_and_exi
         client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
         client.ready(retry_seconds=900)
         client.write_file("f.txt", b"x" * 100)
-        answers: list[httpx.Response] = []
-        call = threading.Thread(target=lambda: answers.append(
-            httpx.get(f"{sidecar.url}/done", headers={"secret": SECRET}, timeout=120)), daemon=True)
-        call.start()
+        answer = done_in_background(sidecar)
         deadline = time.monotonic() + 120
         while not silent.accepted and time.monotonic() < deadline:  # the upload is waiting on the peer
             time.sleep(0.1)
         assert silent.accepted, f"the upload never reached the blob store:\n{sidecar.output()}"
         time.sleep(1)
         os.kill(sidecar.proc.pid, signal.SIGTERM)
-        call.join(60)
-        assert sidecar.proc.wait(60) == 0, sidecar.output()
-        [answer] = answers
-        assert answer.status_code == 503, answer.text
-        assert answer.json()["statusCode"] == 503 and "SIGTERM" in answer.json()["message"]
+        assert_stopped_with_503(sidecar, answer)
     finally:
         silent.close()
