@@ -9,6 +9,7 @@ idempotent (same blob keys, same document ids, same message ids), so a failed ``
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 from prefect import flow, task
@@ -122,9 +123,9 @@ async def done(runtime: Runtime) -> DoneSummary:
     """
     started = time.perf_counter()
     cfg = runtime.cfg
-    plan = plan_outputs(runtime.layout, list(cfg.valideventtypes), cfg.maxeventbytes,
-                        key_of=lambda path: blob_key(cfg, path))
-    check_event_meta_sizes(plan, lambda path: blob_key(cfg, path))
+    key_of = functools.partial(blob_key, cfg)
+    plan = plan_outputs(runtime.layout, list(cfg.valideventtypes), cfg.maxeventbytes, key_of=key_of)
+    check_event_meta_sizes(plan, key_of)
     options = runtime.task_options()
     stored: dict[str, BlobInfo] = {}
     if plan.files:
