@@ -29,7 +29,8 @@ COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
 COPY flows ./flows
 COPY dispatcher ./dispatcher
-# The module authors' client (its own distribution): the compose `module` service runs examples/ on it.
+# The module authors' client (its own distribution, which the sidecar imports for the folder layout and
+# the shared-secret rule; the compose `module` service runs examples/ on it).
 COPY client ./client
 RUN pip install --no-deps . ./client && pip check && rm -rf build *.egg-info client/build client/*.egg-info
 COPY conf ./conf

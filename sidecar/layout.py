@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ion_sidecar_client import Layout
 from pydantic import TypeAdapter, ValidationError
 
 from sidecar.errors import InputError
@@ -37,30 +38,10 @@ _PAIRS = TypeAdapter(list[KeyValuePair])
 
 
 @dataclass(frozen=True)
-class ModuleLayout:
-    """Paths of the folder contract below ``basedir`` (the volume shared with the module)."""
-
-    basedir: Path
-
-    @property
-    def in_data(self) -> Path:
-        return self.basedir / "in" / "data"
-
-    @property
-    def in_meta(self) -> Path:
-        return self.basedir / "in" / "meta.json"
-
-    @property
-    def out_data(self) -> Path:
-        return self.basedir / "out" / "data"
-
-    @property
-    def out_meta(self) -> Path:
-        return self.basedir / "out" / "meta.json"
-
-    @property
-    def out_events(self) -> Path:
-        return self.basedir / "out" / "events"
+class ModuleLayout(Layout):
+    """Paths of the folder contract below ``basedir`` (the volume shared with the module): the module
+    client's :class:`ion_sidecar_client.Layout`, so both sides of the contract name the same paths,
+    plus what the sidecar does with them."""
 
     def prepare(self) -> None:
         """Create ``in/data``, ``out/data`` and ``out/events`` (and parents) if missing."""

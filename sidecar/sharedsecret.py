@@ -1,6 +1,6 @@
-"""The shared secret's one rule, the same in the server (``sidecar.api``) and the module client
-(``ion_sidecar_client.secret_problem``, a copy in that separate httpx-only distribution; a test keeps
-the two equal).
+"""The shared secret's one rule, in the server (``sidecar.api``) and the module client: one function,
+``ion_sidecar_client.secret_problem`` (the httpx-only distribution both install), applied by the client
+at construction and by the server at start-up.
 
 HTTP carries a header value as bytes: RFC 9110 (section 5.5) allows visible ASCII, blanks inside, and
 "obs-text" bytes 0x80-0xFF, strips blanks (space, tab) at either end, and forbids control characters.
@@ -18,22 +18,11 @@ from __future__ import annotations
 
 import secrets
 
+from ion_sidecar_client import secret_problem
+
+__all__ = ["HEADER", "header_value", "matches", "secret_problem"]
+
 HEADER = "secret"
-
-
-def secret_problem(secret: str) -> str | None:
-    """Why ``secret`` cannot be the shared secret (a phrase, never quoting the secret), or None."""
-    if not secret:
-        return "is empty"
-    if secret != secret.strip(" \t"):
-        return "starts or ends with a blank, which HTTP strips from header values"
-    for ch in secret:
-        code = ord(ch)
-        if code < 0x20 or 0x7F <= code <= 0x9F:
-            return f"holds control character U+{code:04X}, which an HTTP header cannot carry"
-        if 0xD800 <= code <= 0xDFFF:
-            return "is not valid UTF-8"
-    return None
 
 
 def header_value(secret: str) -> bytes:

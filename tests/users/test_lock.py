@@ -62,7 +62,7 @@ def test_uv_lock_satisfies_pyproject() -> None:
 
 
 def test_requirements_lock_is_the_export_of_uv_lock() -> None:
-    result = uv("export", "--frozen", "--no-dev", "--no-emit-project", "--format", "requirements-txt")
+    result = uv("export", "--frozen", "--no-dev", "--no-emit-project", "--no-emit-local", "--format", "requirements-txt")
     assert result.returncode == 0, result.stderr
     assert without_comments(result.stdout) == without_comments(REQUIREMENTS_LOCK.read_text(encoding="utf-8")), \
         f"requirements.lock differs from uv.lock: {FIX}"
@@ -103,8 +103,13 @@ def test_pyproject_keeps_ranges_for_people_who_install_the_package() -> None:
     for line in project["dependencies"]:
         requirement = Requirement(line)
         assert requirement.specifier, f"{line}: give a compatible range (the lock file pins the exact version)"
-    # The lock files pin what the ranges allow.
+    # The lock files pin what the ranges allow; a package of this repository (a uv path source, such as
+    # the module client) is installed from its folder at the version its own pyproject.toml gives.
     locked = {canonicalize_name(r.name): next(iter(r.specifier)).version for r in locked_requirements()}
+    sources = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["uv"]["sources"]
+    for name, source in sources.items():
+        local = tomllib.loads((ROOT / source["path"] / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+        locked[canonicalize_name(name)] = local["version"]
     for line in project["dependencies"]:
         requirement = Requirement(line)
         assert requirement.specifier.contains(locked[canonicalize_name(requirement.name)], prereleases=True), line
