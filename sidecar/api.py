@@ -132,7 +132,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     """
     cfg = runtime.cfg
     prefect_api = PrefectApi(cfg.prefectstartuptimeoutseconds, flows=[ready_flow, done_flow], devdir=cfg.devdir,
-                             require_api=cfg.requireprefectapi)
+                             require_api=cfg.requireprefectapi, ledger=runtime.run)
     prefect_api.resolve()
     state = RunState(runtime.run)
     expected_secret = header_value(cfg.sharedsecret)

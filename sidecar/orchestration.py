@@ -16,6 +16,11 @@ What the sidecar does with it:
   call answers with its result even if Prefect's engine cannot report the final state; the state is then
   reported by this class when the API answers again (forced Completed, or Failed with the body's error),
   so no flow run stays Running after its call has answered while the sidecar lives.
+- Past the sidecar's life: each flow run is recorded in the run record on the volume
+  (``sidecar.runstate``, ``unreported``) when its body starts and forgotten once its final state is
+  reported. A restarted sidecar (after SIGKILL, OOM, eviction) reports what it finds there before it
+  calls itself healthy: Crashed for a flow run left mid-call, or the final state the dead process knew
+  but could not report; a flow run whose final state the API already holds is left alone.
 
 Prefect 3.9 facts this relies on (``prefect/client/base.py``, ``prefect/flow_engine.py``): the client
 retries 408/429/502/503 and, once it has connected, connection errors, 5 times with exponential back-off
@@ -35,7 +40,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import httpx
 from prefect import Flow
@@ -109,11 +114,22 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
 
 
+class Ledger(Protocol):
+    """Where a sidecar records its flow runs until their final states are reported
+    (:class:`sidecar.runstate.RunStore`)."""
+
+    def refresh(self) -> Any: ...
+    def flow_started(self, flow_run_id: str) -> None: ...
+    def flow_pending(self, flow_run_id: str, state_type: str, message: str) -> None: ...
+    def flow_reported(self, flow_run_id: str) -> None: ...
+
+
 @dataclass
 class _Outcome:
     """What the flow's body did, independent of what Prefect's engine managed to report."""
 
     flow_run_id: str | None = None
+    on_start: Callable[[str], None] | None = None
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -134,6 +150,8 @@ def tracked(flow: Flow) -> Flow:
         outcome = _OUTCOME.get()
         if outcome is not None:
             outcome.flow_run_id = str(flow_run.get_id())
+            if outcome.on_start is not None:
+                outcome.on_start(outcome.flow_run_id)
         try:
             result = await original(*args, **kwargs)
         except BaseException as exc:
@@ -160,10 +178,12 @@ class PrefectApi:
         devdir: the development folder; the shared development server keeps its state in
             ``{devdir}/prefect``.
         require_api: refuse the development-server fallback (``--requireprefectapi``).
+        ledger: where flow runs are recorded until their final states are reported (the run record);
+            None: nowhere (a flow run of a killed process then stays Running).
     """
 
     def __init__(self, timeout: float, flows: Sequence[Flow] = (), devdir: str | Path = ".dev",
-                 require_api: bool = False):
+                 require_api: bool = False, ledger: Ledger | None = None):
         self.timeout = timeout
         self.flows = {flow: tracked(flow) for flow in flows}
         self.state_dir = Path(devdir).resolve() / "prefect"
@@ -178,6 +198,9 @@ class PrefectApi:
         self._task: asyncio.Task | None = None
         self._registered = False
         self._pending: dict[str, Any] = {}  # flow run id -> state still to report
+        # flow run id -> state to report unless the API already holds a final one (a predecessor's)
+        self._inherited: dict[str, Any] = {}
+        self.ledger = ledger
         self._engines: set[asyncio.Task] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -197,7 +220,9 @@ class PrefectApi:
                                      "a Prefect server of its own; set PREFECT_API_URL to the fleet's Prefect API")
 
     def start(self) -> None:
-        """Begin watching the API in the background; returns at once."""
+        """Begin watching the API in the background; returns at once. Flow runs a previous process left
+        unreported in the ledger are reported (see the module docstring) before the API counts as up."""
+        self._inherit()
         self._task = asyncio.create_task(self._watch(), name="prefect-api-watch")
 
     async def _watch(self) -> None:
@@ -337,7 +362,7 @@ class PrefectApi:
             SidecarError: whatever the body raised (its final state is reported, later if need be).
         """
         await self.wait()
-        outcome = _Outcome()
+        outcome = _Outcome(on_start=self._started)
         token = _OUTCOME.set(outcome)
         try:
             engine = asyncio.create_task(self.flows.get(flow, flow)(*args))
@@ -360,6 +385,7 @@ class PrefectApi:
             # The engine failed before or around the body without the body finishing.
             exc = engine.exception()
             if exc is None:
+                self._reported(outcome.flow_run_id)
                 return engine.result()
             if outcome.flow_run_id:
                 self._report_later(outcome)
@@ -371,8 +397,10 @@ class PrefectApi:
             raise exc
         await self._await_report(engine)
         if engine.done() and not engine.cancelled() and engine.exception() is None:
+            self._reported(outcome.flow_run_id)
             return engine.result()
         if engine.done() and not engine.cancelled() and engine.exception() is outcome.error:
+            self._reported(outcome.flow_run_id)
             raise outcome.error  # the body failed and the engine reported it
         if engine.done():
             # The body finished but its final state was not reported: report it when the API answers.
@@ -401,6 +429,8 @@ class PrefectApi:
     def _engine_ended(self, engine: asyncio.Task, outcome: _Outcome) -> None:
         if engine.cancelled() or engine.exception() is not None:
             self._report_later(outcome)
+        else:
+            self._reported(outcome.flow_run_id)
 
     def _report_later(self, outcome: _Outcome) -> None:
         from prefect.states import Completed, Crashed, Failed
@@ -415,15 +445,70 @@ class PrefectApi:
         else:
             state = Completed(message="completed; reported after an outage of the Prefect API")
         self._pending[outcome.flow_run_id] = state
+        self._record(lambda ledger: ledger.flow_pending(outcome.flow_run_id, state.type.value, state.message or ""))
         self.check_soon()
 
+    def _started(self, flow_run_id: str) -> None:
+        if self.ledger is not None:
+            self.ledger.flow_started(flow_run_id)  # a full volume fails the flow's body: nothing was done
+
+    def _reported(self, flow_run_id: str | None) -> None:
+        if flow_run_id is not None:
+            self._record(lambda ledger: ledger.flow_reported(flow_run_id))
+
+    def _record(self, change: Callable[[Ledger], None]) -> None:
+        if self.ledger is None:
+            return
+        try:
+            change(self.ledger)
+        except SidecarError as exc:  # the volume refused: the call's answer does not depend on this
+            log.error("could not record a flow run's report in the run record: %s", exc.message)
+
+    def _inherit(self) -> None:
+        """Take over the flow runs a previous process on this volume left unreported."""
+        from prefect.states import Crashed, State, StateType
+
+        if self.ledger is None:
+            return
+        try:
+            unreported = self.ledger.refresh().unreported
+        except SidecarError as exc:
+            log.error("could not read the run record for unreported flow runs: %s", exc.message)
+            return
+        for flow_run_id, known in unreported.items():
+            if known is None:
+                state = Crashed(message="the sidecar running this flow run stopped before its call finished "
+                                        "(killed: SIGKILL, out of memory, eviction); reported by its successor")
+            else:
+                state = State(type=StateType(known["type"]), message=f"{known['message']} (reported by the "
+                                                                     "sidecar's successor)")
+            self._inherited[flow_run_id] = state
+            log.info("flow run %s was left unreported by a previous sidecar on this volume: reporting %s",
+                     flow_run_id, state.type.value)
+
     async def _flush_reports(self) -> None:
-        """Report the final states the engine could not, now that the API answers."""
-        if not self._pending:
+        """Report the final states the engine could not, now that the API answers, and those a previous
+        process left (unless the API already holds a final state for them)."""
+        if not self._pending and not self._inherited:
             return
         from prefect.client.orchestration import get_client
 
         async with get_client() as client:
+            for flow_run_id, state in list(self._inherited.items()):
+                try:
+                    run = await asyncio.wait_for(client.read_flow_run(flow_run_id), PROBE_TIMEOUT * 3)
+                    if run.state is None or not run.state.is_final():
+                        await asyncio.wait_for(client.set_flow_run_state(flow_run_id, state, force=True),
+                                               PROBE_TIMEOUT * 3)
+                        log.warning("flow run %s, left %s by a previous sidecar: reported %s", flow_run_id,
+                                    run.state.type.value if run.state else "without a state", state.type.value)
+                except Exception as exc:  # noqa: BLE001 - kept for the next round
+                    if not _is_missing(exc):
+                        log.warning("flow run %s: reporting a previous sidecar's flow run failed: %s", flow_run_id, exc)
+                        return
+                    # Not in this API (another server's, or deleted): nothing to report.
+                self._inherited.pop(flow_run_id, None)
+                self._reported(flow_run_id)
             for flow_run_id, state in list(self._pending.items()):
                 try:
                     await asyncio.wait_for(client.set_flow_run_state(flow_run_id, state, force=True), PROBE_TIMEOUT * 3)
@@ -431,6 +516,7 @@ class PrefectApi:
                     log.warning("flow run %s: reporting %s failed again: %s", flow_run_id, state.type.value, exc)
                     return
                 self._pending.pop(flow_run_id, None)
+                self._reported(flow_run_id)
                 log.info("flow run %s: reported %s after the Prefect API returned", flow_run_id, state.type.value)
 
     async def stop(self) -> None:
@@ -446,7 +532,8 @@ class PrefectApi:
                 self.check_soon()
                 await asyncio.sleep(0.5)
         if self._pending:
-            log.error("Prefect API unavailable at shutdown: flow runs %s keep their last reported state",
+            log.error("Prefect API unavailable at shutdown: flow runs %s keep their last reported state until "
+                      "a sidecar restarted on this volume reports them (they are in the run record)",
                       ", ".join(self._pending))
         if self.ready:
             await self._drain()
@@ -484,6 +571,12 @@ def fleet_slot(name: str):
     from prefect.concurrency.asyncio import concurrency
 
     return concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False)
+
+
+def _is_missing(exc: BaseException) -> bool:
+    from prefect.exceptions import ObjectNotFound
+
+    return any(isinstance(err, ObjectNotFound) for err in _chain(exc))
 
 
 def _shown(url: str) -> str:

@@ -7,8 +7,12 @@ while the module works. The record lives beside ``in/`` and ``out/``, never insi
 
 It holds the run's identity (event id, module name), its phase (new, ready, done), the summary of each
 step that succeeded, the ids of the child events the event bus accepted (recorded batch by batch, right
-after the broker accepted each), and ``closed``: set when the sidecar stopped gracefully after ``/done``
-succeeded.
+after the broker accepted each), ``closed``: set when the sidecar stopped gracefully after ``/done``
+succeeded, and ``unreported``: the flow runs this volume's sidecar started whose final state the Prefect
+API has not recorded yet (recorded when the flow's body starts, removed once the final state is
+reported). A sidecar that finds some at start-up reports them as soon as the API answers
+(``sidecar.orchestration``): Crashed for a flow run whose process was killed mid-call, or the final state
+the dead process knew but could not report. Unlike the rest of the record, they outlive a fresh run.
 
 The one rule (README, Restarts): **a sidecar resumes the recorded run when the record names its event
 id and module name and the run is open; ``/ready`` on no record, another run's record, or a closed
@@ -57,6 +61,9 @@ class RunRecord(BaseModel):
     done: dict[str, Any] | None = None  # the /done summary (DoneSummary as JSON)
     published: list[str] = Field(default_factory=list)  # child event ids the event bus accepted
     closed: bool = False  # the sidecar stopped gracefully after /done succeeded
+    # flow run id -> the final state to report ({"type": "COMPLETED"|"FAILED"|..., "message": ...}),
+    # or None while its body runs (a flow run left so by a dead process is reported Crashed).
+    unreported: dict[str, dict[str, str] | None] = Field(default_factory=dict)
 
 
 class RunStore:
@@ -76,9 +83,13 @@ class RunStore:
         self.path = basedir / RECORD_DIR / RECORD_FILE
         self.record = self.fresh()
 
-    def fresh(self) -> RunRecord:
-        """A new record of this run: phase new, nothing published."""
-        return RunRecord(eventId=self.event_id, name=self.name)
+    def fresh(self, unreported: dict[str, dict[str, str] | None] | None = None) -> RunRecord:
+        """A new record of this run: phase new, nothing published. The flow runs still unreported
+        (``unreported``, default those of ``record``) are kept: they are this volume's, not the run's."""
+        if unreported is None:
+            known = getattr(self, "record", None)
+            unreported = dict(known.unreported) if known is not None else {}
+        return RunRecord(eventId=self.event_id, name=self.name, unreported=unreported)
 
     def refresh(self) -> RunRecord:
         """Reload ``record`` from the volume: this run's record if the file names this run, else a
@@ -100,7 +111,7 @@ class RunStore:
                         str(exc).splitlines()[0])
             return self.fresh()
         if (record.eventId, record.name) != (self.event_id, self.name):
-            return self.fresh()
+            return self.fresh(unreported=record.unreported)
         return record
 
     def save(self, **changes: Any) -> RunRecord:
@@ -116,6 +127,20 @@ class RunStore:
         added = [i for i in ids if i not in known]
         if added:
             self.save(published=[*self.record.published, *added])
+
+    def flow_started(self, flow_run_id: str) -> None:
+        """Record that the flow run ``flow_run_id`` started here (its body runs; nothing reported yet)."""
+        self.save(unreported={**self.record.unreported, flow_run_id: None})
+
+    def flow_pending(self, flow_run_id: str, state_type: str, message: str) -> None:
+        """Record the final state (type, e.g. ``COMPLETED``, and message) of ``flow_run_id`` that the
+        Prefect API has not recorded yet, for whoever reports it (this process or its successor)."""
+        self.save(unreported={**self.record.unreported, flow_run_id: {"type": state_type, "message": message}})
+
+    def flow_reported(self, flow_run_id: str) -> None:
+        """The Prefect API recorded the final state of ``flow_run_id``: forget it."""
+        if flow_run_id in self.record.unreported:
+            self.save(unreported={k: v for k, v in self.record.unreported.items() if k != flow_run_id})
 
     def close(self) -> None:
         """Mark a done run closed (a graceful stop): the next ``/ready`` starts a fresh run. A run

@@ -1,0 +1,103 @@
+"""A SIGKILLed sidecar's flow run does not stay Running: the restarted sidecar finds it in the run
+record (``{basedir}/.sidecar/run.json``, ``unreported``) and reports it Crashed before it calls itself
+healthy; the resumed call is a new flow run that ends Completed. Real processes: a development-mode
+sidecar frozen mid-``/done`` (``SIDECAR_TEST_PAUSE_AT``), SIGKILLed there and started again with the
+same flags, against the session's Prefect server."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import httpx
+
+from tests.restart.conftest import Sidecar
+from tests.support import SECRET, dev_args
+
+FILES = 6
+
+
+def api_url() -> str:
+    return os.environ["PREFECT_API_URL"].rstrip("/")
+
+
+def flow_run(flow_run_id: str) -> dict:
+    response = httpx.get(f"{api_url()}/flow_runs/{flow_run_id}", timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def record(sidecar: Sidecar) -> dict:
+    return json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
+
+
+def get(sidecar: Sidecar, path: str) -> httpx.Response:
+    return httpx.get(f"{sidecar.url}{path}", headers={"secret": SECRET}, timeout=300)
+
+
+def write_outputs(basedir: Path) -> None:
+    data = basedir / "out" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    for i in range(FILES):
+        (data / f"f{i}.txt").write_text(f"file {i}\n" * 100)
+    events = basedir / "out" / "events"
+    events.mkdir(parents=True, exist_ok=True)
+    (events / "e1.json").write_text('[{"key": "eventType", "value": "file_discovered"}, '
+                                     '{"key": "files", "value": "f0.txt"}]')
+
+
+def test_sigkilled_flow_run_is_crashed_by_the_restarted_sidecar(tmp_path: Path, sidecars: list[Sidecar]) -> None:
+    sidecar = Sidecar(tmp_path, dev_args("evt-crashed", "corr-crashed", "mod"))
+    sidecars.append(sidecar)
+    sidecar.start(pause_at="uploaded-file#2")
+    sidecar.wait_healthy()
+    ready = get(sidecar, "/ready")
+    assert ready.status_code == 200, ready.text
+    assert record(sidecar)["unreported"] == {}, "a reported flow run stayed in the record"
+    assert flow_run(ready.json()["flowRunId"])["state"]["type"] == "COMPLETED"
+    write_outputs(sidecar.basedir)
+
+    # /done freezes after two of six uploads; its flow run is Running and recorded as unreported.
+    answers: list = []
+    caller = threading.Thread(target=lambda: answers.append(_get_or_error(sidecar, "/done")), daemon=True)
+    caller.start()
+    sidecar.wait_paused()
+    unreported = record(sidecar)["unreported"]
+    assert list(unreported.values()) == [None], unreported
+    old = next(iter(unreported))
+    assert old != ready.json()["flowRunId"]
+    assert flow_run(old)["state"]["type"] == "RUNNING"
+
+    # SIGKILL: the call never answers and the flow run really is left Running.
+    sidecar.kill()
+    caller.join(30)
+    assert answers and isinstance(answers[0], httpx.TransportError), answers
+    assert flow_run(old)["state"]["type"] == "RUNNING"
+
+    # The successor reports the old flow run Crashed (with a message) before /healthz says 200.
+    sidecar.start()
+    sidecar.wait_healthy()
+    crashed = flow_run(old)["state"]
+    assert crashed["type"] == "CRASHED", crashed
+    assert "stopped before its call finished" in crashed["message"], crashed
+    assert "left RUNNING by a previous sidecar: reported CRASHED" in sidecar.output()
+
+    # The resumed /done is a new flow run, Completed; nothing is left unreported.
+    done = get(sidecar, "/done")
+    assert done.status_code == 200, done.text
+    new = done.json()["flowRunId"]
+    assert new != old and flow_run(new)["state"]["type"] == "COMPLETED"
+    blobs = tmp_path / ".dev" / "blobs" / "evt-crashed" / "mod"
+    assert sorted(p.name for p in blobs.rglob("*.txt")) == sorted(f"f{i}.txt" for i in range(FILES))
+    assert record(sidecar)["unreported"] == {}
+    assert sidecar.stop() == 0
+    assert flow_run(old)["state"]["type"] == "CRASHED"
+
+
+def _get_or_error(sidecar: Sidecar, path: str) -> httpx.Response | Exception:
+    try:
+        return get(sidecar, path)
+    except httpx.HTTPError as exc:
+        return exc
