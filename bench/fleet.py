@@ -14,6 +14,7 @@ N=60 starts 120 sidecar processes per database.
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import sys
@@ -28,6 +29,7 @@ from tests.fleet import process_tree_rss, run_fleet  # noqa: E402
 from tests.support import Postgres, start_prefect_server, stop_process_group  # noqa: E402
 
 MIB = 1024 * 1024
+KEPT = Path(os.environ.get("FLEET_BENCH_LOGS", tempfile.gettempdir())) / "bench-fleet-logs"
 
 
 def measure(database: str, sizes: list[int], root: Path) -> list[dict]:
@@ -57,8 +59,11 @@ def measure(database: str, sizes: list[int], root: Path) -> list[dict]:
                 "rss_max": max(rss) / MIB if rss else 0.0,
                 "server_rss": process_tree_rss(proc.pid) / MIB,
                 "first_failures": (parents.failures + children.failures)[:3],
+                "load": os.getloadavg()[0],
             })
             print(_line(rows[-1]), flush=True)
+            if rows[-1]["failed"]:
+                _keep_logs(cwd, home, KEPT / f"{database}-{n}")
             shutil.rmtree(cwd, ignore_errors=True)
     finally:
         stop_process_group(proc)
@@ -67,14 +72,25 @@ def measure(database: str, sizes: list[int], root: Path) -> list[dict]:
     return rows
 
 
+def _keep_logs(cwd: Path, home: Path, to: Path) -> None:
+    """Copy the sidecars' and the server's logs of a size with failed calls to ``to``, for the post-mortem."""
+    to.mkdir(parents=True, exist_ok=True)
+    for log in [*cwd.glob("sidecar-*.log"), home / "server.log"]:
+        if log.exists():
+            shutil.copy(log, to / log.name)
+    print(f"    logs of the failed calls kept in {to}", flush=True)
+
+
 def _line(row: dict) -> str:
     return (f"{row['database']:>10} N={row['n']:<3} {row['runs_per_minute']:7.1f} runs/min  slowest call "
             f"{row['slowest']:6.1f}s  failed {row['failed']:<3} start-up {row['startup']:6.1f}s  "
-            f"sidecar RSS {row['rss_median']:5.0f} MiB (max {row['rss_max']:.0f})  server RSS {row['server_rss']:5.0f} MiB")
+            f"sidecar RSS {row['rss_median']:5.0f} MiB (max {row['rss_max']:.0f})  server RSS {row['server_rss']:5.0f} MiB  "
+            f"wall {row['total']:6.1f}s  load {row['load']:.1f}")
 
 
 def main() -> None:
     sizes = [int(a) for a in sys.argv[1:]] or [1, 10, 30, 60]
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         for database in ("sqlite", "postgresql"):
