@@ -8,8 +8,8 @@ every /done at once; each call made once, no client retries). Prints module runs
 /ready-to-/done part of both waves), the slowest call, failed calls, the sidecars' start-up, the RSS
 of a sidecar (median and largest, after its /done) and of the Prefect server (with its children).
 
-Usage: ``.venv/bin/python bench/fleet.py [N ...]`` (default 1 10 30 60). Minutes on a quiet machine:
-N=60 starts 120 sidecar processes per database.
+Usage: ``.venv/bin/python bench/fleet.py [--databases=sqlite,postgresql] [N ...]`` (default both
+databases, N = 1 10 30 60). Minutes on a quiet machine: N=60 starts 120 sidecar processes per database.
 """
 
 from __future__ import annotations
@@ -89,12 +89,19 @@ def _line(row: dict) -> str:
 
 
 def main() -> None:
-    sizes = [int(a) for a in sys.argv[1:]] or [1, 10, 30, 60]
+    databases = ["sqlite", "postgresql"]
+    args = sys.argv[1:]
+    for arg in [a for a in args if a.startswith("--databases=")]:
+        databases = arg.split("=", 1)[1].split(",")
+        args.remove(arg)
+    sizes = [int(a) for a in args] or [1, 10, 30, 60]
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
-        for database in ("sqlite", "postgresql"):
+        for database in databases:
             rows += measure(database, sizes, Path(tmp) / database)
+    if len(databases) < 2:
+        return
     print("\nmodule runs per minute, PostgreSQL / SQLite:")
     for n in sizes:
         by_db = {r["database"]: r for r in rows if r["n"] == n}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -9,14 +10,17 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SECRET = "test-secret-Zq9"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def free_port() -> int:
@@ -44,6 +48,32 @@ def wait_http(url: str, timeout: float, ok=(200,), proc: subprocess.Popen | None
             last = exc
         time.sleep(0.1)
     raise TimeoutError(f"{url} not ready after {timeout}s (last: {last})")
+
+
+def dies_with_parent(sig: int = signal.SIGKILL, then: Callable[[], None] | None = None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets ``sig`` when its parent dies, so a
+    service a test started does not outlive a SIGKILLed pytest (or bench) as an orphan. Linux's
+    ``prctl(PR_SET_PDEATHSIG)`` (``man 2 PR_SET_PDEATHSIG``): it survives ``exec`` and is set after
+    ``Popen``'s ``user=`` change (which would clear it); a child of that child is not covered, so
+    services are started in the foreground (no daemonising). ``then``: another ``preexec_fn`` to run after.
+
+    The signal comes when the *thread* that started the child ends, so it is set only from the main
+    thread (elsewhere: ``then`` alone). Returns ``then`` unchanged on other systems.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return then
+    parent = os.getpid()
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died before prctl: nothing will signal this child
+            os.kill(os.getpid(), sig)
+        if then is not None:
+            then()
+
+    return arm
 
 
 def python_env(**extra: str) -> dict[str, str]:
@@ -80,7 +110,7 @@ def start_prefect_server(home: Path, record_task_runs: bool = True,
     argv = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with open(home / "server.log", "ab") as log:
         proc = subprocess.Popen(argv + ([] if record_task_runs else ["--no-services"]), env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=dies_with_parent())
     url = f"http://127.0.0.1:{port}/api"
     try:
         wait_http(f"{url}/health", 120, proc=proc)
@@ -104,7 +134,9 @@ class Postgres:
     port, with a database ``prefect``; trust authentication, loopback only, stopped by :meth:`stop`.
 
     ``initdb`` refuses to run as root, so as root the cluster belongs to the ``postgres`` user and
-    every server command runs through ``runuser -u postgres``.
+    every server command runs as that user. The postmaster runs in the foreground as this process's
+    child (not daemonised by ``pg_ctl start``), so it gets SIGQUIT (immediate shutdown, its backends
+    with it) when its parent dies (:func:`dies_with_parent`).
 
     Raises:
         RuntimeError: no PostgreSQL binaries (``scripts/setup test`` installs them), or the cluster
@@ -124,18 +156,30 @@ class Postgres:
         self.port = free_port()
         self.log = root / "postgres.log"
         self.as_user: list[str] = []
+        user = None
         root.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
-            self.as_user = ["runuser", "-u", "postgres", "--"]
+            user = "postgres"
+            self.as_user = ["runuser", "-u", user, "--"]
             shutil.chown(root, "postgres")
             for parent in root.parents:  # the postgres user must be able to reach its folder
                 mode = parent.stat().st_mode
                 if not mode & 0o001:
                     os.chmod(parent, mode | 0o001)
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start", "-o",
-                  f"-p {self.port} -c listen_addresses=127.0.0.1 -k {root} -c max_connections=300 "
-                  "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        argv = [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(root),
+                "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300", "-c", "fsync=off",
+                "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, user=user, group=user,
+                                         extra_groups=[] if user else None, start_new_session=True,
+                                         preexec_fn=dies_with_parent(signal.SIGQUIT))
+        deadline = time.monotonic() + 60
+        while subprocess.run([str(self.bin / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)]).returncode:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"postgres did not start ({self.proc.poll()}):\n{self.log.read_text()}")
+            time.sleep(0.2)
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "prefect")
 
     @property
@@ -152,8 +196,13 @@ class Postgres:
 
     def stop(self) -> None:
         """Stop the cluster (fast shutdown); its files stay in ``root`` for the caller to delete."""
-        subprocess.run([*self.as_user, str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
-                       capture_output=True, timeout=60)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # fast shutdown
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGQUIT)  # immediate shutdown
+                self.proc.wait(30)
 
 
 def stop_process_group(proc: subprocess.Popen) -> None:
@@ -185,7 +234,8 @@ class SidecarProcess:
         argv = [sys.executable, "-m", "sidecar", f"--serverport={self.port}", f"--basedir={self.basedir}",
                 f"--sharedsecret={secret}", *args]
         self.out = open(self.log, "wb")
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=python_env(**(env or {})), stdout=self.out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=python_env(**(env or {})), stdout=self.out, stderr=subprocess.STDOUT,
+                                     preexec_fn=dies_with_parent())
 
     @property
     def url(self) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tests.identity import TlsFiles
-from tests.support import ROOT, dev_args, free_port, stop_process_group, wait_http
+from tests.support import ROOT, dev_args, dies_with_parent, free_port, stop_process_group, wait_http
 
 # Azurite's development account and its well-known key (public, in Azurite's documentation).
 ACCOUNT = "devstoreaccount1"
@@ -88,7 +88,8 @@ def run_azurite(timeout: float = 60, tls: TlsFiles | None = None) -> Iterator[Az
         debug_log = location / "debug.log"
         argv += ["--cert", str(tls.cert), "--key", str(tls.key), "--oauth", "basic", "--debug", str(debug_log)]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=dies_with_parent())
     azurite = Azurite(port, proc, "https" if tls else "http", debug_log)
     try:
         try:

@@ -20,7 +20,7 @@ import pymongo
 import pytest
 
 from sidecar.config import MongoConfig
-from tests.support import free_port
+from tests.support import dies_with_parent, free_port
 
 
 class NxServer:
@@ -57,7 +57,8 @@ class NxServer:
         argv = [self.executable(), "--db", str(self.root / "mongo.db"), "--host", "127.0.0.1",
                 "-p", str(self.port), "--pid-file", str(self.root / "nx.pid"), "--log-file", str(self.root / "nx.log")]
         with open(self.root / "nx.out", "ab") as out:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=dies_with_parent())
         deadline = time.monotonic() + timeout
         with pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=500) as client:
             while True:

@@ -19,7 +19,7 @@ import pytest
 
 from tests.production.conftest import Stack, stack  # noqa: F401 - the module-scoped stack fixture
 from tests.servicebus.conftest import unique
-from tests.support import SECRET, free_port, python_env, wait_http
+from tests.support import SECRET, dies_with_parent, free_port, python_env, wait_http
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ class Sidecar:
             out.write(f"--- start {self.starts} (pause at {pause_at})\n".encode())
             limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None
             self.proc = subprocess.Popen(self.argv, cwd=self.workdir, env=python_env(**extra), stdout=out,
-                                         stderr=subprocess.STDOUT, preexec_fn=limit)
+                                         stderr=subprocess.STDOUT, preexec_fn=dies_with_parent(then=limit))
         return self
 
     def wait_paused(self, timeout: float = 120) -> None:
