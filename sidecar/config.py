@@ -78,6 +78,8 @@ class AzureBlobConfig:
     sasexpiryseconds: int = 86400
     # Block size of chunked uploads and range size of downloads, bytes.
     chunkbytes: int = 4 * 1024 * 1024
+    # Most bytes of file data held in memory by all transfers at once (blocks and ranges in flight).
+    inflightbytes: int = 32 * 1024 * 1024
     # Deadline to open a connection to the blob service, seconds.
     connecttimeoutseconds: float = 10.0
     # Deadline between two reads of a blob service response, seconds.
@@ -142,8 +144,8 @@ class ServiceBusConfig:
 class TransferConfig:
     """How blob transfers and retries run."""
 
-    # Blob transfers in flight at once, per /ready or /done.
-    concurrency: int = 16
+    # Files transferred at once, per /ready or /done (the blob provider bounds their memory).
+    concurrency: int = 64
     # At most this many transfer task runs per flow run (each moves a batch of files).
     tasks: int = 4
     # Prefect task retries for data-plane I/O (the one retry layer: providers do not retry); a timed-out wait is not retried.

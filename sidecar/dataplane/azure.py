@@ -6,38 +6,45 @@ adlfs ``AzureBlobFileSystem`` rooted at the container; only the transfers, the e
 ``upload_blob``/``download_blob`` with the SDK's defaults, which read any blob up to
 ``max_single_put_size`` (64 MiB) into memory in one PUT and fetch the first 32 MiB of a download in one
 GET (issue 3 measured 1.1 GB peak RSS for 8 files of 64 MiB that way). Here every request carries at
-most ``chunkbytes`` of a file, one request in flight per file, so a transfer's memory is about
-``transfer.concurrency x chunkbytes`` however large the files are.
+most ``chunkbytes`` of a file, and a large file has several blocks (upload) or ranges (download) in
+flight at once, all files of the store drawing on one :class:`ByteBudget` of ``inflightbytes``: the
+memory of the transfers follows the budget, not the number or sizes of the files (issue 13).
 
 Verification (issue 3: "size, and MD5 where the service records one"):
 
-- upload: the MD5 of the file is computed while it is read. A file of at most ``chunkbytes`` goes in
+- upload: the MD5 of the file is computed while it is read, in file order, in a worker thread (each
+  block's own MD5 in another, so the two hashes use two cores). A file of at most ``chunkbytes`` goes in
   one Put Blob carrying it as the transactional ``Content-MD5``: the service rejects a body that does
   not hash to it (``Md5Mismatch``, retried) and records it as the blob's MD5. A larger file goes as Put
   Block (each block with its own transactional MD5) and Put Block List recording the whole file's MD5;
   the blob's properties are then read back and their size and MD5 compared with what was sent.
-- download: the bytes are hashed as they are written and compared with the MD5 the service returns
-  with the blob (``x-ms-blob-content-md5``) and with the size and MD5 in the event meta.
+- download: the ranges of one version of the blob (``If-Match`` its ETag) are written at their offsets
+  as they arrive and hashed in file order in a worker thread; the MD5 is compared with the one the
+  service returns with the blob (``x-ms-blob-content-md5``) and with the size and MD5 in the event meta.
 
 Prefect's task retries are the only retry layer, so the SDK's retry policy is set to zero retries.
 Errors: authentication failures, a missing blob or container on download and other 4xx answers are
 :class:`~sidecar.errors.DataPlaneError` (not retried); connection errors, timeouts, 408/429/5xx and
-MD5 mismatches are :class:`~sidecar.errors.DataPlaneUnavailable` (retried). Sources: Azure Storage
+MD5 mismatches and a blob overwritten during its download (412) are
+:class:`~sidecar.errors.DataPlaneUnavailable` (retried). Sources: Azure Storage
 REST docs (Put Blob, Put Block, Put Block List, Get Blob) and azure-storage-blob 12.x.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import hashlib
 import os
 import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import IO, Any, Callable, TypeVar
+from typing import IO, Any, AsyncIterator, Callable, TypeVar
 from urllib.parse import quote, urlparse
 
 from adlfs import AzureBlobFileSystem
+from azure.core import MatchConditions
 from azure.core.pipeline.transport import AioHttpTransport
 from azure.core.exceptions import (
     ClientAuthenticationError,
@@ -53,7 +60,7 @@ from azure.storage.blob import (
     UserDelegationKey,
     generate_blob_sas,
 )
-from azure.storage.blob.aio import BlobServiceClient
+from azure.storage.blob.aio import BlobClient, BlobServiceClient, StorageStreamDownloader
 
 from sidecar.config import AzureBlobConfig, CredentialKind
 from sidecar.dataplane.blobs import STORE, BlobInfo, BlobStore, BlobVerificationError
@@ -119,14 +126,18 @@ class AzureBlobStore(BlobStore):
         container: the container name; keys are blob names inside it.
         chunkbytes: the most bytes of a file held per request (block size and range size), bytes.
         signer: ``(key, seconds) -> url`` for read-only SAS URLs, or None when no account key is known.
+        credential: the token credential to close with the store, if one was made for it.
+        inflightbytes: the most bytes of file data all transfers hold at once (:class:`ByteBudget`).
     """
 
     def __init__(self, fs: _AzureFileSystem, container: str, chunkbytes: int,
-                 signer: Callable[[str, int], str] | None, credential: ProviderCredential | None = None):
+                 signer: Callable[[str, int], str] | None, credential: ProviderCredential | None = None,
+                 inflightbytes: int = 32 * 1024 * 1024):
         super().__init__(fs, container, signer)
         self.container = container
         self.chunkbytes = chunkbytes
         self.credential = credential
+        self._budget = ByteBudget(max(chunkbytes, inflightbytes))
         self._client = fs.service_client.get_container_client(container)
         self._container_ready = False
         self._container_lock = asyncio.Lock()
@@ -168,26 +179,15 @@ class AzureBlobStore(BlobStore):
             with open(local, "rb") as f:
                 size = _fstat_size(f)
                 if size <= self.chunkbytes:
-                    data, digest = await _offload(size, _read_md5, f, size)
-                    stored = await blob.upload_blob(
-                        data, overwrite=True, length=len(data), max_concurrency=1,
-                        # Passed through to Put Blob: the service checks the body against it.
-                        transactional_content_md5=digest)
+                    async with self._budget.hold(size):
+                        data, digest = await _offload(size, _read_md5, f, size)
+                        stored = await blob.upload_blob(
+                            data, overwrite=True, length=len(data), max_concurrency=1,
+                            # Passed through to Put Blob: the service checks the body against it.
+                            transactional_content_md5=digest)
                     _check_md5(key, _hex(stored.get("content_md5")), digest.hex(), "stored")
                     return BlobInfo(key, len(data), digest.hex())
-                whole = hashlib.md5()
-                blocks: list[BlobBlock] = []
-                # A blob has at most 50,000 blocks: only files above that many chunks get larger blocks.
-                block_size = max(self.chunkbytes, -(-size // MAX_BLOCKS))
-                while True:
-                    chunk, digest = await _offload(block_size, _read_md5, f, block_size, whole)
-                    if not chunk:
-                        break
-                    # Block ids must all have the same length; the SDK base64-encodes them.
-                    block_id = f"{len(blocks):06d}"
-                    await blob.stage_block(block_id, chunk, length=len(chunk), transactional_content_md5=digest)
-                    blocks.append(BlobBlock(block_id))
-                    del chunk
+                whole, blocks = await self._put_blocks(blob, f, size)
             recorded = ContentSettings(content_md5=bytearray(whole.digest()))
             await blob.commit_block_list(blocks, content_settings=recorded)
             props = await blob.get_blob_properties()
@@ -197,21 +197,126 @@ class AzureBlobStore(BlobStore):
             raise DataPlaneUnavailable(STORE, f"{self._where(key)}: container was deleted during upload") from None
         md5 = _hex(props.content_settings.content_md5)
         _check_md5(key, md5, whole.hexdigest(), "stored")
+        if props.size != size:
+            raise BlobVerificationError(key, f"stored {props.size}, sent {size} bytes")
         return BlobInfo(key, int(props.size), md5)
 
-    async def _get(self, key: str, local: Path) -> str:
+    async def _put_blocks(self, blob: BlobClient, f: IO[bytes], size: int) -> tuple[Any, list[BlobBlock]]:
+        """Stage ``f`` as blocks, several in flight under the store's byte budget; returns the whole
+        file's MD5 (updated in file order by the one reader) and the block list to commit."""
+        # A blob has at most 50,000 blocks: only files above that many chunks get larger blocks.
+        block_size = max(self.chunkbytes, -(-size // MAX_BLOCKS))
+        whole = hashlib.md5()
+        blocks: list[BlobBlock] = []
+
+        async def stage(block_id: str, data: bytes, length: int) -> None:
+            try:
+                # The block's own MD5 in another thread than the reader's whole-file MD5: two cores.
+                digest = await asyncio.to_thread(_md5, data)
+                await blob.stage_block(block_id, data, length=len(data), transactional_content_md5=digest)
+            finally:
+                self._budget.release(length)
+
+        async with _first_error_group() as group:
+            for offset in range(0, size, block_size):
+                length = min(block_size, size - offset)
+                await self._budget.acquire(length)
+                try:
+                    data = await asyncio.to_thread(_read_into_md5, f, length, whole)
+                    if len(data) != length:
+                        raise BlobVerificationError(blob.blob_name, f"the file changed while read: {offset + len(data)} "
+                                                                    f"of {size} bytes")
+                except BaseException:
+                    self._budget.release(length)
+                    raise
+                # Block ids must all have the same length; the SDK base64-encodes them.
+                block_id = f"{len(blocks):06d}"
+                blocks.append(BlobBlock(block_id))
+                group.create_task(stage(block_id, data, length))
+                del data
+        return whole, blocks
+
+    async def _get(self, key: str, local: Path, size_hint: int | None = None) -> str:
         blob = self._client.get_blob_client(key)
-        stream = await blob.download_blob(max_concurrency=1)
+        # The first GET asks for up to chunkbytes and tells the blob's size, MD5 and ETag.
+        held = self.chunkbytes if size_hint is None else min(size_hint, self.chunkbytes)
+        await self._budget.acquire(held)
+        try:
+            stream = await blob.download_blob(max_concurrency=1)
+            size = stream.size
+            first = await _content(stream, min(size, self.chunkbytes))
+        except BaseException:
+            self._budget.release(held)
+            raise
         recorded = _hex(stream.properties.content_settings.content_md5)
         digest = hashlib.md5()
         with open(local, "wb") as f:
-            # max_concurrency=1 with max_chunk_get_size=chunkbytes: one range in memory at a time.
-            async for chunk in stream.chunks():
-                await _offload(len(chunk), _write_md5, f, chunk, digest)
+            if len(first) >= size:
+                try:
+                    await _offload(len(first), _write_md5, f, first, digest)
+                finally:
+                    self._budget.release(held)
+                if len(first) != size:
+                    raise BlobVerificationError(key, f"received {len(first)} of {size} bytes")
+            else:
+                await self._get_ranges(blob, f.fileno(), first, held, size, stream.properties.etag, digest)
         received = digest.hexdigest()
         if recorded:
             _check_md5(key, received, recorded, "received")
         return received
+
+    async def _get_ranges(self, blob: BlobClient, fd: int, first: bytes, held: int, size: int, etag: str,
+                          digest: Any) -> None:
+        """Fetch the rest of a blob after its ``first`` bytes as ranges of ``chunkbytes``, several in
+        flight under the byte budget and all from one version of the blob (``If-Match: etag``). Each
+        range is written at its offset as it arrives and added to ``digest`` in file order by one
+        hashing task; its budget is released once it is hashed."""
+        os.ftruncate(fd, size)
+
+        async def fetch(offset: int, length: int) -> bytes:
+            part = await blob.download_blob(offset=offset, length=length, max_concurrency=1, etag=etag,
+                                            match_condition=MatchConditions.IfNotModified)
+            data = await _content(part, length)
+            if len(data) != length:
+                raise BlobVerificationError(blob.blob_name, f"range at {offset}: received {len(data)} of {length} bytes")
+            await asyncio.to_thread(os.pwrite, fd, data, offset)
+            return data
+
+        async def fetched(data: bytes) -> bytes:
+            await asyncio.to_thread(os.pwrite, fd, data, 0)
+            return data
+
+        # (range being fetched, bytes of budget it holds) in file order; None ends the hashing.
+        order: asyncio.Queue[tuple[asyncio.Task[bytes], int] | None] = asyncio.Queue()
+
+        async def hash_in_order() -> None:
+            while (item := await order.get()) is not None:
+                task, length = item
+                try:
+                    await asyncio.to_thread(digest.update, await task)
+                finally:
+                    self._budget.release(length)
+                del task, item
+
+        try:
+            async with _first_error_group() as group:
+                group.create_task(hash_in_order())
+                order.put_nowait((group.create_task(fetched(first)), held))
+                offset = len(first)
+                del first
+                try:
+                    while offset < size:
+                        length = min(self.chunkbytes, size - offset)
+                        await self._budget.acquire(length)
+                        order.put_nowait((group.create_task(fetch(offset, length)), length))
+                        offset += length
+                finally:
+                    order.put_nowait(None)
+        finally:
+            # After a failure: give back the budget of ranges the hashing task never took.
+            while not order.empty():
+                if (item := order.get_nowait()) is not None:
+                    self._budget.release(item[1])
 
     def _where(self, key: str) -> str:
         return f"blob '{key}' in container '{self.container}'"
@@ -226,6 +331,9 @@ class AzureBlobStore(BlobStore):
             detail = f"{where}: HTTP {exc.status_code} {code}: {_first_line(exc.message)}"
             if code.lower() == "md5mismatch":
                 return BlobVerificationError(key, detail)
+            if exc.status_code == 412:
+                # If-Match failed: the blob was overwritten between two ranges; a retry reads one version.
+                return DataPlaneUnavailable(STORE, f"{where} changed while it was downloaded (HTTP 412 {code})")
             if isinstance(exc, ResourceNotFoundError):
                 return DataPlaneError(STORE, f"{where} does not exist ({code})")
             if isinstance(exc, ClientAuthenticationError) or exc.status_code in (401, 403):
@@ -394,7 +502,7 @@ def azure_blob_store(cfg: AzureBlobConfig) -> AzureBlobStore:
     else:
         signer = None if cfg.sasexpiryseconds <= 0 else UserDelegationSigner(
             fs.service_client, cfg.containername, lambda key: store.blob_url(key), cfg.sasexpiryseconds)
-    store = AzureBlobStore(fs, cfg.containername, chunk, signer, token)
+    store = AzureBlobStore(fs, cfg.containername, chunk, signer, token, cfg.inflightbytes)
     return store
 
 
@@ -404,6 +512,95 @@ def env_proxy(url: str) -> str | None:
     if urllib.request.proxy_bypass(host):
         return None
     return urllib.request.getproxies().get(urlparse(url).scheme)
+
+
+class ByteBudget:
+    """At most ``limit`` bytes of file data held by transfers at once, first come first served.
+
+    One budget is shared by every transfer of a store, so memory is bounded by the budget whatever the
+    number and sizes of files; a request larger than ``limit`` holds the whole budget.
+
+    Args:
+        limit: bytes (at least 1).
+    """
+
+    def __init__(self, limit: int):
+        self.limit = max(1, int(limit))
+        self.free = self.limit
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def acquire(self, nbytes: int) -> None:
+        """Wait until ``nbytes`` (capped at ``limit``) are free and hold them; FIFO, so a large request
+        is not overtaken for ever by small ones. Cancelling the wait holds nothing."""
+        nbytes = min(nbytes, self.limit)
+        if not self._waiting and nbytes <= self.free:
+            self.free -= nbytes
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append((nbytes, waiter))
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release(nbytes)  # granted just as the wait was cancelled
+            else:
+                self._waiting.remove((nbytes, waiter))
+                self._wake()
+            raise
+
+    def release(self, nbytes: int) -> None:
+        """Give back ``nbytes`` (capped at ``limit``) held by :meth:`acquire`."""
+        self.free += min(nbytes, self.limit)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiting and self._waiting[0][0] <= self.free:
+            nbytes, waiter = self._waiting.popleft()
+            if not waiter.done():
+                self.free -= nbytes
+                waiter.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        """Hold ``nbytes`` for the ``async with`` block."""
+        await self.acquire(nbytes)
+        try:
+            yield
+        finally:
+            self.release(nbytes)
+
+
+@contextlib.asynccontextmanager
+async def _first_error_group() -> AsyncIterator[asyncio.TaskGroup]:
+    """An ``asyncio.TaskGroup`` that raises its first error itself rather than an ExceptionGroup, so the
+    store's error translation sees the SDK's exception (the first failure cancels the other tasks)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            yield group
+    except BaseExceptionGroup as errors:
+        first = next((e for e in errors.exceptions if not isinstance(e, asyncio.CancelledError)), errors.exceptions[0])
+        raise first from None
+
+
+class _Sink:
+    """A write-only stream that keeps the bytes objects written to it (no copy)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(data)
+        return len(data)
+
+
+async def _content(stream: StorageStreamDownloader, buffered: int) -> bytes:
+    """The ``buffered`` bytes a download's first GET returned, without further requests. When that was
+    the whole download, ``readinto`` hands over the SDK's bytes object as it is; else ``read`` copies."""
+    if buffered < stream.size:
+        return await stream.read(buffered)
+    sink = _Sink()
+    await stream.readinto(sink)
+    return sink.parts[0] if len(sink.parts) == 1 else b"".join(sink.parts)
 
 
 async def _offload(nbytes: int, fn: Callable[..., T], *args: Any) -> T:
@@ -419,6 +616,17 @@ def _read_md5(f: IO[bytes], size: int, whole: Any = None) -> tuple[bytes, bytes]
     if whole is not None:
         whole.update(data)
     return data, hashlib.md5(data).digest()
+
+
+def _md5(data: bytes) -> bytes:
+    return hashlib.md5(data).digest()
+
+
+def _read_into_md5(f: IO[bytes], size: int, whole: Any) -> bytes:
+    """Read up to ``size`` bytes and add them to ``whole``."""
+    data = f.read(size)
+    whole.update(data)
+    return data
 
 
 def _write_md5(f: IO[bytes], data: bytes, digest: Any) -> None:

@@ -103,7 +103,7 @@ class BlobStore:
         partial = local.with_name(f".{hashlib.md5(os.fsencode(local.name)).hexdigest()[:16]}.partial")
         try:
             local.parent.mkdir(parents=True, exist_ok=True)
-            received_md5 = await self._get(key, partial)
+            received_md5 = await self._get(key, partial, expected.size if expected else None)
         except Exception as exc:  # noqa: BLE001
             partial.unlink(missing_ok=True)
             volume = local_error(exc, partial)
@@ -153,8 +153,9 @@ class BlobStore:
         await self.fs._put_file(str(local), self.path(key))
         return None
 
-    async def _get(self, key: str, local: Path) -> str | None:
-        """Copy blob ``key`` to ``local``; returns the MD5 (hex) of the bytes written if computed."""
+    async def _get(self, key: str, local: Path, size_hint: int | None = None) -> str | None:
+        """Copy blob ``key`` to ``local``; returns the MD5 (hex) of the bytes written if computed.
+        ``size_hint``: the size (bytes) the blob is expected to have, if known."""
         await self.fs._get_file(self.path(key), str(local))
         return None
 

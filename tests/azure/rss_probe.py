@@ -1,9 +1,11 @@
-"""Moves one file of a given size through the Azure provider and reports the process's memory.
+"""Moves large files at once through the Azure provider and reports the process's memory.
 
-``python -m tests.azure.rss_probe BYTES`` (connection string in ``PROBE_CONNECTION_STRING``) uploads a
-file of ``BYTES`` (sparse, read back as zeros) with the provider's default chunk size, downloads it
-again, and prints one JSON line: ``idle`` (RSS after a warm-up transfer) and ``peak`` (the process's
-high-water RSS after the transfers), both in bytes. ``peak - idle`` over-estimates the rise, never under-estimates it.
+``python -m tests.azure.rss_probe FILES BYTES`` (connection string in ``PROBE_CONNECTION_STRING``)
+uploads ``FILES`` files of ``BYTES`` each (sparse, read back as zeros) at once with the provider's and
+the transfers' default settings, downloads them again at once, and prints one JSON line: ``idle`` (RSS
+after a warm-up transfer), ``peak`` (the process's high-water RSS after the transfers), both in bytes,
+and ``budget`` (the provider's in-flight-bytes budget). ``peak - idle`` over-estimates the rise, never
+under-estimates it.
 """
 
 from __future__ import annotations
@@ -18,29 +20,34 @@ from pathlib import Path
 
 import psutil
 
-from sidecar.config import AzureBlobConfig
+from sidecar.config import AzureBlobConfig, TransferConfig
 from sidecar.dataplane.azure import azure_blob_store
+from sidecar.dataplane.blobs import gather_bounded
 
 
-async def probe(connection_string: str, size: int) -> dict[str, int]:
+async def probe(connection_string: str, files: int, size: int) -> dict[str, int]:
     cfg = AzureBlobConfig(enabled=True, containername="rssprobe", connectionstring=connection_string)
     store = azure_blob_store(cfg)
+    limit = asyncio.Semaphore(TransferConfig().concurrency)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         warm = root / "warm"
         warm.write_bytes(b"w" * 100_000)
         await store.download("warm", root / "warm.in", await store.upload(warm, "warm"))
-        big = root / "big"
-        with open(big, "wb") as f:
-            f.truncate(size)
+        names = [f"big{i}" for i in range(files)]
+        for name in names:
+            with open(root / name, "wb") as f:
+                f.truncate(size)
         idle = psutil.Process().memory_info().rss
-        info = await store.upload(big, "big")
-        got = await store.download("big", root / "big.in", info)
-        assert info.size == got.size == size == (root / "big.in").stat().st_size
+        infos = await gather_bounded(limit, [store.upload(root / name, name) for name in names])
+        got = await gather_bounded(limit, [store.download(n, root / f"{n}.in", i) for n, i in zip(names, infos)])
+        assert all(a.size == b.size == size == (root / f"{n}.in").stat().st_size
+                   for n, a, b in zip(names, infos, got))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     await store.close()
-    return {"idle": idle, "peak": peak}
+    return {"idle": idle, "peak": peak, "budget": cfg.inflightbytes}
 
 
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(probe(os.environ["PROBE_CONNECTION_STRING"], int(sys.argv[1])))))
+    count, nbytes = int(sys.argv[1]), int(sys.argv[2])
+    print(json.dumps(asyncio.run(probe(os.environ["PROBE_CONNECTION_STRING"], count, nbytes))))
