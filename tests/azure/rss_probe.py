@@ -1,8 +1,8 @@
 """Moves large files at once through the Azure provider and reports the process's memory.
 
-``python -m tests.azure.rss_probe FILES BYTES`` (connection string in ``PROBE_CONNECTION_STRING``)
-uploads ``FILES`` files of ``BYTES`` each (sparse, read back as zeros) at once with the provider's and
-the transfers' default settings, downloads them again at once, and prints one JSON line: ``idle`` (RSS
+``python -m tests.azure.rss_probe FILES BYTES [INFLIGHTBYTES]`` (connection string in
+``PROBE_CONNECTION_STRING``) uploads ``FILES`` files of ``BYTES`` each (sparse, read back as zeros) at
+once with the provider's and the transfers' default settings (or that in-flight-bytes budget), downloads them again at once, and prints one JSON line: ``idle`` (RSS
 after a warm-up transfer), ``peak`` (the process's high-water RSS after the transfers), both in bytes,
 and ``budget`` (the provider's in-flight-bytes budget). ``peak - idle`` over-estimates the rise, never
 under-estimates it.
@@ -25,8 +25,10 @@ from sidecar.dataplane.azure import azure_blob_store
 from sidecar.dataplane.blobs import gather_bounded
 
 
-async def probe(connection_string: str, files: int, size: int) -> dict[str, int]:
+async def probe(connection_string: str, files: int, size: int, inflightbytes: int | None = None) -> dict[str, int]:
     cfg = AzureBlobConfig(enabled=True, containername="rssprobe", connectionstring=connection_string)
+    if inflightbytes is not None:
+        cfg.inflightbytes = inflightbytes
     store = azure_blob_store(cfg)
     limit = asyncio.Semaphore(TransferConfig().concurrency)
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,4 +52,5 @@ async def probe(connection_string: str, files: int, size: int) -> dict[str, int]
 
 if __name__ == "__main__":
     count, nbytes = int(sys.argv[1]), int(sys.argv[2])
-    print(json.dumps(asyncio.run(probe(os.environ["PROBE_CONNECTION_STRING"], count, nbytes))))
+    budget = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    print(json.dumps(asyncio.run(probe(os.environ["PROBE_CONNECTION_STRING"], count, nbytes, budget))))
