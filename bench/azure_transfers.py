@@ -31,6 +31,9 @@ recorded and of what the child staged must agree (else the bench fails).
 
 Run: ``scripts/setup test && .venv/bin/python bench/azure_transfers.py [--rounds 3]`` (10-30 min);
 ``--tune`` for the plain client's grid; ``--profile DIR`` records each sidecar call with py-spy.
+``--variant NAME=SRC[,FLAG...]`` (repeatable) adds a sidecar that imports its code from the checkout
+``SRC`` (e.g. a git worktree of another commit; ``.`` for this one) with extra seed flags, as one more
+approach in the same rotation, so two versions or settings are compared side by side in one run.
 """
 
 from __future__ import annotations
@@ -263,8 +266,26 @@ def plain_round(azurite, src: Path, digests: dict[str, str], work: Path, tag: st
     return out
 
 
+@dataclass(frozen=True)
+class Variant:
+    """A sidecar importing its code from the checkout ``source`` (None: this one), with extra seed ``flags``."""
+
+    source: Path | None = None
+    flags: tuple[str, ...] = ()
+
+    @staticmethod
+    def parse(text: str) -> tuple[str, "Variant"]:
+        """``NAME=SRC[,FLAG...]`` -> (name, variant)."""
+        name, _, rest = text.partition("=")
+        source, *flags = rest.split(",")
+        return name, Variant(Path(source).resolve(), tuple(flags))
+
+    def env(self) -> dict[str, str]:
+        return {"PYTHONPATH": str(self.source)} if self.source else {}
+
+
 def sidecar_round(azurite, src: Path, digests: dict[str, str], work: Path, tag: str,
-                  profile: Path | None = None) -> dict[str, Sample]:
+                  profile: Path | None = None, variant: Variant = Variant()) -> dict[str, Sample]:
     """One parent ``/done`` then child ``/ready`` (processes healthy before the clock); checks that the
     child staged every file with the source's MD5 and that the event meta recorded it; returns a
     Sample per direction."""
@@ -284,8 +305,8 @@ def sidecar_round(azurite, src: Path, digests: dict[str, str], work: Path, tag: 
     parent_args = sidecar_args(azurite, CONTAINER, parent_id, correlation, "parent") + [f"--devdir={devdir}"]
     child_args = sidecar_args(azurite, CONTAINER, child_id, correlation, "child", parent=parent_id) + \
         [f"--devdir={devdir}"]
-    parent = SidecarProcess(work / f"parent-{tag}", parent_args)
-    child = SidecarProcess(work / f"child-{tag}", child_args)
+    parent = SidecarProcess(work / f"parent-{tag}", parent_args + list(variant.flags), env=variant.env())
+    child = SidecarProcess(work / f"child-{tag}", child_args + list(variant.flags), env=variant.env())
     try:
         parent.wait_healthy(120)
         child.wait_healthy(120)
@@ -340,6 +361,8 @@ def run(argv: argparse.Namespace) -> None:
     if argv.profile:
         argv.profile.mkdir(parents=True, exist_ok=True)
     workloads = {name: WORKLOADS[name] for name in (argv.only or WORKLOADS)}
+    variants = {"sidecar": Variant(), **dict(Variant.parse(v) for v in argv.variant or ())}
+    approaches = ["plain", *variants]
     results = {name: Results() for name in workloads}
     load_before = os.getloadavg()
     began = time.perf_counter()
@@ -347,37 +370,43 @@ def run(argv: argparse.Namespace) -> None:
     try:
         with run_azurite() as azurite:
             sources = {name: (work / f"src-{count}", make_files(work / f"src-{count}", count, size))
-                       for name, (count, size) in workloads.items()}
+                       for name, (count, size) in workloads.items() if argv.rounds > 0 or argv.tune}
             if argv.tune:
                 return tune(azurite, sources, work, argv.rounds)
             for r in range(argv.rounds):
                 for w, (name, (src, digests)) in enumerate(sources.items()):
-                    # Alternate which approach goes first, so drift in the machine's load evens out.
-                    for approach in (("sidecar", "plain") if (r + w) % 2 else ("plain", "sidecar")):
+                    # Rotate which approach goes first, so drift in the machine's load evens out.
+                    turn = (r + w) % len(approaches)
+                    for approach in approaches[turn:] + approaches[:turn]:
                         tag = f"{r}-{w}-{approach}"
-                        if approach == "sidecar":
-                            got = sidecar_round(azurite, src, digests, work, tag, argv.profile)
+                        if approach != "plain":
+                            got = sidecar_round(azurite, src, digests, work, tag, argv.profile, variants[approach])
                         else:
                             got = plain_round(azurite, src, digests, work, tag, PLAIN[name])
                         for direction, sample in got.items():
                             results[name].add(approach, direction, sample)
                         print(f"round {r + 1} {name:>13} {approach:>8}: up {got['up'].seconds:6.2f} s "
                               f"({got['up'].cpu:5.2f} s CPU), down {got['down'].seconds:6.2f} s "
-                              f"({got['down'].cpu:5.2f} s CPU)", flush=True)
+                              f"({got['down'].cpu:5.2f} s CPU), load average {os.getloadavg()[0]:.1f}", flush=True)
             if not argv.skip_1gib:
                 shutil.rmtree(work / "src-1000", ignore_errors=True)
                 big = work / "src-1g"
                 digests = make_files(big, 1, GiB)
-                one_gib["sidecar"] = sidecar_round(azurite, big, digests, work, "1g-sidecar", argv.profile)
-                one_gib["plain"] = plain_round(azurite, big, digests, work, "1g-plain", PLAIN["1 x 1 GiB"])
+                for approach in approaches:
+                    one_gib[approach] = (plain_round(azurite, big, digests, work, "1g-plain", PLAIN["1 x 1 GiB"])
+                                         if approach == "plain" else
+                                         sidecar_round(azurite, big, digests, work, f"1g-{approach}", argv.profile,
+                                                       variants[approach]))
+                    print(f"1 GiB {approach}: up {one_gib[approach]['up'].seconds:.2f} s, down "
+                          f"{one_gib[approach]['down'].seconds:.2f} s, load average {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         stop_process_group(server)
         shutil.rmtree(work, ignore_errors=True)
-    report(results, one_gib, argv.rounds, load_before, time.perf_counter() - began)
+    report(results, one_gib, argv.rounds, load_before, time.perf_counter() - began, list(variants))
 
 
 def report(results: dict[str, Results], one_gib: dict[str, dict[str, Sample]], rounds: int,
-           load_before: tuple[float, ...], seconds: float) -> None:
+           load_before: tuple[float, ...], seconds: float, sidecars: list[str]) -> None:
     load_after = os.getloadavg()
     print(f"\nsidecar vs plain azure.storage.blob.aio on Azurite, {rounds} rounds, median [min-max] seconds; "
           f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
@@ -385,17 +414,20 @@ def report(results: dict[str, Results], one_gib: dict[str, dict[str, Sample]], r
     print(f"{'workload':>13} | {'dir':>4} | {'plain s':>19} | {'sidecar s':>19} | {'sidecar/plain':>13} | "
           f"{'CPU s plain, sidecar':>20} | peak RSS MiB plain, sidecar (sidecar rise)")
     for name, res in results.items():
-        for direction in ("up", "down"):
-            plain, side = res.samples["plain", direction], res.samples["sidecar", direction]
+        if not res.samples:
+            continue
+        for direction, sidecar in ((d, v) for d in ("up", "down") for v in sidecars):
+            plain, side = res.samples["plain", direction], res.samples[sidecar, direction]
             ratio = statistics.median(s.seconds for s in side) / statistics.median(s.seconds for s in plain)
             cpu = f"{statistics.median(s.cpu for s in plain):.2f}, {statistics.median(s.cpu for s in side):.2f}"
-            print(f"{name:>13} | {direction:>4} | {spread([s.seconds for s in plain])} | "
+            label = name if sidecar == "sidecar" else f"{sidecar}: {name}"
+            print(f"{label:>13} | {direction:>4} | {spread([s.seconds for s in plain])} | "
                   f"{spread([s.seconds for s in side])} | {ratio:12.2f}x | {cpu:>20} | {mib(max(s.peak for s in plain))}, "
                   f"{mib(max(s.peak for s in side))} ({mib(max(s.peak - s.idle for s in side))})")
     if one_gib:
-        for direction, call in (("up", "/done"), ("down", "/ready")):
-            side, plain = one_gib["sidecar"][direction], one_gib["plain"][direction]
-            print(f"    1 x 1 GiB | {direction:>4} | sidecar {call} {side.seconds:.1f} s ({side.cpu:.1f} s CPU), RSS idle "
+        for direction, call, sidecar in ((d, c, v) for d, c in (("up", "/done"), ("down", "/ready")) for v in sidecars):
+            side, plain = one_gib[sidecar][direction], one_gib["plain"][direction]
+            print(f"    1 x 1 GiB | {direction:>4} | {sidecar} {call} {side.seconds:.1f} s ({side.cpu:.1f} s CPU), RSS idle "
                   f"{mib(side.idle)} MiB, peak {mib(side.peak)} MiB, rise {mib(side.peak - side.idle)} MiB; plain "
                   f"{plain.seconds:.1f} s ({plain.cpu:.1f} s CPU), peak RSS {mib(plain.peak)} MiB; sidecar/plain "
                   f"{side.seconds / plain.seconds:.2f}x")
@@ -433,6 +465,8 @@ if __name__ == "__main__":
         parser.add_argument("--skip-1gib", action="store_true", help="leave out the 1 GiB file")
         parser.add_argument("--tune", action="store_true", help="time the plain client over its settings grid")
         parser.add_argument("--profile", type=Path, help="py-spy record each sidecar call into this folder")
+        parser.add_argument("--variant", action="append", metavar="NAME=SRC[,FLAG...]",
+                            help="one more sidecar: code from checkout SRC, extra seed flags")
         # A SIGTERM unwinds like Ctrl-C, so Azurite, the Prefect server and the temporary files go too.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
         run(parser.parse_args())
