@@ -246,7 +246,7 @@ def plain_round(azurite, src: Path, digests: dict[str, str], work: Path, tag: st
                 verify: bool = True) -> dict[str, Sample]:
     """One plain upload then download, each in a fresh process with ``settings[direction]``; returns a
     Sample per direction."""
-    from tests.support import python_env
+    from testsupport.processes import python_env
 
     dst = work / f"plain-{tag}"
     out = {}
@@ -292,8 +292,8 @@ def sidecar_round(azurite, src: Path, digests: dict[str, str], work: Path, tag: 
     from flows.runtime import child_event_id
     from sidecar.config import ContextConfig, SidecarConfig
     from sidecar.dataplane.documents import JsonFileDocumentStore
-    from tests.azure.azurite import sidecar_args
-    from tests.support import SidecarProcess
+    from testsupport.azurite import sidecar_args
+    from testsupport.processes import SidecarProcess
 
     rels = sorted(digests)
     parent_id, correlation = f"bench-{tag}", f"corr-{tag}"
@@ -351,8 +351,8 @@ def spread(values: list[float]) -> str:
 
 
 def run(argv: argparse.Namespace) -> None:
-    from tests.azure.azurite import run_azurite
-    from tests.support import start_prefect_server, stop_process_group
+    from testsupport.azurite import run_azurite
+    from testsupport.processes import start_prefect_server, stop_process_group
 
     work = Path(tempfile.mkdtemp(prefix="bench-azure-"))
     (work / "prefect").mkdir()

@@ -20,7 +20,7 @@ from sidecar.dataplane.documents import DocumentStore, JsonFileDocumentStore  # 
 from sidecar.dataplane.mongo import MongoDocumentStore  # noqa: E402
 from sidecar.errors import DataPlaneUnavailable  # noqa: E402
 from sidecar.models import BlobFile, EventMeta, KeyValuePair  # noqa: E402
-from tests.mongo.conftest import NxServer  # noqa: E402
+from testsupport.mongo import NxServer  # noqa: E402
 
 
 def metas(count: int) -> list[EventMeta]:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.fleet import process_tree_rss, run_fleet  # noqa: E402
-from tests.support import Postgres, start_prefect_server, stop_process_group  # noqa: E402
+from testsupport.processes import Postgres, start_prefect_server, stop_process_group  # noqa: E402
 
 MIB = 1024 * 1024
 KEPT = Path(os.environ.get("FLEET_BENCH_LOGS", tempfile.gettempdir())) / "bench-fleet-logs"

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import (SidecarProcess, dev_args, python_env, start_prefect_server,  # noqa: E402
+from testsupport.processes import (SidecarProcess, dev_args, python_env, start_prefect_server,  # noqa: E402
                            stop_process_group)
 
 BARE = r'''

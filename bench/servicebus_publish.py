@@ -1,7 +1,7 @@
 """Side-by-side timings of the event publishers, printed as ratios from one run.
 
 Run: ``.venv/bin/python bench/servicebus_publish.py [events]`` (default 200). Service Bus here is the
-test AMQP peer (tests/servicebus/amqp_peer.py) on loopback, so the figures compare client-side costs
+test AMQP peer (testsupport/amqp_peer.py) on loopback, so the figures compare client-side costs
 (batching, connection set-up, the deadline), not a real namespace's latency.
 
 1. publish N events: the file publisher, the Service Bus publisher (batched; its first publish,
@@ -29,10 +29,9 @@ from sidecar.config import ServiceBusConfig  # noqa: E402
 from sidecar.dataplane.events import FileEventPublisher  # noqa: E402
 from sidecar.dataplane.servicebus import ServiceBusEventPublisher, to_message  # noqa: E402
 from sidecar.errors import DataPlaneUnavailable  # noqa: E402
-from tests.servicebus.amqp_peer import AmqpPeer, emulator_connection_string  # noqa: E402
-from tests.servicebus.conftest import SilentListener  # noqa: E402
-from tests.servicebus.test_event_publisher_conformance import make_events  # noqa: E402
-from tests.support import free_port  # noqa: E402
+from testsupport.amqp_peer import AmqpPeer, emulator_connection_string  # noqa: E402
+from testsupport.processes import free_port  # noqa: E402
+from testsupport.servicebus import SilentListener, make_events  # noqa: E402
 
 DEADLINE = 2.0
 

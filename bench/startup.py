@@ -30,7 +30,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support import SidecarProcess, dev_args, start_prefect_server, stop_process_group, wait_http  # noqa: E402
+from testsupport.processes import SidecarProcess, dev_args, start_prefect_server, stop_process_group, wait_http  # noqa: E402
 
 MIB = 1024 * 1024
 

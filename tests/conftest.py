@@ -1,9 +1,12 @@
-"""Session-wide fixtures: one Prefect API server for the whole test session, and on demand a second
-one on PostgreSQL (``prefect_on_postgres``) for the fleet tests.
+"""Session-wide fixtures over ``testsupport``: one Prefect API server for the whole test session, and
+on demand a second one on PostgreSQL (``prefect_on_postgres``), Azurite, nx-27017, the AMQP 1.0 peer
+and the production stack (all three behind fault proxies).
 
-The server is ``prefect server start`` on a free loopback port with its own PREFECT_HOME, started in
-``pytest_configure`` (before any test module imports Prefect, so in-process flows and every sidecar
-subprocess see ``PREFECT_API_URL``) and stopped at the end of the session.
+The Prefect server is ``prefect server start`` on a free loopback port with its own PREFECT_HOME,
+started in ``pytest_configure`` (before any test module imports Prefect, so in-process flows and every
+sidecar subprocess see ``PREFECT_API_URL``) and stopped at the end of the session. The data-plane
+services start the first time a test asks for them (one per xdist worker); one that cannot start fails
+the tests that need it, never skips them.
 """
 
 from __future__ import annotations
@@ -14,10 +17,16 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from tests.support import Postgres, start_prefect_server, stop_process_group
+from testsupport.amqp_peer import AmqpPeer
+from testsupport.azurite import Azurite, run_azurite
+from testsupport.mongo import NxServer
+from testsupport.processes import Postgres, free_port, start_prefect_server, stop_process_group
+from testsupport.servicebus import SilentListener
+from testsupport.stack import Stack, run_stack
 
 _server: dict[str, object] = {}
 
@@ -66,3 +75,64 @@ def prefect_on_postgres():
     finally:
         postgres.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    """The session's Azurite blob service (HTTP, the development account)."""
+    with run_azurite() as service:
+        yield service
+
+
+@pytest.fixture(scope="session")
+def nx_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NxServer]:
+    """The session's nx-27017 server."""
+    server = NxServer(tmp_path_factory.mktemp("nx-27017"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mongo_server(nx_server: NxServer) -> Iterator[NxServer]:
+    """The session server, running: a test that stopped it (fault tests) leaves it restarted."""
+    nx_server.start()
+    yield nx_server
+    nx_server.start()
+
+
+@pytest.fixture(scope="session")
+def amqp_peer() -> Iterator[AmqpPeer]:
+    """The session's AMQP peer on 127.0.0.1 (declare topics with ``create_topic``)."""
+    peer = AmqpPeer(free_port()).start()
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture(autouse=True)
+def _peer_stays_up(request) -> Iterator[None]:
+    """Fail the test after which the session's AMQP peer is no longer serving (its handler raised)."""
+    yield
+    if "amqp_peer" in request.fixturenames:
+        peer = request.getfixturevalue("amqp_peer")
+        assert peer.error is None, f"the AMQP peer stopped: {peer.error!r}"
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[SilentListener]:
+    """A TCP listener that accepts connections and never sends a byte (a bus that hangs)."""
+    listener = SilentListener()
+    yield listener
+    listener.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Azurite, nx-27017 and the AMQP peer for this module, each behind a fault proxy."""
+    with run_stack(tmp_path_factory.mktemp("nx")) as services:
+        yield services

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.support import SidecarProcess, dev_args
+from testsupport.processes import SidecarProcess, dev_args
 
 
 @dataclass

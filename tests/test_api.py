@@ -12,26 +12,15 @@ import pytest
 from fastapi.testclient import TestClient
 
 from flows.runtime import Runtime
-from sidecar.cli import compose_config
 from sidecar.errors import DataPlaneUnavailable
-from tests.support import read_runs
-
-SECRET = "api-secret"
-H = {"secret": SECRET}
-
-
-def make_runtime(tmp_path: Path, *extra: str) -> Runtime:
-    cfg, _ = compose_config([
-        "--context.eventid=evt-api", "--context.correlationid=corr-api", "--context.name=mod",
-        f"--sharedsecret={SECRET}", "--valideventtypes=found", f"--basedir={tmp_path / 'ion'}",
-        f"--devdir={tmp_path / '.dev'}", "--development=true", "--transfer.retries=0", *extra,
-    ])
-    return Runtime.for_config(cfg)
+from testsupport.processes import read_runs
+from testsupport.runtime import H, dev_runtime, write_found_outputs
+from testsupport.runtime import API_SECRET as SECRET
 
 
 @pytest.fixture
 def runtime(tmp_path: Path) -> Runtime:
-    return make_runtime(tmp_path)
+    return dev_runtime(tmp_path)
 
 
 @pytest.fixture
@@ -40,14 +29,6 @@ def client(runtime: Runtime):
 
     with TestClient(create_app(runtime)) as c:
         yield c
-
-
-def write_outputs(runtime: Runtime, n: int = 2) -> None:
-    lay = runtime.layout
-    for i in range(n):
-        (lay.out_data / f"f{i}.txt").write_text(f"file {i}")
-        (lay.out_events / f"e{i}.json").write_text(json.dumps(
-            [{"key": "eventType", "value": "found"}, {"key": "files", "value": f"f{i}.txt"}]))
 
 
 def test_healthz_needs_no_secret_everything_else_does(client: TestClient) -> None:
@@ -72,7 +53,7 @@ def test_order_is_enforced_and_repeats_return_the_same_summary(client: TestClien
     assert first.status_code == 200 and set(first.json()) == {"flowRunId", "files", "bytes", "seconds"}
     assert client.get("/ready", headers=H).json() == first.json()
     assert json.loads(runtime.layout.in_meta.read_text()) == []
-    write_outputs(runtime)
+    write_found_outputs(runtime)
     done = client.get("/done", headers=H)
     assert done.status_code == 200, done.text
     body = done.json()
@@ -91,13 +72,13 @@ def test_concurrent_calls_share_one_flow_run(client: TestClient) -> None:
 
 def test_bad_output_is_400_naming_the_file_and_retry_after_fix(client: TestClient, runtime: Runtime) -> None:
     client.get("/ready", headers=H)
-    write_outputs(runtime)
+    write_found_outputs(runtime)
     (runtime.layout.out_events / "e1.json").write_text('[{"key": "eventType", "value": "lost"}]')
     bad = client.get("/done", headers=H)
     assert bad.status_code == 400
     assert bad.json()["message"].startswith("out/events/e1.json: key 'eventType'")
     assert not (Path(runtime.cfg.devdir) / "events").exists()
-    write_outputs(runtime)
+    write_found_outputs(runtime)
     assert client.get("/done", headers=H).status_code == 200
 
 
@@ -132,12 +113,12 @@ class CountingEvents:
 def test_failed_done_is_503_publishes_nothing_and_retry_publishes_once(tmp_path: Path) -> None:
     from sidecar.api import create_app
 
-    runtime = make_runtime(tmp_path)
+    runtime = dev_runtime(tmp_path)
     runtime.dataplane.documents = FlakyDocuments(runtime.dataplane.documents, failures=1)
     runtime.dataplane.events = events = CountingEvents(runtime.dataplane.events)
     with TestClient(create_app(runtime)) as client:
         client.get("/ready", headers=H)
-        write_outputs(runtime, 3)
+        write_found_outputs(runtime, 3)
         failed = client.get("/done", headers=H)
         assert failed.status_code == 503 and "document store" in failed.json()["message"]
         assert events.published == []
@@ -151,11 +132,11 @@ def test_failed_done_is_503_publishes_nothing_and_retry_publishes_once(tmp_path:
 def test_task_retries_recover_a_transient_failure(tmp_path: Path) -> None:
     from sidecar.api import create_app
 
-    runtime = make_runtime(tmp_path, "--transfer.retries=2", "--transfer.retrydelayseconds=0.05")
+    runtime = dev_runtime(tmp_path, "--transfer.retries=2", "--transfer.retrydelayseconds=0.05")
     runtime.dataplane.documents = flaky = FlakyDocuments(runtime.dataplane.documents, failures=2)
     with TestClient(create_app(runtime)) as client:
         client.get("/ready", headers=H)
-        write_outputs(runtime, 1)
+        write_found_outputs(runtime, 1)
         assert client.get("/done", headers=H).status_code == 200
     assert flaky.calls == 3
 
@@ -163,7 +144,7 @@ def test_task_retries_recover_a_transient_failure(tmp_path: Path) -> None:
 def test_flow_and_task_runs_are_recorded_in_the_prefect_api(client: TestClient, runtime: Runtime) -> None:
     """What the Prefect UI shows: the done flow run, named for module and event, and its task runs."""
     client.get("/ready", headers=H)
-    write_outputs(runtime, 2)
+    write_found_outputs(runtime, 2)
     (runtime.layout.out_meta).write_text(json.dumps([{"key": "score", "value": "1"}]))
     run_id = client.get("/done", headers=H).json()["flowRunId"]
 
@@ -183,7 +164,7 @@ def test_ready_clears_what_another_run_left_so_done_commits_only_this_run(client
     (lay.in_data / "old-input.bin").write_bytes(b"x")
     assert client.get("/ready", headers=H).status_code == 200
     assert list(lay.out_data.iterdir()) == [] and list(lay.out_events.iterdir()) == [] and list(lay.in_data.iterdir()) == []
-    write_outputs(runtime, 1)
+    write_found_outputs(runtime, 1)
     done = client.get("/done", headers=H).json()
     assert done["files"] == 1 and len(done["events"]) == 1
 
@@ -194,10 +175,10 @@ def test_an_event_id_named_like_a_dev_folder_keeps_its_dumps_apart(tmp_path: Pat
     # the published events, "prefect" into the development Prefect server's state (hostile trial).
     from sidecar.api import create_app
 
-    runtime = make_runtime(tmp_path, f"--context.eventid={event_id}")
+    runtime = dev_runtime(tmp_path, f"--context.eventid={event_id}")
     with TestClient(create_app(runtime)) as client:
         assert client.get("/ready", headers=H).status_code == 200
-        write_outputs(runtime)
+        write_found_outputs(runtime)
         (runtime.layout.out_meta).write_text('[{"key": "k", "value": "v"}]')
         done = client.get("/done", headers=H)
         assert done.status_code == 200, done.text

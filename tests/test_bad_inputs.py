@@ -8,8 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-from tests.support import SidecarProcess, dev_args
-from tests.test_layout import BAD_EVENTS, pairs
+from testsupport.outputs import BAD_EVENTS, pairs
+from testsupport.processes import SidecarProcess, dev_args
 
 
 def committed(dev: Path) -> list[str]:

@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.cli import UsageError, compose_config, parse_args, redacted_yaml
 from sidecar.config import LogLevel
-from tests.support import python_env
+from testsupport.processes import python_env
 
 # The seed's Linux command line (spec/SIDECAR.md, "Linux Bash"), placeholders filled in.
 SEED = """

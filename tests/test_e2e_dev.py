@@ -4,22 +4,9 @@ each with a real module process (examples/module.py) that behaves like Ion's exa
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.support import ROOT, SECRET, SidecarProcess, dev_args, python_env
-
-
-def run_module(sidecar: SidecarProcess, **env: str) -> list[dict]:
-    """Run examples/module.py against ``sidecar``; returns the JSON lines it printed."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "module.py")],
-        env=python_env(SHARED_SECRET=SECRET, SIDECAR_PORT=str(sidecar.port), SIDECAR_BASEDIR=str(sidecar.basedir), **env),
-        capture_output=True, text=True, timeout=180,
-    )
-    assert result.returncode == 0, f"{result.stderr}\n--- sidecar ---\n{sidecar.output()}"
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+from testsupport.processes import SidecarProcess, dev_args, run_child_of_file2, run_module
 
 
 def test_parent_then_child_chain(tmp_path: Path) -> None:
@@ -43,18 +30,3 @@ def test_parent_then_child_chain(tmp_path: Path) -> None:
     child_args = dev_args(event["context"]["eventId"], event["context"]["correlationId"], "child",
                           parent=event["context"]["parentEventId"])
     run_child_of_file2(tmp_path, child_args)
-
-
-def run_child_of_file2(tmp_path: Path, child_args: list[str]) -> list[dict]:
-    """Run the child sidecar and module for the parent's file2 event in the same working directory
-    (the chain goes through the data plane), check what it staged; returns the module's JSON lines."""
-    (tmp_path / "ion").rename(tmp_path / "ion-parent")
-    with SidecarProcess(tmp_path, child_args) as child:
-        lines = run_module(child, EVENT_LABEL="child", FILES="1")
-    staged = lines[0]
-    assert staged["inputs"] == ["found/file2.txt"]
-    assert (tmp_path / "ion" / "in" / "data" / "found" / "file2.txt").read_bytes() == \
-        (tmp_path / "ion-parent" / "out" / "data" / "found" / "file2.txt").read_bytes()
-    assert staged["meta"]["index"] == "2" and "eventType" not in staged["meta"] and "files" not in staged["meta"]
-    assert staged["ready"]["files"] == 1 and staged["ready"]["bytes"] > 0
-    return lines

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from tests.fleet import run_fleet
-from tests.support import read_runs
+from testsupport.processes import read_runs
 
 import pytest
 
@@ -53,7 +53,7 @@ def test_fleet_limit_bounds_transfers_across_sidecars(tmp_path: Path, prefect_on
 
     import httpx
 
-    from tests.support import SidecarProcess, dev_args
+    from testsupport.processes import SidecarProcess, dev_args
 
     api_url, _ = prefect_on_postgres
     name = "sidecar-fleet-transfers"

@@ -14,7 +14,7 @@ from flows import history
 from flows.runtime import Runtime
 from sidecar.cli import compose_config
 from sidecar.layout import ModuleLayout
-from tests.support import SECRET, SidecarProcess, dev_args, read_runs
+from testsupport.processes import SECRET, SidecarProcess, dev_args, read_runs
 
 
 def api(work):

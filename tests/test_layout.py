@@ -11,6 +11,7 @@ import pytest
 from flows.runtime import split_batches
 from sidecar.errors import InputError
 from sidecar.layout import ModuleLayout, plan_outputs
+from testsupport.outputs import BAD_EVENTS, pairs
 
 TYPES = ["file_discovered", "face_detected"]
 
@@ -31,10 +32,6 @@ def event(layout: ModuleLayout, name: str, content: object) -> Path:
     return path
 
 
-def pairs(**kv: str) -> list[dict]:
-    return [{"key": k, "value": v} for k, v in kv.items()]
-
-
 def test_good_outputs_plan(layout: ModuleLayout) -> None:
     event(layout, "1.json", pairs(eventType="file_discovered", files="sub/a.txt, b.bin", colour="red"))
     event(layout, "2.json", pairs(eventType="face_detected"))
@@ -51,25 +48,6 @@ def test_absent_or_empty_insight_means_none(layout: ModuleLayout) -> None:
     assert plan_outputs(layout, TYPES, 1024).insight == []
     layout.out_meta.write_text("  \n")
     assert plan_outputs(layout, TYPES, 1024).insight == []
-
-
-BAD_EVENTS = [
-    ("malformed JSON", '[{"key": "eventType", "value": ', "malformed JSON"),
-    ("not a list", {"eventType": "file_discovered"}, "got dict"),
-    ("not pairs", [["eventType", "file_discovered"]], "item 0"),
-    ("number value", [{"key": "eventType", "value": "file_discovered"}, {"key": "n", "value": 3}], "item 1 (key 'n')"),
-    ("missing value", [{"key": "eventType"}], "field 'value'"),
-    ("missing eventType", pairs(files="b.bin"), "key 'eventType': required key is missing"),
-    ("invalid eventType", pairs(eventType="cat_found"), "key 'eventType': event type 'cat_found'"),
-    ("missing file", pairs(eventType="file_discovered", files="nope.txt"), "key 'files': 'nope.txt' is not a file"),
-    ("dotdot", pairs(eventType="file_discovered", files="../meta.json"), "'../meta.json' escapes out/data"),
-    ("absolute", pairs(eventType="file_discovered", files="/etc/passwd"), "'/etc/passwd' is an absolute path"),
-    ("directory", pairs(eventType="file_discovered", files="sub"), "'sub' is not a file"),
-    ("empty", "", "the file is empty"),
-    ("blank", "  \n", "the file is empty"),
-    ("too large", pairs(eventType="file_discovered", pad="x" * 2000), "over the limit of 1024 bytes"),
-    ("duplicate eventType", pairs(eventType="file_discovered") + pairs(eventType="face_detected"), "appears more than once"),
-]
 
 
 @pytest.mark.parametrize("case, content, expected", BAD_EVENTS, ids=[c[0] for c in BAD_EVENTS])

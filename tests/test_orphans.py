@@ -1,6 +1,6 @@
 """Services the tests start die with the process that started them: a SIGKILLed pytest (or bench)
 leaves no Prefect server, PostgreSQL cluster, Azurite, nx-27017 or sidecar behind
-(``tests.support.dies_with_parent``: Linux ``PR_SET_PDEATHSIG``).
+(``testsupport.processes.dies_with_parent``: Linux ``PR_SET_PDEATHSIG``).
 
 A parent process starts each service with the tests' own starters and waits; the test SIGKILLs it,
 as the kernel's OOM killer or a CI timeout would kill pytest, and checks that every process of the
@@ -18,16 +18,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.support import ROOT, dies_with_parent, python_env
+from testsupport.azurite import run_azurite
+from testsupport.mongo import NxServer
+from testsupport.processes import ROOT, Postgres, SidecarProcess, dev_args, dies_with_parent, python_env, start_prefect_server
 
 pytestmark = pytest.mark.timeout(600)
 
 PARENT = """
 import json, sys, time
 from pathlib import Path
-from tests.azure.azurite import run_azurite
-from tests.mongo.conftest import NxServer
-from tests.support import Postgres, SidecarProcess, dev_args, start_prefect_server
 
 root = Path(sys.argv[1])
 postgres = Postgres(root / "pg")

@@ -14,7 +14,7 @@ import httpx
 import psutil
 
 from sidecar import devserver
-from tests.support import SidecarProcess, dev_args
+from testsupport.processes import SidecarProcess, dev_args
 
 
 def _supervisors(state_dir: Path) -> list[psutil.Process]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import SidecarProcess, dev_args, free_port, start_prefect_server
+from testsupport.processes import SidecarProcess, dev_args, free_port, start_prefect_server
 
 pytestmark = pytest.mark.timeout(900)
 

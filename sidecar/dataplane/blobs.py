@@ -76,8 +76,9 @@ class BlobStore:
 
         Raises:
             BlobVerificationError: the stored size differs (transient: retried by the task).
-            DataPlaneUnavailable / DataPlaneError: from :meth:`_translate`.
+            DataPlaneUnavailable / DataPlaneError: from :meth:`_translate`; a bad key (:meth:`path`).
         """
+        self.path(key)  # a bad key is refused before any request, whatever the provider's _put does
         try:
             size = local.stat().st_size
             # A provider whose write response already tells what was stored saves a round trip.
@@ -97,7 +98,9 @@ class BlobStore:
         Raises:
             DataPlaneError: the blob does not exist (not retried).
             BlobVerificationError: the received size or MD5 differs (retried).
+            DataPlaneError: a bad key (:meth:`path`), before any request.
         """
+        self.path(key)
         # A short name of its own beside the target: ".{name}.partial" would not fit beside a name of
         # 250 bytes or more (a segment is at most 255), and could be another input's name.
         partial = local.with_name(f".{hashlib.md5(os.fsencode(local.name)).hexdigest()[:16]}.partial")

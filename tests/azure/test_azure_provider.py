@@ -30,9 +30,8 @@ from sidecar.cli import UsageError, compose_config
 from sidecar.dataplane.azure import azure_blob_store, env_proxy
 from sidecar.dataplane.blobs import BlobVerificationError
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable, is_transient
-from tests.azure.azurite import ACCOUNT, Azurite
-from tests.azure.conftest import TEST_CHUNK_BYTES, azure_config
-from tests.support import ROOT, free_port, python_env
+from testsupport.azurite import ACCOUNT, TEST_CHUNK_BYTES, Azurite, azure_config
+from testsupport.processes import ROOT, free_port, python_env
 
 pytestmark = pytest.mark.anyio
 

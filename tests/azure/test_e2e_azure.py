@@ -14,9 +14,8 @@ from azure.storage.blob.aio import BlobServiceClient
 
 from sidecar.dataplane.documents import JsonFileDocumentStore
 from sidecar.models import BlobFile, EventMeta
-from tests.azure.azurite import ACCOUNT, Azurite, sidecar_args
-from tests.support import SidecarProcess, free_port
-from tests.test_e2e_dev import run_module
+from testsupport.azurite import ACCOUNT, Azurite, sidecar_args
+from testsupport.processes import SidecarProcess, free_port, run_module
 
 CONTAINER = "ion-e2e"
 

@@ -3,7 +3,7 @@
 Azurite runs in its OAuth mode over HTTPS (``--oauth basic`` with a self-signed certificate this test
 makes, trusted through ``SSL_CERT_FILE``). azure-identity's ``ManagedIdentityCredential`` gets its
 token from a managed identity endpoint on loopback (App Service style ``IDENTITY_ENDPOINT`` and
-``IDENTITY_HEADER``, ``tests/identity.py``); Azurite checks the token's issuer, audience and lifetime.
+``IDENTITY_HEADER``, ``testsupport/identity.py``); Azurite checks the token's issuer, audience and lifetime.
 Child SAS URLs are user-delegation SAS: Azurite issues the delegation key (Get User Delegation Key)
 and checks the SAS signature when the child downloads through the URL.
 """
@@ -25,8 +25,8 @@ from sidecar.cli import UsageError, compose_config
 from sidecar.config import AzureBlobConfig, CredentialKind
 from sidecar.dataplane.azure import UserDelegationSigner, azure_blob_store
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
-from tests.azure.azurite import Azurite, run_azurite
-from tests.identity import STORAGE_AUDIENCE, IdentityEndpoint, TlsFiles, self_signed_tls
+from testsupport.azurite import Azurite, run_azurite
+from testsupport.identity import STORAGE_AUDIENCE, IdentityEndpoint, TlsFiles, self_signed_tls
 
 pytestmark = pytest.mark.anyio
 
@@ -202,8 +202,8 @@ def test_done_through_a_sidecar_records_user_delegation_sas_urls(
     """A real sidecar process signing in with the managed identity: /done uploads, and the child event
     meta's URL is a user-delegation SAS a child downloads through; no token or identity secret is logged."""
     from sidecar.dataplane.documents import JsonFileDocumentStore
-    from tests.support import SidecarProcess, dev_args
-    from tests.test_e2e_dev import run_module
+    from testsupport.processes import SidecarProcess, dev_args
+    from testsupport.processes import run_module
 
     args = [a for a in dev_args("evt-entra", "corr-entra", "parent") if a != "--development=true"] + [
         "--azureblobprovider=true", "--azureblobprovider.containername=entra-e2e",

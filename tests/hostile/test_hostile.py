@@ -1,4 +1,4 @@
-"""The hostile-input corpus (``corpus.py``) through the sidecar's app, unchanged against the development
+"""The hostile-input corpus (``testsupport/hostile.py``) through the sidecar's app, unchanged against the development
 providers and against the real ones (Azurite, nx-27017 and the AMQP 1.0 peer: ``tests/production``'s
 stack), with the session's Prefect server.
 
@@ -24,10 +24,10 @@ from flows.runtime import Runtime, blob_key
 from sidecar.api import create_app
 from sidecar.cli import compose_config
 from sidecar.models import BlobFile, EventMeta
-from tests.hostile.corpus import (DONE_CASES, GOOD, HTTP_DONE, HTTP_READY, ODD_NAMES, ODD_VALUES, READY_CASES,
+from testsupport.hostile import (DONE_CASES, GOOD, HTTP_DONE, HTTP_READY, ODD_NAMES, ODD_VALUES, READY_CASES,
                                   UNLISTABLE_NAMES, data, event, link, pairs, reset_outputs)
-from tests.production.conftest import Stack, stack  # noqa: F401 - the real providers' fixture
-from tests.support import SECRET
+from testsupport.processes import SECRET
+from testsupport.stack import Stack
 
 H = {"secret": SECRET}
 KINDS = ["dev", "real"]

@@ -17,8 +17,8 @@ from sidecar.layout import ModuleLayout, check_event_meta_sizes, plan_outputs
 from sidecar.models import BlobFile, EventMeta
 from sidecar.paths import collisions, confine, name_problem, shown, text_problem
 from sidecar.sharedsecret import matches, secret_problem
-from tests.hostile.corpus import DONE_CASES, READY_CASES, reset_outputs
-from tests.support import python_env
+from testsupport.hostile import DONE_CASES, READY_CASES, reset_outputs
+from testsupport.processes import python_env
 
 REFUSED_NAMES = [
     ("", "is empty"), ("/abs", "absolute"), ("a//b", "empty path segment"), ("a/", "empty path segment"),

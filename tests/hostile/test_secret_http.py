@@ -15,7 +15,7 @@ import pytest
 
 from ion_sidecar_client import SidecarClient
 
-from tests.support import SidecarProcess, dev_args, python_env
+from testsupport.processes import SidecarProcess, dev_args, python_env
 
 SECRET = "pässwörd-€-漢字-😀"
 

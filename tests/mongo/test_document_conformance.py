@@ -15,7 +15,7 @@ import pytest
 from sidecar.dataplane.documents import DocumentStore, JsonFileDocumentStore
 from sidecar.dataplane.mongo import INSIGHTS_SUFFIX, MongoDocumentStore
 from sidecar.models import BlobFile, EventMeta, Insight, KeyValuePair
-from tests.mongo.conftest import collection_name
+from testsupport.mongo import collection_name
 
 
 @dataclass

@@ -12,9 +12,8 @@ from flows.runtime import child_event_id
 from ion_sidecar_client import SidecarClient
 from sidecar.config import ContextConfig, SidecarConfig
 from sidecar.dataplane.mongo import INSIGHTS_SUFFIX
-from tests.mongo.conftest import NxServer, collection_name
-from tests.support import SidecarProcess, dev_args
-from tests.test_e2e_dev import run_child_of_file2, run_module
+from testsupport.mongo import NxServer, collection_name
+from testsupport.processes import SidecarProcess, dev_args, run_child_of_file2, run_module
 
 
 def mongo_args(server: NxServer, collection: str, event_id: str, correlation_id: str, name: str,

@@ -14,8 +14,8 @@ from sidecar.config import MongoConfig
 from sidecar.dataplane.mongo import MongoDocumentStore, client_options, cosmos_uri, retryable
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
 from sidecar.models import BlobFile, EventMeta, Insight, KeyValuePair
-from tests.mongo.conftest import collection_name
-from tests.support import free_port
+from testsupport.mongo import collection_name
+from testsupport.processes import free_port
 
 PASSWORD = "p@ss:w/rd?%+ &=#ü=="
 

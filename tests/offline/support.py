@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 from dispatcher.processes import MARKER_ENV
-from tests.support import ROOT, python_env
+from testsupport.processes import ROOT, python_env
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE = ROOT / "examples" / "hash-files"

@@ -20,7 +20,7 @@ import pytest
 from dispatcher.graph import GraphError, load_graph
 from tests.offline.support import (HERE, flow_runs_tagged, check_inputs_match_parents, graph_run_in_prefect, leftovers, offline_argv,
                                    pid_alive, run_offline, summary, wait_for)
-from tests.support import python_env
+from testsupport.processes import python_env
 
 
 @pytest.fixture(scope="module")

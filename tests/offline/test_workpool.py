@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.offline.support import EXAMPLE, check_inputs_match_parents, graph_run_in_prefect, leftovers, run_offline, summary
-from tests.support import ROOT, python_env, stop_process_group
+from testsupport.processes import ROOT, python_env, stop_process_group
 
 TEMPLATE = ROOT / "deploy" / "workpool" / "process.json"
 

@@ -19,10 +19,10 @@ from fastapi.testclient import TestClient
 
 from flows.runtime import Runtime, blob_key
 from sidecar.api import create_app
-from tests.azure.azurite import ACCOUNT_KEY
-from tests.production.conftest import BUS_KEY, MONGO_PASSWORD, Stack, make_runtime, seed_args, write_outputs
-from tests.support import SECRET, SidecarProcess, read_runs
-from tests.test_e2e_dev import run_child_of_file2, run_module
+from testsupport.azurite import ACCOUNT_KEY
+from testsupport.processes import SECRET, SidecarProcess, read_runs, run_child_of_file2, run_module
+from testsupport.runtime import write_module_outputs
+from testsupport.stack import BUS_KEY, MONGO_PASSWORD, Stack, seed_args, stack_runtime
 
 H = {"secret": SECRET}
 
@@ -123,13 +123,13 @@ TALLY: dict[str, int] = collections.Counter()
 @pytest.mark.parametrize("service, point, how", TRIALS, ids=[f"{s}-{p}-{h}" for s, p, h in TRIALS])
 def test_fault_injection_loses_and_duplicates_nothing(tmp_path: Path, stack: Stack, service: str, point: str, how) -> None:
     event_id = f"fault-{service.split()[0]}-{point}-{how}".replace(" ", "-")
-    runtime = make_runtime(stack, tmp_path, event_id)
+    runtime = stack_runtime(stack, tmp_path, event_id)
     watch = Watch(runtime, stack)
     proxy = stack.proxies[service]
     duplicates_before = stack.peer.topics[stack.topic].duplicates
     with TestClient(create_app(runtime)) as client:
         assert client.get("/ready", headers=H).status_code == 200
-        write_outputs(runtime.layout.basedir, FILES, SIZE, event_id)
+        write_module_outputs(runtime.layout.basedir, FILES, SIZE, event_id)
         if point == "before":
             proxy.down()
         elif point == "during":

@@ -12,8 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sidecar.api import create_app
-from tests.production.conftest import Stack, make_runtime, write_outputs
-from tests.support import SECRET
+from testsupport.processes import SECRET
+from testsupport.runtime import write_module_outputs
+from testsupport.stack import Stack, stack_runtime
 
 H = {"secret": SECRET}
 
@@ -27,14 +28,14 @@ def test_soak_back_to_back_runs_leak_nothing(tmp_path: Path, stack: Stack) -> No
     fds: list[int] = []
     children: list[str] = []
     for i in range(runs):
-        parent = make_runtime(stack, tmp_path, f"soak-{i}", "parent")
+        parent = stack_runtime(stack, tmp_path, f"soak-{i}", "parent")
         with TestClient(create_app(parent)) as client:
             assert client.get("/ready", headers=H).status_code == 200
-            write_outputs(parent.layout.basedir, 1, 4096, f"soak-{i}")
+            write_module_outputs(parent.layout.basedir, 1, 4096, f"soak-{i}")
             done = client.get("/done", headers=H)
             assert done.status_code == 200, done.text
         [event] = done.json()["events"]
-        child = make_runtime(stack, tmp_path, event["eventId"], "child")
+        child = stack_runtime(stack, tmp_path, event["eventId"], "child")
         with TestClient(create_app(child)) as client:
             staged = client.get("/ready", headers=H)
             assert staged.status_code == 200 and staged.json()["files"] == 1

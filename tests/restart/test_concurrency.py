@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from sidecar.api import create_app
 from sidecar.errors import DataPlaneError
 from sidecar.models import BlobFile, EventMeta
-from tests.test_api import H, make_runtime
+from testsupport.runtime import H, dev_runtime
 
 FILES = 12
 SLOW = 0.5  # seconds each transfer but the failing one takes
@@ -25,7 +25,7 @@ def files_under(root: Path) -> dict[str, float]:
 
 
 def test_failed_upload_cancels_every_sibling_before_done_answers(tmp_path: Path) -> None:
-    runtime = make_runtime(tmp_path, "--transfer.tasks=4", "--transfer.concurrency=2")
+    runtime = dev_runtime(tmp_path, "--transfer.tasks=4", "--transfer.concurrency=2")
     blobs = runtime.dataplane.blobs
     original = blobs.upload
 
@@ -53,7 +53,7 @@ def test_failed_upload_cancels_every_sibling_before_done_answers(tmp_path: Path)
 
 
 def test_failed_download_cancels_every_sibling_before_ready_answers(tmp_path: Path) -> None:
-    runtime = make_runtime(tmp_path, "--transfer.tasks=4", "--transfer.concurrency=2")
+    runtime = dev_runtime(tmp_path, "--transfer.tasks=4", "--transfer.concurrency=2")
     blobs = runtime.dataplane.blobs
     listed = []
     for i in range(FILES):

@@ -25,10 +25,9 @@ import httpx
 import pytest
 
 from ion_sidecar_client import SidecarCallError, SidecarClient
-from tests.production.conftest import Stack
-from tests.restart.conftest import Sidecar
-from tests.servicebus.conftest import unique
-from tests.support import SECRET
+from testsupport.processes import SECRET, RestartableSidecar
+from testsupport.servicebus import unique
+from testsupport.stack import Stack
 
 FULL = os.environ.get("RESTART_FULL") == "1"
 FILES, SIZE, EVENTS = (600, 256 * 1024, 300) if FULL else (30, 64 * 1024, 15)
@@ -55,7 +54,7 @@ class Module(threading.Thread):
     and 5xx). ``again``: after a failed /done it calls /ready once more first, as a module that
     restarted its own protocol would."""
 
-    def __init__(self, sidecar: Sidecar, label: str, again: bool = False):
+    def __init__(self, sidecar: RestartableSidecar, label: str, again: bool = False):
         super().__init__(daemon=True)
         self.client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
         self.label, self.again = label, again
@@ -103,7 +102,7 @@ class Tally:
         return self.stack.peer.topics[self.stack.topic].duplicates - self.duplicates_before
 
 
-def record(sidecar: Sidecar) -> dict:
+def record(sidecar: RestartableSidecar) -> dict:
     return json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
 
 
@@ -130,7 +129,7 @@ def test_sigkill_at_every_step_of_done_loses_and_duplicates_nothing(tmp_path: Pa
                                                                       sidecars: list) -> None:
     stack = nodedup
     event_id = unique("crash")
-    sidecar = Sidecar(tmp_path, seed_args(stack, event_id))
+    sidecar = RestartableSidecar(tmp_path, seed_args(stack, event_id))
     sidecars.append(sidecar)
     tally = Tally(stack, event_id)
     # The module calls /ready again after its first /done failed, as a module restarting its protocol would.

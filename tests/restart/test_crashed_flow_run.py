@@ -13,8 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.restart.conftest import Sidecar
-from tests.support import SECRET, dev_args
+from testsupport.processes import SECRET, RestartableSidecar, dev_args
 
 FILES = 6
 
@@ -29,11 +28,11 @@ def flow_run(flow_run_id: str) -> dict:
     return response.json()
 
 
-def record(sidecar: Sidecar) -> dict:
+def record(sidecar: RestartableSidecar) -> dict:
     return json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
 
 
-def get(sidecar: Sidecar, path: str) -> httpx.Response:
+def get(sidecar: RestartableSidecar, path: str) -> httpx.Response:
     return httpx.get(f"{sidecar.url}{path}", headers={"secret": SECRET}, timeout=300)
 
 
@@ -48,8 +47,8 @@ def write_outputs(basedir: Path) -> None:
                                      '{"key": "files", "value": "f0.txt"}]')
 
 
-def test_sigkilled_flow_run_is_crashed_by_the_restarted_sidecar(tmp_path: Path, sidecars: list[Sidecar]) -> None:
-    sidecar = Sidecar(tmp_path, dev_args("evt-crashed", "corr-crashed", "mod"))
+def test_sigkilled_flow_run_is_crashed_by_the_restarted_sidecar(tmp_path: Path, sidecars: list[RestartableSidecar]) -> None:
+    sidecar = RestartableSidecar(tmp_path, dev_args("evt-crashed", "corr-crashed", "mod"))
     sidecars.append(sidecar)
     sidecar.start(pause_at="uploaded-file#2")
     sidecar.wait_healthy()
@@ -96,7 +95,7 @@ def test_sigkilled_flow_run_is_crashed_by_the_restarted_sidecar(tmp_path: Path, 
     assert flow_run(old)["state"]["type"] == "CRASHED"
 
 
-def _get_or_error(sidecar: Sidecar, path: str) -> httpx.Response | Exception:
+def _get_or_error(sidecar: RestartableSidecar, path: str) -> httpx.Response | Exception:
     try:
         return get(sidecar, path)
     except httpx.HTTPError as exc:

@@ -16,7 +16,7 @@ from sidecar.api import create_app
 from sidecar.errors import (DataPlaneError, DataPlaneTimeout, DataPlaneUnavailable, InputError, StateError,
                             VolumeError, is_transient)
 from sidecar.models import BlobFile, EventMeta
-from tests.test_api import H, make_runtime, write_outputs
+from testsupport.runtime import H, dev_runtime, write_found_outputs
 
 
 def raised_from(error: BaseException, cause: BaseException) -> BaseException:
@@ -49,7 +49,7 @@ def test_is_transient_is_an_allow_list(error: BaseException, retried: bool) -> N
 
 
 def test_a_programming_error_is_not_retried(tmp_path: Path) -> None:
-    runtime = make_runtime(tmp_path, "--transfer.retries=3", "--transfer.retrydelayseconds=0.05")
+    runtime = dev_runtime(tmp_path, "--transfer.retries=3", "--transfer.retrydelayseconds=0.05")
     calls = []
 
     def broken(metas):
@@ -59,14 +59,14 @@ def test_a_programming_error_is_not_retried(tmp_path: Path) -> None:
     runtime.dataplane.documents.upsert_event_metas = broken
     with TestClient(create_app(runtime), raise_server_exceptions=False) as client:
         assert client.get("/ready", headers=H).status_code == 200
-        write_outputs(runtime, 1)
+        write_found_outputs(runtime, 1)
         answer = client.get("/done", headers=H)
     assert answer.status_code == 500 and "KeyError" in answer.json()["message"]
     assert calls == [1]  # one attempt: retrying a bug only delays its report
 
 
 def test_a_full_volume_on_ready_is_507_naming_the_path_not_the_blob_store(tmp_path: Path) -> None:
-    runtime = make_runtime(tmp_path, "--transfer.retries=3")
+    runtime = dev_runtime(tmp_path, "--transfer.retries=3")
     blobs = runtime.dataplane.blobs
     source = tmp_path / "src.bin"
     source.write_bytes(b"a" * 100)
@@ -91,7 +91,7 @@ def test_a_full_volume_on_ready_is_507_naming_the_path_not_the_blob_store(tmp_pa
 
 
 def test_an_unreadable_output_on_done_names_the_file_not_the_blob_store(tmp_path: Path) -> None:
-    runtime = make_runtime(tmp_path, "--transfer.retries=3")
+    runtime = dev_runtime(tmp_path, "--transfer.retries=3")
     blobs = runtime.dataplane.blobs
 
     async def denied(local: Path, key: str):
@@ -100,7 +100,7 @@ def test_an_unreadable_output_on_done_names_the_file_not_the_blob_store(tmp_path
     blobs._put = denied
     with TestClient(create_app(runtime), raise_server_exceptions=False) as client:
         assert client.get("/ready", headers=H).status_code == 200
-        write_outputs(runtime, 1)
+        write_found_outputs(runtime, 1)
         answer = client.get("/done", headers=H)
     body = answer.json()
     assert answer.status_code == 500 and "module volume" in body["message"], body
@@ -109,7 +109,7 @@ def test_an_unreadable_output_on_done_names_the_file_not_the_blob_store(tmp_path
 
 def test_a_folder_where_in_data_should_be_is_a_volume_error(tmp_path: Path) -> None:
     """A real error of the volume, not an injected one: in/ is a file, so nothing can be staged."""
-    runtime = make_runtime(tmp_path)
+    runtime = dev_runtime(tmp_path)
     base = runtime.layout.basedir
     with TestClient(create_app(runtime), raise_server_exceptions=False) as client:
         (base / "in").rename(base / "in-moved")

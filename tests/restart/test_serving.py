@@ -16,11 +16,10 @@ import httpx
 import psutil
 
 from ion_sidecar_client import SidecarClient
-from tests.restart.conftest import Sidecar
-from tests.support import SECRET, dev_args
+from testsupport.processes import SECRET, RestartableSidecar, dev_args
 
 
-def done_in_background(sidecar: Sidecar) -> Callable[[], httpx.Response]:
+def done_in_background(sidecar: RestartableSidecar) -> Callable[[], httpx.Response]:
     """Call ``/done`` on a thread; the returned function waits for its answer (60 s at most)."""
     answers: list[httpx.Response] = []
     call = threading.Thread(target=lambda: answers.append(
@@ -35,7 +34,7 @@ def done_in_background(sidecar: Sidecar) -> Callable[[], httpx.Response]:
     return answer
 
 
-def assert_stopped_with_503(sidecar: Sidecar, answer: Callable[[], httpx.Response]) -> None:
+def assert_stopped_with_503(sidecar: RestartableSidecar, answer: Callable[[], httpx.Response]) -> None:
     """The in-flight call was answered 503 with the JSON body, and the process exited 0."""
     response = answer()
     assert sidecar.proc.wait(60) == 0, sidecar.output()
@@ -45,7 +44,7 @@ def assert_stopped_with_503(sidecar: Sidecar, answer: Callable[[], httpx.Respons
 
 def test_sigterm_answers_the_inflight_call_503_json_exits_0_and_the_successor_resumes(tmp_path: Path,
                                                                                        sidecars: list) -> None:
-    sidecar = Sidecar(tmp_path, dev_args("term-evt", "term-corr", "mod") + [f"--devdir={tmp_path / '.dev'}"])
+    sidecar = RestartableSidecar(tmp_path, dev_args("term-evt", "term-corr", "mod") + [f"--devdir={tmp_path / '.dev'}"])
     sidecars.append(sidecar)
     sidecar.start(pause_at="uploaded")
     client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
@@ -71,7 +70,7 @@ def test_sigterm_answers_the_inflight_call_503_json_exits_0_and_the_successor_re
 
 def test_descriptor_exhaustion_closes_idle_connections_and_logs_once(tmp_path: Path, sidecars: list) -> None:
     nofile, idle = 160, 240  # more idle connections than the process has descriptors
-    sidecar = Sidecar(tmp_path, dev_args("fd-evt", "fd-corr", "mod") + [f"--devdir={tmp_path / '.dev'}"])
+    sidecar = RestartableSidecar(tmp_path, dev_args("fd-evt", "fd-corr", "mod") + [f"--devdir={tmp_path / '.dev'}"])
     sidecars.append(sidecar)
     sidecar.start(nofile=nofile)
     sidecar.wait_healthy()
@@ -127,14 +126,14 @@ def test_sigterm_while_the_call_waits_on_a_silent_blob_store_is_503_json_and_exi
     # The event loop is idle in select() when the signal lands (the upload waits on a peer that never
     # answers): Prefect's own SIGTERM bridge, if installed for the flow run, raised TerminationSignal
     # there, and the module got a plain-text 500 and the process exit code 1 (hostile trial).
-    from tests.azure.azurite import ACCOUNT, ACCOUNT_KEY
-    from tests.servicebus.conftest import SilentListener
+    from testsupport.azurite import ACCOUNT, ACCOUNT_KEY
+    from testsupport.servicebus import SilentListener
 
     silent = SilentListener()
     try:
         endpoint = (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
                     f"BlobEndpoint=http://127.0.0.1:{silent.port}/{ACCOUNT};")
-        sidecar = Sidecar(tmp_path, ["--context.eventid=term-io", "--context.correlationid=term-corr",
+        sidecar = RestartableSidecar(tmp_path, ["--context.eventid=term-io", "--context.correlationid=term-corr",
                                      "--context.name=mod", "--valideventtypes=file_discovered",
                                      f"--devdir={tmp_path / '.dev'}", "--azureblobprovider=true",
                                      f"--azureblobprovider.connectionstring={endpoint}",

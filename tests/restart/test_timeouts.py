@@ -12,10 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sidecar.api import create_app
-from tests.azure.azurite import ACCOUNT, ACCOUNT_KEY
-from tests.servicebus.amqp_peer import emulator_connection_string
-from tests.servicebus.conftest import SilentListener
-from tests.test_api import H, make_runtime
+from testsupport.amqp_peer import emulator_connection_string
+from testsupport.azurite import ACCOUNT, ACCOUNT_KEY
+from testsupport.runtime import H, dev_runtime
+from testsupport.servicebus import SilentListener
 
 # The configured bound of each test, and what a flow run may add around the I/O: creating and reporting
 # the flow and task runs to the Prefect API (1.7 to 2.8 s measured at a load average of 17 on 2 cores,
@@ -55,7 +55,7 @@ def write_outputs(runtime) -> None:
 def test_blob_store_that_never_answers_is_503_within_its_read_timeout(tmp_path: Path, silent: SilentListener) -> None:
     blob = (f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};"
             f"BlobEndpoint=http://127.0.0.1:{silent.port}/{ACCOUNT};")
-    runtime = make_runtime(tmp_path, "--transfer.retries=3", "--development=false", "--azureblobprovider=true",
+    runtime = dev_runtime(tmp_path, "--transfer.retries=3", "--development=false", "--azureblobprovider=true",
                            "--azureblobprovider.containername=timeouts", f"--azureblobprovider.connectionstring={blob}",
                            "--azureblobprovider.connecttimeoutseconds=2", f"--azureblobprovider.readtimeoutseconds={BOUND}")
     with TestClient(create_app(runtime)) as client:
@@ -71,7 +71,7 @@ def test_blob_store_that_never_answers_is_503_within_its_read_timeout(tmp_path: 
 
 def test_document_store_that_never_answers_is_503_within_its_selection_timeout(tmp_path: Path,
                                                                              silent: SilentListener) -> None:
-    runtime = make_runtime(tmp_path, "--transfer.retries=3", "--development=false", "--mongodbdocprovider=true",
+    runtime = dev_runtime(tmp_path, "--transfer.retries=3", "--development=false", "--mongodbdocprovider=true",
                            f"--mongodbdocprovider.uri=mongodb://127.0.0.1:{silent.port}/?directConnection=true",
                            f"--mongodbdocprovider.serverselectiontimeoutseconds={BOUND}",
                            f"--mongodbdocprovider.connecttimeoutseconds={BOUND}",
@@ -87,7 +87,7 @@ def test_document_store_that_never_answers_is_503_within_its_selection_timeout(t
 
 def test_event_bus_that_never_answers_is_503_within_the_publish_deadline(tmp_path: Path,
                                                                         silent: SilentListener) -> None:
-    runtime = make_runtime(tmp_path, "--transfer.retries=3", "--development=false", "--servicebuseventprovider=true",
+    runtime = dev_runtime(tmp_path, "--transfer.retries=3", "--development=false", "--servicebuseventprovider=true",
                            "--servicebuseventprovider.topic=events",
                            f"--servicebuseventprovider.connectionstring={emulator_connection_string(silent.port)}",
                            f"--servicebuseventprovider.publishtimeoutseconds={BOUND}")

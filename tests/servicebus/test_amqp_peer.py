@@ -10,8 +10,8 @@ import uuid
 from azure.servicebus import ServiceBusMessage
 from azure.servicebus.aio import ServiceBusClient
 
-from tests.servicebus.amqp_peer import AmqpPeer
-from tests.servicebus.conftest import receive_all, unique
+from testsupport.amqp_peer import AmqpPeer
+from testsupport.servicebus import receive_all, unique
 
 
 def test_batches_fan_out_to_every_subscription_once_per_message_id(amqp_peer: AmqpPeer) -> None:

@@ -10,10 +10,9 @@ from pathlib import Path
 
 from ion_sidecar_client import SidecarClient
 from sidecar.dataplane.documents import JsonFileDocumentStore
-from tests.servicebus.amqp_peer import AmqpPeer
-from tests.servicebus.conftest import SilentListener, receive_all_sync, unique
-from tests.support import SECRET, SidecarProcess, dev_args
-from tests.test_e2e_dev import run_child_of_file2, run_module
+from testsupport.amqp_peer import AmqpPeer
+from testsupport.processes import SECRET, SidecarProcess, dev_args, run_child_of_file2, run_module
+from testsupport.servicebus import SilentListener, receive_all_sync, unique
 
 SAS_KEY = "SAS_KEY_VALUE"
 

@@ -1,7 +1,7 @@
 """The Service Bus publisher with a Microsoft Entra ID token credential (issue 12), for real.
 
 azure-identity's ``ManagedIdentityCredential`` gets a JWT from a managed identity endpoint on loopback
-(App Service style ``IDENTITY_ENDPOINT``/``IDENTITY_HEADER``, ``tests/identity.py``); the SDK sends it
+(App Service style ``IDENTITY_ENDPOINT``/``IDENTITY_HEADER``, ``testsupport/identity.py``); the SDK sends it
 on ``$cbs`` as a ``jwt`` put-token, and the AMQP peer verifies it (signature with the endpoint's key,
 audience, issuer, lifetime) before the publisher may send.
 """
@@ -17,11 +17,10 @@ from sidecar.cli import UsageError, compose_config
 from sidecar.config import CredentialKind, ServiceBusConfig
 from sidecar.dataplane.servicebus import ServiceBusEventPublisher
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
-from tests.identity import SERVICE_BUS_AUDIENCE, IdentityEndpoint
-from tests.servicebus.amqp_peer import AmqpPeer
-from tests.servicebus.conftest import receive_all_sync, unique
-from tests.servicebus.test_event_publisher_conformance import make_events
-from tests.support import free_port
+from testsupport.amqp_peer import AmqpPeer
+from testsupport.identity import SERVICE_BUS_AUDIENCE, IdentityEndpoint
+from testsupport.processes import free_port
+from testsupport.servicebus import make_events, receive_all_sync, unique
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from sidecar.config import ServiceBusConfig
 from sidecar.dataplane.events import EventPublisher, FileEventPublisher
 from sidecar.dataplane.servicebus import PER_EVENT_TYPE, ServiceBusEventPublisher
 from sidecar.models import Event, EventContext, KeyValuePair
-from tests.servicebus.amqp_peer import AmqpPeer
-from tests.servicebus.conftest import Received, receive_all, unique
+from testsupport.amqp_peer import AmqpPeer
+from testsupport.servicebus import Received, receive_all, unique
 
 
 def make_events(count: int, types: list[str], data_bytes: int = 0) -> list[Event]:

@@ -1,5 +1,5 @@
 """What only the Service Bus publisher does: batching, bounded waiting, error mapping, connection
-reuse and teardown (issue 4). Runs over the AMQP peer (``amqp_peer.py``), a listener that accepts TCP
+reuse and teardown (issue 4). Runs over the AMQP peer (``testsupport/amqp_peer.py``), a listener that accepts TCP
 and never speaks AMQP, and a port nobody listens on."""
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from sidecar.config import ServiceBusConfig
 from sidecar.dataplane.servicebus import PER_EVENT_TYPE, ServiceBusEventPublisher, connection_string, topic_of
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
 from sidecar.models import Event
-from tests.servicebus.amqp_peer import AmqpPeer, emulator_connection_string
-from tests.servicebus.conftest import SilentListener, receive_all_sync, unique
-from tests.servicebus.test_event_publisher_conformance import make_events
-from tests.support import free_port
+from testsupport.amqp_peer import AmqpPeer, emulator_connection_string
+from testsupport.processes import free_port
+from testsupport.servicebus import SilentListener, make_events, receive_all_sync, unique
 
 DEADLINE = 1.5  # seconds, publishtimeoutseconds of the bounded-waiting tests
 # Time allowed past the deadline for tearing the connection down and returning, seconds.

@@ -6,12 +6,12 @@ from typing import Iterator
 
 import pytest
 
-from tests.support import SidecarProcess, dev_args
+from testsupport.processes import SidecarProcess, dev_args
 
 
 @pytest.fixture(scope="session")
 def idle_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
-    """A healthy development-mode sidecar (shared secret ``tests.support.SECRET``) that stays in
+    """A healthy development-mode sidecar (shared secret ``testsupport.processes.SECRET``) that stays in
     phase ``new``: tests probe its authentication and health check, never call it successfully."""
     cwd = tmp_path_factory.mktemp("idle-sidecar")
     with SidecarProcess(cwd, dev_args("evt-idle", "corr-idle", "idle")) as sidecar:

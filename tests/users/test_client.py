@@ -18,7 +18,7 @@ import pytest
 from ion_sidecar_client import SidecarCallError, SidecarClient
 from sidecar.layout import ModuleLayout, plan_outputs
 from sidecar.models import KeyValuePair
-from tests.support import SECRET, SidecarProcess, dev_args, free_port
+from testsupport.processes import SECRET, SidecarProcess, dev_args, free_port
 
 
 class RecordingClient(SidecarClient):

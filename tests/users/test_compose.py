@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from sidecar.cli import compose_config
-from tests.support import ROOT, SidecarProcess, free_port
+from testsupport.processes import ROOT, SidecarProcess, free_port
 
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"

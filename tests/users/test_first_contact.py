@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.cli import DEVELOPMENT_BASEDIR, UsageError, check_startup, compose_config, parse_args
 from sidecar.logs import MIN_SECRET_CHARS, ContextFilter
-from tests.support import python_env
+from testsupport.processes import python_env
 
 BASE = ["--context.eventid=e", "--context.correlationid=c", "--sharedsecret=long-enough-secret"]
 

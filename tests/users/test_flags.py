@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from sidecar import flags
 from sidecar.config import SECRET_KEYS, SidecarConfig
-from tests.support import ROOT, python_env
+from testsupport.processes import ROOT, python_env
 
 
 def leaf_keys() -> set[str]:

@@ -18,7 +18,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.support import ROOT
+from testsupport.processes import ROOT
 
 UV_LOCK = ROOT / "uv.lock"
 REQUIREMENTS_LOCK = ROOT / "requirements.lock"

@@ -7,7 +7,7 @@ import re
 import subprocess
 
 from sidecar import cli, flags
-from tests.support import ROOT
+from testsupport.processes import ROOT
 
 README = ROOT / "README.md"
 # Texts a clone does not have; the docs must say what they need in their own words.

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from ion_sidecar_client import SidecarCallError, SidecarClient
-from tests.support import SECRET, SidecarProcess, dev_args
+from testsupport.processes import SECRET, SidecarProcess, dev_args
 
 SHARED_SECRET = "Shared-Secret-5f3a9c71"
 PROVIDER_SECRETS = {

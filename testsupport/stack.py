@@ -1,24 +1,24 @@
-"""The production path's fixtures: Azurite, nx-27017 and the AMQP 1.0 peer at once, each behind a
-fault-injecting proxy (tests/faults.py), so a test can cut any data-plane service mid-run."""
+"""The production data plane on loopback: Azurite, nx-27017 and the AMQP 1.0 peer at once, each behind
+a fault-injecting proxy (``testsupport.faults``), so a test can cut any data-plane service mid-run."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pymongo
-import pytest
 from azure.storage.blob import ContainerClient
 
 from flows.runtime import Runtime
 from sidecar.cli import compose_config
-from tests.azure.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, run_azurite
-from tests.faults import FaultProxy
-from tests.mongo.conftest import NxServer, collection_name
-from tests.servicebus.amqp_peer import AmqpPeer
-from tests.servicebus.conftest import Received, receive_all_sync, unique
-from tests.support import SECRET, free_port
+from testsupport.amqp_peer import AmqpPeer
+from testsupport.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, run_azurite
+from testsupport.faults import FaultProxy
+from testsupport.mongo import NxServer, collection_name
+from testsupport.processes import SECRET, free_port
+from testsupport.servicebus import Received, receive_all_sync, unique
 
 # Distinctive secret values that must never reach a log line or the Prefect API.
 MONGO_PASSWORD = "mongo-Pw-7f3e1c"
@@ -90,36 +90,31 @@ class Stack:
             proxy.up()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """Azurite, nx-27017 and the AMQP peer for this module (fail, never skip, if one cannot start)."""
-    mongo = NxServer(tmp_path_factory.mktemp("nx"))
+@contextmanager
+def run_stack(root: Path) -> Iterator[Stack]:
+    """Start nx-27017 (data in ``root``), the AMQP peer and Azurite, each behind a fault proxy, with a
+    fresh container, collection and topic; stop them all on exit.
+
+    Raises:
+        RuntimeError / FileNotFoundError: a service could not start (the caller fails, never skips).
+    """
+    mongo = NxServer(root)
     mongo.start()
     peer = AmqpPeer(free_port()).start()
-    with run_azurite() as azurite:
-        proxies = [FaultProxy(azurite.port), FaultProxy(mongo.port), FaultProxy(peer.port)]
-        topic = peer.create_topic(unique("ion-events"), ["next-module"]).name
-        stack = Stack(azurite, mongo, peer, *proxies, container=unique("ion").lower().replace("_", "-"),
-                      collection=collection_name("prod"), topic=topic)
-        try:
-            yield stack
-        finally:
-            for proxy in proxies:
-                proxy.close()
-            peer.stop()
-            mongo.stop()
-
-
-def write_outputs(basedir: Path, files: int, size: int, label: str) -> None:
-    """A module's outputs: ``files`` files of ``size`` bytes, one event each, and an insight."""
-    from ion_sidecar_client import SidecarClient
-
-    client = SidecarClient(url="http://unused", secret="unused", basedir=basedir)
-    for i in range(files):
-        path = f"out{i}/file{i}.bin"
-        client.write_file(path, (f"{label}:{i}:".encode() * (size // 8 + 1))[:size])
-        client.write_event(f"event{i}", "file_discovered", [path], index=str(i), label=label)
-    client.write_insight(files=str(files), label=label)
+    try:
+        with run_azurite() as azurite:
+            proxies = [FaultProxy(azurite.port), FaultProxy(mongo.port), FaultProxy(peer.port)]
+            topic = peer.create_topic(unique("ion-events"), ["next-module"]).name
+            stack = Stack(azurite, mongo, peer, *proxies, container=unique("ion").lower().replace("_", "-"),
+                          collection=collection_name("prod"), topic=topic)
+            try:
+                yield stack
+            finally:
+                for proxy in proxies:
+                    proxy.close()
+    finally:
+        peer.stop()
+        mongo.stop()
 
 
 def seed_args(stack: Stack, event_id: str, correlation_id: str, name: str, parent: str = "") -> list[str]:
@@ -130,7 +125,7 @@ def seed_args(stack: Stack, event_id: str, correlation_id: str, name: str, paren
     return args + stack.seed_flags()
 
 
-def make_runtime(stack: Stack, tmp_path: Path, event_id: str, name: str = "mod") -> Runtime:
+def stack_runtime(stack: Stack, tmp_path: Path, event_id: str, name: str = "mod") -> Runtime:
     """An in-process runtime on ``stack`` with short timeouts and one task retry (fault trials, soak)."""
     cfg, _ = compose_config(seed_args(stack, event_id, "corr-" + event_id, name) + [
         f"--sharedsecret={SECRET}", f"--basedir={tmp_path / event_id}", f"--devdir={tmp_path / '.dev'}",

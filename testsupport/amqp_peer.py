@@ -350,7 +350,7 @@ class AmqpPeer:
     """The peer on ``127.0.0.1:port``, run by a proton container on a daemon thread.
 
     Args:
-        port: the TCP port to listen on (see ``tests.support.free_port``).
+        port: the TCP port to listen on (see ``testsupport.processes.free_port``).
         keys: shared access key name -> key accepted in SAS tokens; default the emulator's
             ``RootManageSharedAccessKey``/``SAS_KEY_VALUE``.
         max_message_size: the largest transfer (and so batch) accepted, bytes; default 256 KiB,

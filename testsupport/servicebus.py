@@ -1,9 +1,5 @@
-"""Fixtures of the Service Bus tests: the AMQP 1.0 peer (a stand-in for the Service Bus emulator, see
-``amqp_peer.py``), a TCP listener that never speaks AMQP, and reading back what a subscription got.
-
-The peer runs on a free loopback port for the whole session; if it cannot start, every test that
-needs it fails (fixture error), it is never skipped.
-"""
+"""Service Bus helpers: unique names, a TCP listener that never speaks AMQP, reading back what a
+subscription got, and events to publish. The AMQP 1.0 peer itself is ``testsupport.amqp_peer``."""
 
 from __future__ import annotations
 
@@ -13,32 +9,12 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
 
-import pytest
 from azure.servicebus import ServiceBusReceiveMode
 from azure.servicebus.aio import ServiceBusClient
 
-from sidecar.models import Event
-from tests.servicebus.amqp_peer import AmqpPeer, emulator_connection_string
-from tests.support import free_port
-
-
-@pytest.fixture(scope="session")
-def amqp_peer() -> Iterator[AmqpPeer]:
-    """The session's AMQP peer on 127.0.0.1 (declare topics with ``create_topic``)."""
-    peer = AmqpPeer(free_port()).start()
-    yield peer
-    peer.stop()
-
-
-@pytest.fixture(autouse=True)
-def _peer_stays_up(request) -> Iterator[None]:
-    """Fail the test after which the session's peer is no longer serving (its handler raised)."""
-    yield
-    if "amqp_peer" in request.fixturenames:
-        peer = request.getfixturevalue("amqp_peer")
-        assert peer.error is None, f"the AMQP peer stopped: {peer.error!r}"
+from sidecar.models import Event, EventContext, KeyValuePair
+from testsupport.amqp_peer import emulator_connection_string
 
 
 def unique(prefix: str) -> str:
@@ -99,13 +75,6 @@ class SilentListener:
         self.sock.close()
 
 
-@pytest.fixture
-def silent_listener() -> Iterator[SilentListener]:
-    listener = SilentListener()
-    yield listener
-    listener.close()
-
-
 @dataclass
 class Received:
     """One message a subscription receiver got: the event in its body and its properties."""
@@ -149,3 +118,11 @@ async def receive_all(connection_string: str, topic: str, subscription: str = "s
 def receive_all_sync(connection_string: str, topic: str, subscription: str = "sub") -> list[Received]:
     """:func:`receive_all` for synchronous tests."""
     return asyncio.run(receive_all(connection_string, topic, subscription))
+
+
+def make_events(count: int, types: list[str], data_bytes: int = 0) -> list[Event]:
+    """``count`` events cycling through ``types``, each carrying ``data_bytes`` of data."""
+    correlation = unique("corr")
+    return [Event(context=EventContext(eventId=unique("evt"), correlationId=correlation, parentEventId="evt-parent"),
+                  type=types[i % len(types)], data=[KeyValuePair(key="pad", value="x" * data_bytes)] if data_bytes else [])
+            for i in range(count)]

@@ -1,10 +1,13 @@
-"""Test helpers: free ports, waiting for servers, and a real ``sidecar`` process."""
+"""Processes the tests and benchmarks start, and what they need to: free ports, waiting for HTTP,
+stopping process groups, the Prefect server (SQLite, or PostgreSQL in a temporary cluster), a real
+``sidecar`` process (also one restarted like a container), the example module, Prefect run history."""
 
 from __future__ import annotations
 
 import ctypes
 import json
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -309,3 +312,102 @@ def read_runs(flow_run_ids: list[str], settled, timeout: float = 30) -> tuple[li
 
 def read_json(path: Path) -> object:
     return json.loads(path.read_text())
+
+
+def run_module(sidecar: SidecarProcess, **env: str) -> list[dict]:
+    """Run examples/module.py against ``sidecar``; returns the JSON lines it printed."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "module.py")],
+        env=python_env(SHARED_SECRET=SECRET, SIDECAR_PORT=str(sidecar.port), SIDECAR_BASEDIR=str(sidecar.basedir), **env),
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, f"{result.stderr}\n--- sidecar ---\n{sidecar.output()}"
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+def run_child_of_file2(tmp_path: Path, child_args: list[str]) -> list[dict]:
+    """Run the child sidecar and module for the parent's file2 event in the same working directory
+    (the chain goes through the data plane), check what it staged; returns the module's JSON lines."""
+    (tmp_path / "ion").rename(tmp_path / "ion-parent")
+    with SidecarProcess(tmp_path, child_args) as child:
+        lines = run_module(child, EVENT_LABEL="child", FILES="1")
+    staged = lines[0]
+    assert staged["inputs"] == ["found/file2.txt"]
+    assert (tmp_path / "ion" / "in" / "data" / "found" / "file2.txt").read_bytes() == \
+        (tmp_path / "ion-parent" / "out" / "data" / "found" / "file2.txt").read_bytes()
+    assert staged["meta"]["index"] == "2" and "eventType" not in staged["meta"] and "files" not in staged["meta"]
+    assert staged["ready"]["files"] == 1 and staged["ready"]["bytes"] > 0
+    return lines
+
+
+class RestartableSidecar:
+    """``python -m sidecar`` with ``args`` on a fixed port, started again by :meth:`restart` with the
+    same command line, as the kubelet restarts a container. Log lines of every start go to ``log``."""
+
+    def __init__(self, workdir: Path, args: list[str], port: int | None = None):
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.basedir = workdir / "ion"
+        self.argv = [sys.executable, "-m", "sidecar", f"--serverport={self.port}", f"--basedir={self.basedir}",
+                     f"--sharedsecret={SECRET}", *args]
+        self.log = workdir / "sidecar.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, pause_at: str | None = None, nofile: int | None = None, **env: str) -> "RestartableSidecar":
+        """Start the process; with ``pause_at`` it stops itself (SIGSTOP) at that crash point; with
+        ``nofile`` its open-file limit (soft and hard, as ``ulimit -n``) is that many descriptors."""
+        extra = dict(env)
+        if pause_at:
+            extra["SIDECAR_TEST_PAUSE_AT"] = pause_at
+        self.starts += 1
+        with open(self.log, "ab") as out:
+            out.write(f"--- start {self.starts} (pause at {pause_at})\n".encode())
+            limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))) if nofile else None
+            self.proc = subprocess.Popen(self.argv, cwd=self.workdir, env=python_env(**extra), stdout=out,
+                                         stderr=subprocess.STDOUT, preexec_fn=dies_with_parent(then=limit))
+        return self
+
+    def wait_paused(self, timeout: float = 120) -> None:
+        """Wait until the process froze itself at its crash point."""
+        import psutil  # a test extra; only this wait needs it
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sidecar exited with {self.proc.returncode} before its pause:\n{self.output()}")
+            if psutil.Process(self.proc.pid).status() == psutil.STATUS_STOPPED:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"sidecar never reached its pause point:\n{self.output()}")
+
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or an eviction does."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM and wait; returns the exit code (None if it was not running)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"sidecar did not stop within {timeout} s of SIGTERM:\n{self.output()}")
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        try:
+            wait_http(f"{self.url}/healthz", timeout, proc=self.proc)
+        except Exception:
+            raise AssertionError(f"sidecar did not become healthy:\n{self.output()}") from None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -12,13 +12,15 @@ import shutil
 import ssl
 import subprocess
 import tempfile
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tests.identity import TlsFiles
-from tests.support import ROOT, dev_args, dies_with_parent, free_port, stop_process_group, wait_http
+from sidecar.config import AzureBlobConfig
+from testsupport.identity import TlsFiles
+from testsupport.processes import ROOT, dev_args, dies_with_parent, free_port, stop_process_group, wait_http
 
 # Azurite's development account and its well-known key (public, in Azurite's documentation).
 ACCOUNT = "devstoreaccount1"
@@ -102,3 +104,16 @@ def run_azurite(timeout: float = 60, tls: TlsFiles | None = None) -> Iterator[Az
     finally:
         stop_process_group(proc)
         shutil.rmtree(location, ignore_errors=True)
+
+
+# Small blocks, so that modest test files already take the chunked (Put Block) path.
+TEST_CHUNK_BYTES = 64 * 1024
+
+
+def azure_config(azurite: Azurite, container: str | None = None, **overrides: object) -> AzureBlobConfig:
+    """An enabled Azure provider config on ``azurite`` with a fresh container (unless named)."""
+    settings: dict = dict(enabled=True, containername=container or f"c{uuid.uuid4().hex[:20]}",
+                          connectionstring=azurite.connection_string(), chunkbytes=TEST_CHUNK_BYTES,
+                          connecttimeoutseconds=5.0, readtimeoutseconds=10.0)
+    settings.update(overrides)
+    return AzureBlobConfig(**settings)

@@ -58,7 +58,13 @@ def pairs(*kv: tuple[str, str]) -> str:
 
 
 
+# Every name a refused_name case below refuses: (name, shown, detail). The blob store refuses the
+# same names as keys (tests/conformance), so one list serves both.
+REFUSED_NAMES: list[tuple[str | bytes, str, str]] = []
+
+
 def refused_name(case_id: str, name: str | bytes, shown: str, detail: str) -> DoneCase:
+    REFUSED_NAMES.append((name, shown, detail))
     return DoneCase(case_id, lambda out: data(out, name), f"out/data/{shown}", detail)
 
 

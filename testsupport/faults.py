@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from tests.support import free_port
+from testsupport.processes import free_port
 
 
 class FaultProxy:
