@@ -18,15 +18,16 @@ from pathlib import Path
 import psutil
 import pytest
 
-from testsupport.azurite import run_azurite
-from testsupport.mongo import NxServer
-from testsupport.processes import ROOT, Postgres, SidecarProcess, dev_args, dies_with_parent, python_env, start_prefect_server
+from testsupport.processes import ROOT, dies_with_parent, python_env
 
 pytestmark = pytest.mark.timeout(600)
 
 PARENT = """
 import json, sys, time
 from pathlib import Path
+from testsupport.azurite import run_azurite
+from testsupport.mongo import NxServer
+from testsupport.processes import Postgres, SidecarProcess, dev_args, start_prefect_server
 
 root = Path(sys.argv[1])
 postgres = Postgres(root / "pg")
