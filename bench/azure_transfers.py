@@ -291,7 +291,7 @@ def sidecar_round(azurite, src: Path, digests: dict[str, str], work: Path, tag: 
     Sample per direction."""
     from flows.runtime import child_event_id
     from sidecar.config import ContextConfig, SidecarConfig
-    from sidecar.dataplane.documents import JsonFileDocumentStore
+    from sidecar.providers.jsonfiles import JsonFileDocumentStore
     from testsupport.azurite import sidecar_args
     from testsupport.processes import SidecarProcess
 
@@ -330,7 +330,7 @@ def sidecar_round(azurite, src: Path, digests: dict[str, str], work: Path, tag: 
             down = Sample(time.perf_counter() - started, rss.cpu(), rss.idle, 0)
         down.peak = rss.peak
         assert ready.status_code == 200 and ready.json()["files"] == len(rels), ready.text
-        meta = JsonFileDocumentStore(devdir / "documents").get_event_meta(child_id)
+        meta = asyncio.run(JsonFileDocumentStore(devdir / "documents").get_event_meta(child_id))
         recorded = {f.path: f.md5 for f in meta.files}
         if recorded != digests or md5_tree(child.basedir / "in" / "data") != digests:
             raise RuntimeError(f"sidecar {tag}: recorded or staged MD5s differ from the sources")

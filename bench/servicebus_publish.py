@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from azure.servicebus import ServiceBusMessage  # noqa: E402
 from azure.servicebus.aio import ServiceBusClient  # noqa: E402
 
-from sidecar.config import ServiceBusConfig  # noqa: E402
-from sidecar.dataplane.events import FileEventPublisher  # noqa: E402
-from sidecar.dataplane.servicebus import ServiceBusEventPublisher, to_message  # noqa: E402
+from sidecar.providers.servicebus.config import ServiceBusConfig  # noqa: E402
+from sidecar.providers.eventfiles import FileEventPublisher  # noqa: E402
+from sidecar.providers.servicebus.publisher import ServiceBusEventPublisher, to_message  # noqa: E402
 from sidecar.errors import DataPlaneUnavailable  # noqa: E402
 from testsupport.amqp_peer import AmqpPeer, emulator_connection_string  # noqa: E402
 from testsupport.processes import free_port  # noqa: E402

@@ -35,8 +35,8 @@ from dispatcher.graph import Graph, as_dict
 from dispatcher.launchers import Launcher
 from dispatcher.processes import ModuleRun, ModuleRunFailed, Outcome
 from sidecar.dataplane.blobs import local_blob_store
-from sidecar.dataplane.documents import JsonFileDocumentStore
-from sidecar.dataplane.events import FileEventPublisher
+from sidecar.providers.jsonfiles import JsonFileDocumentStore
+from sidecar.providers.eventfiles import FileEventPublisher
 from sidecar.layout import write_json_atomic
 from sidecar.models import BlobFile, Event, EventContext, EventMeta, KeyValuePair
 
@@ -124,7 +124,7 @@ class Dispatcher:
         event_type = self.graph.config.initial.type
         meta = EventMeta(id=seed_id, eventId=seed_id, correlationId=self.correlationid, parentEventId="",
                          eventType=event_type, producer="ion-offline", files=carried, data=pairs)
-        JsonFileDocumentStore(self.devdir / "documents").upsert_event_metas([meta])
+        await JsonFileDocumentStore(self.devdir / "documents").upsert_event_metas([meta])
         event = Event(context=EventContext(eventId=seed_id, correlationId=self.correlationid), type=event_type,
                       data=pairs)
         await FileEventPublisher(self.events_dir).publish([event])

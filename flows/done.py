@@ -44,13 +44,13 @@ async def upload_files(runtime: Runtime, files: list[OutputFile], count: int, li
 @task(name="upsert-insight", task_run_name="upsert-insight", **TASK_OPTIONS)
 async def upsert_insight(runtime: Runtime, insight: Insight) -> None:
     """Store the run's insight under its execution id."""
-    await asyncio.to_thread(runtime.dataplane.documents.upsert_insight, insight)
+    await runtime.dataplane.documents.upsert_insight(insight)
 
 
 @task(name="upsert-event-metas", task_run_name="upsert-{count}-event-metas", **TASK_OPTIONS)
 async def upsert_event_metas(runtime: Runtime, metas: list[EventMeta], count: int) -> None:
     """Store each child's event meta under the child event id."""
-    await asyncio.to_thread(runtime.dataplane.documents.upsert_event_metas, metas)
+    await runtime.dataplane.documents.upsert_event_metas(metas)
 
 
 @task(name="publish-events", task_run_name="publish-{count}-events", **TASK_OPTIONS)
@@ -76,8 +76,7 @@ def _child(runtime: Runtime, planned: PlannedEvent, stored: dict[str, BlobInfo])
     files = []
     for path in planned.files:
         info = stored[path]
-        url = blobs.url(info.key, cfg.azureblobprovider.sasexpiryseconds)
-        files.append(BlobFile(path=path, key=info.key, size=info.size, md5=info.md5, url=url))
+        files.append(BlobFile(path=path, key=info.key, size=info.size, md5=info.md5, url=blobs.url(info.key)))
     meta = EventMeta(
         id=child_id, eventId=child_id, correlationId=ctx.correlationid, parentEventId=ctx.eventid,
         eventType=planned.event_type, producer=ctx.name, files=files, data=planned.data,
@@ -87,23 +86,24 @@ def _child(runtime: Runtime, planned: PlannedEvent, stored: dict[str, BlobInfo])
 
 
 async def _publish_within_deadline(runtime: Runtime, events: list[Event], options: dict) -> None:
-    """Run the publish task, its retries included, within ``publishtimeoutseconds`` (the bound the
-    module sees, end to end: ``DESIGN.md``, The sidecar's lifecycle, Time).
+    """Run the publish task, its retries included, within the event publisher's deadline (the bound
+    the module sees, end to end: ``DESIGN.md``, The sidecar's lifecycle, Time).
 
     Raises:
         DataPlaneTimeout: the deadline passed; the task run is cancelled and its connections closed.
     """
-    bus = runtime.cfg.servicebuseventprovider
+    publisher = runtime.dataplane.events
+    deadline = publisher.deadline
     try:
-        async with asyncio.timeout(bus.publishtimeoutseconds if bus.enabled else None):
+        async with asyncio.timeout(deadline.seconds if deadline else None):
             await publish_events.with_options(**options)(runtime, events, len(events))
     except TimeoutError:
-        from sidecar.dataplane.servicebus import topic_of
-
-        topics = ", ".join(sorted({f"'{topic_of(bus, event)}'" for event in events}))
-        raise DataPlaneTimeout(EVENT_BUS, f"publishing {len(events)} events to topic {topics} did not finish "
-                                          f"within {bus.publishtimeoutseconds:g} s, retries included "
-                                          "(servicebuseventprovider.publishtimeoutseconds)") from None
+        if deadline is None:  # not ours: a timeout inside the task that escaped it
+            raise
+        where = ", ".join(sorted({publisher.destination(event) for event in events}))
+        raise DataPlaneTimeout(EVENT_BUS, f"publishing {len(events)} events to {where} did not finish "
+                                          f"within {deadline.seconds:g} s, retries included "
+                                          f"({deadline.setting})") from None
 
 
 @flow(name="done", flow_run_name="done-{runtime.cfg.context.name}-{runtime.cfg.context.eventid}",

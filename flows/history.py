@@ -83,7 +83,7 @@ def describe(runtime: Runtime) -> dict[str, Any]:
     use, without any secret (no key, password, connection string or URI)."""
     cfg = runtime.cfg
     ctx = cfg.context
-    blob, docs, bus = cfg.azureblobprovider, cfg.mongodbdocprovider, cfg.servicebuseventprovider
+    plane = runtime.dataplane
     return {
         "module": ctx.name,
         "eventId": ctx.eventid,
@@ -91,12 +91,9 @@ def describe(runtime: Runtime) -> dict[str, Any]:
         "parentEventId": ctx.parenteventid,
         "executionId": ctx.execution_id(),
         "basedir": str(runtime.layout.basedir),
-        "blobStore": f"Azure Blob Storage, container '{blob.containername}'" if blob.enabled
-        else f"files under {cfg.devdir}/blobs",
-        "documentStore": f"MongoDB, collection '{docs.collection}'" if docs.enabled
-        else f"JSON files under {cfg.devdir}/documents",
-        "eventBus": f"Azure Service Bus, topic '{bus.topic or '{eventType}'}'" if bus.enabled
-        else f"files under {cfg.devdir}/events",
+        "blobStore": plane.blobs.describe(),
+        "documentStore": plane.documents.describe(),
+        "eventBus": plane.events.describe(),
         "validEventTypes": list(cfg.valideventtypes),
         "transfer": {"concurrency": cfg.transfer.concurrency, "tasks": cfg.transfer.tasks,
                      "retries": cfg.transfer.retries, "retryDelaySeconds": cfg.transfer.retrydelayseconds},

@@ -25,7 +25,7 @@ from sidecar.paths import collisions, confine, name_problem, shown
 @task(name="get-event-meta", task_run_name="get-event-meta", **TASK_OPTIONS)
 async def get_event_meta(runtime: Runtime, event_id: str) -> EventMeta | None:
     """Read the event meta of ``event_id`` from the document store (None: first module of a graph)."""
-    return await asyncio.to_thread(runtime.dataplane.documents.get_event_meta, event_id)
+    return await runtime.dataplane.documents.get_event_meta(event_id)
 
 
 @task(name="download-files", task_run_name="download-{count}-files", **TASK_OPTIONS)

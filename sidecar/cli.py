@@ -44,12 +44,12 @@ from sidecar.config import (
     PROVIDER_GROUPS,
     REQUIRED_KEYS,
     SECRET_KEYS,
-    AzureBlobConfig,
-    CredentialKind,
     SidecarConfig,
     lookup,
     register,
 )
+from sidecar.dataplane import registry
+from sidecar.errors import SettingsError
 from sidecar.paths import segment_problem, shown, text_problem
 from sidecar.sharedsecret import secret_problem
 
@@ -182,11 +182,7 @@ def _given(parsed: Parsed, key: str) -> bool:
 def missing_settings(cfg: DictConfig) -> list[str]:
     """The dotted keys of every required setting ``cfg`` lacks, in flag-reference order: the always
     required ones (:data:`~sidecar.config.REQUIRED_KEYS`) and those an enabled provider requires."""
-    required = list(REQUIRED_KEYS)
-    if OmegaConf.select(cfg, "azureblobprovider.enabled"):
-        required.append("azureblobprovider.containername")
-    if OmegaConf.select(cfg, "mongodbdocprovider.enabled"):
-        required.append("mongodbdocprovider.collection")
+    required = [*REQUIRED_KEYS, *registry.required_keys(cfg)]
     blank = []
     for key in required:
         value = OmegaConf.select(cfg, key, throw_on_missing=False)
@@ -287,84 +283,21 @@ def _set(cfg: DictConfig, key: str, value: str) -> None:
 
 
 def check(cfg: SidecarConfig) -> None:
-    """Reject contradictory or incomplete provider settings (``DESIGN.md``: Configuration).
+    """Reject contradictory or incomplete settings (``DESIGN.md``: Configuration); each enabled
+    provider's own rules are its ``Config.check`` (``sidecar.dataplane.registry.check``).
 
     Raises:
         UsageError: naming the setting.
     """
-    enabled = [name for name in PROVIDER_GROUPS if getattr(cfg, name).enabled]
+    enabled = [p.flag for p in registry.enabled(cfg)]
     if cfg.development and enabled:
         raise UsageError(f"--development=true contradicts --{enabled[0]}=true: development mode uses local providers")
     if not 1 <= cfg.serverport <= 65535:
         raise UsageError(f"--serverport={cfg.serverport} is not a TCP port")
-    blob = cfg.azureblobprovider
-    if blob.enabled:
-        if blob.credential is not CredentialKind.key:
-            _check_blob_token_settings(blob)
-        elif blob.clientid or blob.accounturl:
-            raise UsageError(f"--azureblobprovider.{'clientid' if blob.clientid else 'accounturl'} needs a token "
-                             "credential (--azureblobprovider.credential=default|managedidentity|workloadidentity)")
-        elif not blob.connectionstring and not (blob.blobaccountname and blob.blobaccountkey):
-            raise UsageError("--azureblobprovider=true needs --azureblobprovider.blobaccountname and "
-                             ".blobaccountkey, or --azureblobprovider.connectionstring")
-        if not re.fullmatch(r"(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]", blob.containername):
-            raise UsageError(f"--azureblobprovider.containername={blob.containername} is not a container name "
-                             "(3-63 lowercase letters, digits and single hyphens, Azure's naming rules)")
-        if blob.connectionstring:
-            from azure.core.utils import parse_connection_string
-
-            try:
-                parse_connection_string(blob.connectionstring)
-            except ValueError:
-                raise UsageError("--azureblobprovider.connectionstring is not a connection string "
-                                 "(Key=Value pairs separated by ';')") from None
-    mongo = cfg.mongodbdocprovider
-    if mongo.enabled and not mongo.uri and not (mongo.name and mongo.password):
-        raise UsageError("--mongodbdocprovider=true needs --mongodbdocprovider.name and .password, "
-                         "or --mongodbdocprovider.uri")
-    bus = cfg.servicebuseventprovider
-    if bus.enabled and bus.credential is not CredentialKind.key:
-        _check_token_settings("servicebuseventprovider", bus.credential, bus.clientid,
-                              {"connectionstring": bus.connectionstring, "key": bus.key})
-        if not bus.namespace:
-            raise UsageError(f"--servicebuseventprovider.credential={bus.credential.value} needs "
-                             "--servicebuseventprovider.namespace")
-    elif bus.enabled and bus.clientid:
-        raise UsageError("--servicebuseventprovider.clientid needs a token credential "
-                         "(--servicebuseventprovider.credential=default|managedidentity|workloadidentity)")
-    elif bus.enabled and not bus.connectionstring and not (bus.namespace and bus.key and bus.authorizationrulename):
-        raise UsageError("--servicebuseventprovider=true needs --servicebuseventprovider.namespace, .key and "
-                         ".authorizationrulename, or --servicebuseventprovider.connectionstring")
-
-
-def _check_token_settings(provider: str, kind: CredentialKind, clientid: str, keys: dict[str, str]) -> None:
-    """Reject a token credential combined with key settings, or missing its environment."""
-    from sidecar.dataplane.credentials import settings_problem
-
-    given = [name for name, value in keys.items() if value]
-    if given:
-        raise UsageError(f"--{provider}.credential={kind.value} signs in with Microsoft Entra ID: drop "
-                         f"--{provider}.{given[0]} (or use --{provider}.credential=key)")
-    problem = settings_problem(provider, kind, clientid)
-    if problem:
-        raise UsageError(problem)
-
-
-def _check_blob_token_settings(blob: AzureBlobConfig) -> None:
-    from sidecar.dataplane.credentials import USER_DELEGATION_MAX_SECONDS
-
-    _check_token_settings("azureblobprovider", blob.credential, blob.clientid,
-                          {"connectionstring": blob.connectionstring, "blobaccountkey": blob.blobaccountkey})
-    if not blob.accounturl and not blob.blobaccountname:
-        raise UsageError(f"--azureblobprovider.credential={blob.credential.value} needs "
-                         "--azureblobprovider.blobaccountname or --azureblobprovider.accounturl")
-    if blob.accounturl and not re.fullmatch(r"https://[^/?#\s]+(/[^?#\s]*)?", blob.accounturl):
-        # Bearer tokens travel only over TLS (Azure Storage and azure-core refuse them over http).
-        raise UsageError(f"--azureblobprovider.accounturl={blob.accounturl} is not an https:// URL "
-                         "(tokens are sent only over TLS)")
-    if blob.sasexpiryseconds > USER_DELEGATION_MAX_SECONDS:
-        raise UsageError(f"--azureblobprovider.sasexpiryseconds={blob.sasexpiryseconds} exceeds 7 days "
-                         f"({USER_DELEGATION_MAX_SECONDS} s), the longest a user-delegation SAS may last")
+    try:
+        registry.check(cfg)  # each enabled provider validates its own settings
+    except SettingsError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_startup(cfg: SidecarConfig) -> None:

@@ -1,9 +1,11 @@
 """The typed configuration schema, registered with Hydra's ConfigStore.
 
 The field names are the seed's flags (``spec/SIDECAR.md``): ``--context.eventid`` sets
-``context.eventid``, ``--azureblobprovider=true`` chooses the ``azure`` option of the
-``azureblobprovider`` config group (``conf/azureblobprovider/azure.yaml``), and so on. Additions a
-real deployment needs follow the same style (``DESIGN.md``, Configuration).
+``context.eventid``, and so on. Additions a real deployment needs follow the same style (``DESIGN.md``,
+Configuration). This module holds the sidecar's own settings; each data-plane provider's settings
+(``--azureblobprovider.*``, ...) are its package's ``Config``, added to :data:`SidecarConfig` by
+``sidecar.dataplane.registry``, which also registers the config groups behind the provider switches
+(``--azureblobprovider=true`` chooses the ``azure`` option of the ``azureblobprovider`` group).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any, Iterator
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from sidecar.dataplane import registry
 
 # Namespace for the deterministic ids this sidecar derives (execution ids, child event ids), so a
 # retried or restarted run derives the same ids and every upsert and publish stays idempotent.
@@ -28,16 +32,6 @@ class LogLevel(str, Enum):
     info = "info"
     warn = "warn"
     error = "error"
-
-
-class CredentialKind(str, Enum):
-    """How an Azure provider signs in (``sidecar/dataplane/credentials.py``): its key or connection
-    string, or a Microsoft Entra ID token credential from azure-identity."""
-
-    key = "key"
-    default = "default"
-    managedidentity = "managedidentity"
-    workloadidentity = "workloadidentity"
 
 
 @dataclass
@@ -62,85 +56,6 @@ class ContextConfig:
 
 
 @dataclass
-class AzureBlobConfig:
-    """``--azureblobprovider``: Azure Blob Storage through adlfs. Off: blobs on disk under devdir."""
-
-    enabled: bool = False
-    # The storage account's name.
-    blobaccountname: str = ""
-    # The storage account's access key.
-    blobaccountkey: str = ""
-    # The blob container all blobs go to.
-    containername: str = ""
-    # Azurite or any non-default endpoint; when set it wins over name and key.
-    connectionstring: str = ""
-    # Lifetime of the read-only SAS URL recorded in a child's event meta, seconds (0: none).
-    sasexpiryseconds: int = 86400
-    # Block size of chunked uploads and range size of downloads, bytes.
-    chunkbytes: int = 4 * 1024 * 1024
-    # Most bytes of file data held in memory by all transfers at once (blocks and ranges in flight).
-    inflightbytes: int = 32 * 1024 * 1024
-    # Deadline to open a connection to the blob service, seconds.
-    connecttimeoutseconds: float = 10.0
-    # Deadline between two reads of a blob service response, seconds.
-    readtimeoutseconds: float = 60.0
-    # key: account key or connection string; default, managedidentity, workloadidentity: Entra ID token.
-    credential: CredentialKind = CredentialKind.key
-    # Client id of the user-assigned managed identity or workload identity (token credentials only).
-    clientid: str = ""
-    # Blob endpoint for token credentials; empty: https://{blobaccountname}.blob.core.windows.net.
-    accounturl: str = ""
-
-
-@dataclass
-class MongoConfig:
-    """``--mongodbdocprovider``: MongoDB (or Cosmos DB's API for MongoDB). Off: JSON files."""
-
-    enabled: bool = False
-    # The Cosmos DB account (and database) name.
-    name: str = ""
-    # The Cosmos DB account's key or the MongoDB user's password.
-    password: str = ""
-    # The collection that holds event metas and insights.
-    collection: str = "ion"
-    # The Cosmos DB MongoDB API port.
-    port: int = 10255
-    # A full MongoDB URI for self-hosted Mongo; without it name/password/port mean Cosmos DB over TLS.
-    uri: str = ""
-    # The Cosmos DB host; {name} is replaced by the account name.
-    host: str = "{name}.documents.azure.com"
-    # How long to wait for a usable MongoDB server before a call fails, seconds.
-    serverselectiontimeoutseconds: float = 10.0
-    # How long opening a connection may take, seconds.
-    connecttimeoutseconds: float = 10.0
-    # How long one call may wait for its answer, seconds.
-    sockettimeoutseconds: float = 30.0
-
-
-@dataclass
-class ServiceBusConfig:
-    """``--servicebuseventprovider``: Azure Service Bus topics. Off: events written as files."""
-
-    enabled: bool = False
-    # The Service Bus namespace (the host is {namespace}.servicebus.windows.net).
-    namespace: str = ""
-    # The topic child events are published to.
-    topic: str = ""
-    # The shared access key of the authorization rule.
-    key: str = ""
-    # The shared access policy (authorization rule) the key belongs to.
-    authorizationrulename: str = ""
-    # The emulator or a SAS connection string; when set it wins over namespace/key/rule.
-    connectionstring: str = ""
-    # Deadline for the whole publish step of one /done (every batch, task retries included), seconds.
-    publishtimeoutseconds: float = 30.0
-    # key: SAS rule key or connection string; default, managedidentity, workloadidentity: Entra ID token.
-    credential: CredentialKind = CredentialKind.key
-    # Client id of the user-assigned managed identity or workload identity (token credentials only).
-    clientid: str = ""
-
-
-@dataclass
 class TransferConfig:
     """How blob transfers and retries run."""
 
@@ -158,7 +73,7 @@ class TransferConfig:
 
 
 @dataclass
-class SidecarConfig:
+class CoreConfig:
     """The whole configuration; ``conf/config.yaml`` composes it."""
 
     context: ContextConfig = field(default_factory=ContextConfig)
@@ -187,31 +102,20 @@ class SidecarConfig:
     # Refuse to start a Prefect server of its own when PREFECT_API_URL is unset (on in the Docker image).
     requireprefectapi: bool = False
     transfer: TransferConfig = field(default_factory=TransferConfig)
-    azureblobprovider: AzureBlobConfig = field(default_factory=AzureBlobConfig)
-    mongodbdocprovider: MongoConfig = field(default_factory=MongoConfig)
-    servicebuseventprovider: ServiceBusConfig = field(default_factory=ServiceBusConfig)
 
+
+# The sidecar's settings plus one field per data-plane provider (``azureblobprovider``, ...), from the
+# registry: ``cfg.azureblobprovider.containername`` is ``--azureblobprovider.containername``.
+SidecarConfig = registry.schema(CoreConfig)
 
 # Settings whose values never appear in --printconfig or a log line.
-SECRET_KEYS = (
-    "sharedsecret",
-    "azureblobprovider.blobaccountkey",
-    "azureblobprovider.connectionstring",
-    "mongodbdocprovider.password",
-    "mongodbdocprovider.uri",
-    "servicebuseventprovider.key",
-    "servicebuseventprovider.connectionstring",
-)
+SECRET_KEYS = ("sharedsecret", *registry.secret_keys())
 
 # Settings that have no usable default.
 REQUIRED_KEYS = ("context.eventid", "context.correlationid", "sharedsecret")
 
 # The provider flags of the seed, each a Hydra config group: option when true, option when false.
-PROVIDER_GROUPS = {
-    "azureblobprovider": ("azure", "dev"),
-    "mongodbdocprovider": ("mongo", "dev"),
-    "servicebuseventprovider": ("servicebus", "dev"),
-}
+PROVIDER_GROUPS = registry.groups()
 
 
 def lookup(cfg: SidecarConfig, dotted: str) -> Any:
@@ -229,5 +133,7 @@ def secret_values(cfg: SidecarConfig) -> Iterator[str]:
 
 
 def register() -> None:
-    """Register the schema as ``sidecar_schema`` so ``conf/config.yaml`` can extend it."""
+    """Register the schema as ``sidecar_schema`` and the providers' config groups (``sidecar_providers``)
+    so ``conf/config.yaml`` can extend them."""
     ConfigStore.instance().store(name="sidecar_schema", node=SidecarConfig)
+    registry.register_groups()

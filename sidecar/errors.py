@@ -13,6 +13,11 @@ import os
 from pathlib import Path
 
 
+class SettingsError(ValueError):
+    """A provider's settings cannot work (raised by its ``Config.check``); the message is one line
+    naming the flag, never a secret's value. The command line prints it and exits with code 2."""
+
+
 class SidecarError(Exception):
     """Base class: ``status_code`` is the HTTP status the API answers with."""
 

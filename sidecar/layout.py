@@ -22,7 +22,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from sidecar.errors import InputError
 from sidecar.models import KeyValuePair
-from sidecar.paths import collisions, name_problem, segment_problem, shown, text_problem
+from sidecar.paths import collisions, inside, name_problem, segment_problem, shown, text_problem
 
 
 # Largest document stored, bytes: Cosmos DB's API for MongoDB stores documents up to 2 MiB (MongoDB
@@ -239,7 +239,7 @@ def _link_target(path: Path, real_root: str, where: str) -> str:
         if exc.errno == errno.ELOOP:
             raise InputError(where, "is a symlink loop") from None
         raise InputError(where, "is a link to nothing (its target does not exist)") from None
-    if os.path.commonpath([real_root, real]) != real_root:
+    if not inside(real_root, real):
         raise InputError(where, "is a link that points outside out/data")
     return real
 
@@ -361,7 +361,7 @@ def _check_inside_out(layout: ModuleLayout, path: Path, where: str) -> None:
             real = os.path.realpath(path, strict=True)
         except OSError:
             raise InputError(where, "is a link to nothing, or a symlink loop") from None
-        if os.path.commonpath([real_out, real]) != real_out:
+        if not inside(real_out, real):
             raise InputError(where, "is a link that points outside out/")
 
 

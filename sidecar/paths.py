@@ -22,6 +22,7 @@ import os
 import re
 from pathlib import Path
 from typing import Iterable
+from urllib.parse import quote
 
 # Azure Storage: a blob name is at most 1,024 characters (counted here in UTF-16 code units, as the
 # service's .NET front end counts them, so a name of astral characters is not under-counted) and has
@@ -144,9 +145,16 @@ def collisions(names: Iterable[str]) -> list[tuple[str, str]]:
     return found
 
 
+def inside(real_root: str, real: str) -> bool:
+    """Whether the real path ``real`` (links resolved) is ``real_root`` or below it: the one
+    containment test of every confinement (:func:`confine`, the links under ``out/``)."""
+    return os.path.commonpath([real_root, real]) == real_root
+
+
 def confine(root: Path, name: str) -> Path:
     """``root / name`` after checking that ``name`` is a good name (:func:`name_problem`) and that the
-    result, links resolved, stays inside ``root``.
+    result, links resolved, stays inside ``root``: the one confinement helper for every name read from
+    outside (an event meta's paths on ``/ready``, a blob key of the development blob store).
 
     Raises:
         ValueError: the problem, as a phrase ("is an absolute path", "leaves the folder").
@@ -155,8 +163,14 @@ def confine(root: Path, name: str) -> Path:
     if problem:
         raise ValueError(problem)
     target = root / name
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(target)
-    if os.path.commonpath([real_root, real]) != real_root:
+    if not inside(os.path.realpath(root), os.path.realpath(target)):
         raise ValueError("leaves the folder it must stay in")
     return target
+
+
+def id_segment(text: str) -> str:
+    """``text`` (an event id, an execution id: any string) as one file or folder name that stays in its
+    folder: percent-encoded with no safe character (so no ``/``), and never empty, ``.`` or ``..``.
+    Used wherever a development provider names a file after an id."""
+    segment = quote(text, safe="")
+    return {"": "%", ".": "%2E", "..": "%2E%2E"}.get(segment, segment)

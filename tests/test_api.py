@@ -91,16 +91,19 @@ class FlakyDocuments:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def upsert_event_metas(self, metas):
+    async def upsert_event_metas(self, metas):
         self.calls += 1
         if self.calls <= self.failures:
             raise DataPlaneUnavailable("document store", "connection refused (injected)")
-        self.inner.upsert_event_metas(metas)
+        await self.inner.upsert_event_metas(metas)
 
 
 class CountingEvents:
     def __init__(self, inner):
         self.inner, self.published = inner, []
+
+    def __getattr__(self, name):  # the rest of the EventPublisher interface
+        return getattr(self.inner, name)
 
     async def publish(self, events, **options):
         self.published += [e.id for e in events]

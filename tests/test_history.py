@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi.encoders import jsonable_encoder
 
 from flows import history
+from sidecar.dataplane import build_dataplane
 from flows.runtime import Runtime
 from sidecar.cli import compose_config
 from sidecar.layout import ModuleLayout
@@ -175,7 +176,8 @@ def test_parameters_name_the_run_and_hide_every_secret(tmp_path: Path) -> None:
         "--servicebuseventprovider.authorizationrulename=rule", "--servicebuseventprovider.topic=ion",
         *(f"--{k}={v}" for k, v in secrets.items()),
     ])
-    encoded = json.dumps(jsonable_encoder(Runtime(cfg, ModuleLayout(tmp_path), None)))  # what Prefect stores
+    runtime = Runtime(cfg, ModuleLayout(tmp_path), build_dataplane(cfg))  # the providers describe themselves
+    encoded = json.dumps(jsonable_encoder(runtime))  # what Prefect stores
     assert '"module": "m"' in encoded and "container 'box'" in encoded and "topic 'ion'" in encoded
     assert not [s for s in secrets.values() if s in encoded]
 

@@ -15,4 +15,5 @@ and the folders' ``conftest.py``, and nothing here imports a test module.
 - ``runtime``: in-process runtimes (development providers, or a stack) and module outputs to commit.
 - ``hostile``: the hostile-input corpus (names, paths, encodings, links, JSON shapes) and its answers.
 - ``outputs``: malformed event files with the message each must produce.
+- ``blocking``: a synchronous face of an asynchronous provider (the document store) for plain tests.
 """

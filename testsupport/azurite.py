@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from sidecar.config import AzureBlobConfig
+from sidecar.providers.azureblob.config import AzureBlobConfig
 from testsupport.identity import TlsFiles
 from testsupport.processes import ROOT, dev_args, dies_with_parent, free_port, stop_process_group, wait_http
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pymongo
 
-from sidecar.config import MongoConfig
+from sidecar.providers.mongo.config import MongoConfig
 from testsupport.processes import dies_with_parent, free_port
 
 class NxServer:

@@ -200,7 +200,7 @@ class MongoDocuments(Provider):
         return subject.refusing.refused > 0  # type: ignore[attr-defined]
 
     def copies(self, subject: Subject, kind: str, doc_id: str) -> int:
-        from sidecar.dataplane.mongo import INSIGHTS_SUFFIX
+        from sidecar.providers.mongo.store import INSIGHTS_SUFFIX
 
         collection = next(f.split("=", 1)[1] for f in subject.flags if f.startswith("--mongodbdocprovider.collection="))
         name = collection + (INSIGHTS_SUFFIX if kind == "insight" else "")
@@ -258,7 +258,7 @@ class ServiceBusEvents(Provider):
         self.name = "servicebus-per-type" if per_type else "servicebus-topic"
 
     def open(self, peer: AmqpPeer, tmp_path: Path) -> EventSubject:
-        from sidecar.dataplane.servicebus import PER_EVENT_TYPE
+        from sidecar.providers.servicebus.publisher import PER_EVENT_TYPE
 
         topic = PER_EVENT_TYPE if self.per_type else unique("events")
 

@@ -63,9 +63,9 @@ from azure.storage.blob import (
 )
 from azure.storage.blob.aio import BlobClient, BlobServiceClient, StorageStreamDownloader
 
-from sidecar.config import AzureBlobConfig, CredentialKind
 from sidecar.dataplane.blobs import STORE, BlobInfo, BlobStore, BlobVerificationError
-from sidecar.dataplane.credentials import USER_DELEGATION_MAX_SECONDS, ProviderCredential, token_credential
+from sidecar.dataplane.credentials import USER_DELEGATION_MAX_SECONDS, CredentialKind, ProviderCredential, token_credential
+from sidecar.providers.azureblob.config import AzureBlobConfig
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
 
 T = TypeVar("T")
@@ -142,6 +142,9 @@ class AzureBlobStore(BlobStore):
         self._client = fs.service_client.get_container_client(container)
         self._container_ready = False
         self._container_lock = asyncio.Lock()
+
+    def describe(self) -> str:
+        return f"Azure Blob Storage, container '{self.container}'"
 
     def blob_url(self, key: str) -> str:
         """The URL of blob ``key`` (no credentials in it), quoted as the SDK's ``BlobClient.url`` is;
@@ -504,6 +507,7 @@ def azure_blob_store(cfg: AzureBlobConfig) -> AzureBlobStore:
         signer = None if cfg.sasexpiryseconds <= 0 else UserDelegationSigner(
             fs.service_client, cfg.containername, lambda key: store.blob_url(key), cfg.sasexpiryseconds)
     store = AzureBlobStore(fs, cfg.containername, chunk, signer, token, cfg.inflightbytes)
+    store.sas_seconds = cfg.sasexpiryseconds
     _return_large_buffers_to_the_os()
     return store
 

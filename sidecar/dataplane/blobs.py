@@ -53,10 +53,17 @@ class BlobStore:
         signer: optional ``(key, seconds) -> url`` giving a read-only URL for a blob.
     """
 
+    # Lifetime of the URLs :meth:`url` makes, seconds (the provider's setting; 0: none).
+    sas_seconds: int = 0
+
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, signer: Any = None):
         self.fs: AsyncFileSystem = fs if fs.async_impl else AsyncFileSystemWrapper(fs)
         self.root = root.rstrip("/")
         self._signer = signer
+
+    def describe(self) -> str:
+        """Where blobs are kept, for people reading the run history (no secret)."""
+        return f"files under {self.root}"
 
     def path(self, key: str) -> str:
         """The file system path of blob ``key``, confined below ``root``.
@@ -142,11 +149,12 @@ class BlobStore:
             return None
         return BlobInfo(key, int(raw["size"]), _md5_of(raw))
 
-    def url(self, key: str, seconds: int) -> str | None:
-        """A read-only URL to blob ``key`` valid ``seconds`` seconds, or None where none can be made."""
-        if self._signer is None or seconds <= 0:
+    def url(self, key: str) -> str | None:
+        """A read-only URL to blob ``key`` valid for the provider's SAS lifetime (``sas_seconds``), or
+        None where none can be made (no signer, or a lifetime of 0)."""
+        if self._signer is None or self.sas_seconds <= 0:
             return None
-        return self._signer(key, seconds)
+        return self._signer(key, self.sas_seconds)
 
     async def close(self) -> None:
         """Release connections (a no-op for local files)."""

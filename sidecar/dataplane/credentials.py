@@ -1,7 +1,8 @@
 """Microsoft Entra ID token credentials of the Azure providers (blob storage and Service Bus).
 
-``--azureblobprovider.credential`` and ``--servicebuseventprovider.credential`` choose how a provider
-signs in (:class:`~sidecar.config.CredentialKind`):
+Shared by the Azure providers (``sidecar.providers.azureblob`` and ``sidecar.providers.servicebus``), as
+Dapr's components share one Azure auth chain. ``--azureblobprovider.credential`` and
+``--servicebuseventprovider.credential`` choose how a provider signs in (:class:`CredentialKind`):
 
 - ``key``: the account key, SAS rule key or connection string (the emulators' way; the default);
 - ``default``: ``azure-identity``'s ``DefaultAzureCredential`` chain (environment, workload identity,
@@ -23,13 +24,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from enum import Enum
 from typing import Any
 
 from azure.core.credentials import AccessToken
 from azure.core.credentials_async import AsyncTokenCredential
 
-from sidecar.config import CredentialKind
-from sidecar.errors import DataPlaneUnavailable
+from sidecar.errors import DataPlaneUnavailable, SettingsError
+
+
+class CredentialKind(str, Enum):
+    """How an Azure provider signs in: its key or connection string, or a Microsoft Entra ID token
+    credential from azure-identity."""
+
+    key = "key"
+    default = "default"
+    managedidentity = "managedidentity"
+    workloadidentity = "workloadidentity"
+
 
 # A user-delegation key, and so a SAS signed with it, lasts at most 7 days (Get User Delegation Key).
 USER_DELEGATION_MAX_SECONDS = 7 * 24 * 3600
@@ -60,6 +72,23 @@ def settings_problem(provider: str, kind: CredentialKind, clientid: str,
             return (f"--{provider}.credential=workloadidentity needs {', '.join(missing)} in the environment "
                     f"(set by AKS workload identity; --{provider}.clientid may replace AZURE_CLIENT_ID)")
     return None
+
+
+def check_token_settings(provider: str, kind: CredentialKind, clientid: str, keys: dict[str, str],
+                         environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse a token credential ``kind`` of ``provider`` combined with key settings (``keys``: the
+    provider's key settings by field name, e.g. ``{"key": cfg.key}``), or missing its environment.
+
+    Raises:
+        SettingsError: naming the flag (never a value).
+    """
+    given = [name for name, value in keys.items() if value]
+    if given:
+        raise SettingsError(f"--{provider}.credential={kind.value} signs in with Microsoft Entra ID: drop "
+                            f"--{provider}.{given[0]} (or use --{provider}.credential=key)")
+    problem = settings_problem(provider, kind, clientid, environ)
+    if problem:
+        raise SettingsError(problem)
 
 
 def token_credential(kind: CredentialKind, clientid: str, store: str) -> ProviderCredential:

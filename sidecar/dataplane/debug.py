@@ -10,11 +10,11 @@ event meta, so a module author can see exactly what would have been committed.
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.parse import quote
 
 from pydantic import BaseModel
 
 from sidecar.layout import write_json_atomic
+from sidecar.paths import id_segment
 
 
 class DebugDumps:
@@ -30,7 +30,7 @@ class DebugDumps:
 
     @staticmethod
     def for_event(devdir: Path, event_id: str) -> "DebugDumps":
-        return DebugDumps(devdir / "dumps" / quote(event_id, safe=""))
+        return DebugDumps(devdir / "dumps" / id_segment(event_id))
 
 
 class NoDumps(DebugDumps):

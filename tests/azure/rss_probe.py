@@ -20,7 +20,8 @@ from pathlib import Path
 
 import psutil
 
-from sidecar.config import AzureBlobConfig, TransferConfig
+from sidecar.config import TransferConfig
+from sidecar.providers.azureblob.config import AzureBlobConfig
 from sidecar.dataplane.azure import azure_blob_store
 from sidecar.dataplane.blobs import gather_bounded
 

@@ -192,10 +192,10 @@ async def test_proxy_from_the_environment_is_used(scripted, azurite: Azurite, sm
 
 async def test_sas_url_has_the_asked_lifetime_and_quoting(azurite: Azurite, small_file: Path) -> None:
     key = "e/m/a file ü+#%.txt"  # characters that must be quoted in the URL and signed unquoted
-    store = azure_blob_store(azure_config(azurite))
+    store = azure_blob_store(azure_config(azurite, sasexpiryseconds=600))
     try:
         await store.upload(small_file, key)
-        url = store.url(key, 600)
+        url = store.url(key)
         assert url is not None and url.split("?")[0] == store._client.get_blob_client(key).url
     finally:
         await store.close()
@@ -210,7 +210,7 @@ async def test_sas_url_has_the_asked_lifetime_and_quoting(azurite: Azurite, smal
 def test_no_sas_url_without_an_account_key(azurite: Azurite) -> None:
     sas_only = f"BlobEndpoint={azurite.endpoint};SharedAccessSignature=sv=2023-01-03&sig=x"
     store = azure_blob_store(azure_config(azurite, connectionstring=sas_only))
-    assert store.url("e/m/f.txt", 600) is None
+    assert store.url("e/m/f.txt") is None
 
 
 @pytest.mark.parametrize("setting, value", [("connectionstring", "not-a-connection-string"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from azure.storage.blob.aio import BlobServiceClient
 
-from sidecar.dataplane.documents import JsonFileDocumentStore
+from sidecar.providers.jsonfiles import JsonFileDocumentStore
 from sidecar.models import BlobFile, EventMeta
 from testsupport.azurite import ACCOUNT, Azurite, sidecar_args
 from testsupport.processes import SidecarProcess, free_port, run_module
@@ -33,7 +33,7 @@ def test_parent_then_child_chain_through_azurite(azurite: Azurite, tmp_path: Pat
     assert not (tmp_path / ".dev" / "blobs").exists(), "no blob went to the development store"
 
     documents = JsonFileDocumentStore(tmp_path / ".dev" / "documents")
-    metas = [documents.get_event_meta(e["eventId"]) for e in done["events"]]
+    metas = [asyncio.run(documents.get_event_meta(e["eventId"])) for e in done["events"]]
     meta = next(m for m in metas if m and m.files[0].path == "found/file2.txt")
     parent_file = tmp_path / "ion" / "out" / "data" / "found" / "file2.txt"
     recorded = meta.files[0]
@@ -72,9 +72,9 @@ def test_blob_failures_answer_5xx_naming_the_blob(azurite: Azurite, tmp_path: Pa
     # The child's event meta, as a parent would have recorded it, pointing into a missing container.
     (tmp_path / "nocontainer").mkdir()
     documents = JsonFileDocumentStore(tmp_path / "nocontainer" / ".dev" / "documents")
-    documents.upsert_event_metas([EventMeta(
+    asyncio.run(documents.upsert_event_metas([EventMeta(
         id="evt-child", eventId="evt-child", correlationId="corr-child", parentEventId="evt-p", eventType="t",
-        producer="p", files=[BlobFile(path="a/b.txt", key="evt-p/p/a/b.txt", size=1)])])
+        producer="p", files=[BlobFile(path="a/b.txt", key="evt-p/p/a/b.txt", size=1)])]))
     sidecars = {}
     for name, args in setups.items():
         (tmp_path / name).mkdir(exist_ok=True)

@@ -10,6 +10,8 @@ and checks the SAS signature when the child downloads through the URL.
 
 from __future__ import annotations
 
+import asyncio
+
 import os
 import ssl
 import uuid
@@ -22,7 +24,8 @@ import httpx
 import pytest
 
 from sidecar.cli import UsageError, compose_config
-from sidecar.config import AzureBlobConfig, CredentialKind
+from sidecar.dataplane.credentials import CredentialKind
+from sidecar.providers.azureblob.config import AzureBlobConfig
 from sidecar.dataplane.azure import UserDelegationSigner, azure_blob_store
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
 from testsupport.azurite import Azurite, run_azurite
@@ -82,7 +85,7 @@ async def test_upload_download_and_a_user_delegation_sas_a_child_reads(
             copy = tmp_path / "in" / source.name
             await store.download(info.key, copy, info)
             assert copy.read_bytes() == source.read_bytes()
-        urls = [store.url(info.key, SAS_SECONDS) for info in infos]
+        urls = [store.url(info.key) for info in infos]
     finally:
         await store.close()
     # The token came from the managed identity endpoint, for storage, for the configured identity.
@@ -117,10 +120,10 @@ async def test_the_delegation_key_is_fetched_again_near_its_expiry(
         ages = datetime.now(timezone.utc) + timedelta(seconds=SAS_SECONDS)
         first.signed_expiry = ages.strftime("%Y-%m-%dT%H:%M:%SZ")
         with pytest.raises(DataPlaneUnavailable):
-            store.url("e/m/a.txt", SAS_SECONDS)  # never signs past its key's expiry
+            store.url("e/m/a.txt")  # never signs past its key's expiry
         await store.upload(source, "e/m/b.txt")
         assert signer.key is not first
-        assert store.url("e/m/b.txt", SAS_SECONDS)
+        assert store.url("e/m/b.txt")
     finally:
         await store.close()
     assert delegation_key_requests(oauth_azurite) - fetched_before == 2
@@ -201,7 +204,7 @@ def test_done_through_a_sidecar_records_user_delegation_sas_urls(
         oauth_azurite: Azurite, identity: IdentityEndpoint, tls: TlsFiles, tmp_path: Path) -> None:
     """A real sidecar process signing in with the managed identity: /done uploads, and the child event
     meta's URL is a user-delegation SAS a child downloads through; no token or identity secret is logged."""
-    from sidecar.dataplane.documents import JsonFileDocumentStore
+    from sidecar.providers.jsonfiles import JsonFileDocumentStore
     from testsupport.processes import SidecarProcess, dev_args
     from testsupport.processes import run_module
 
@@ -213,7 +216,7 @@ def test_done_through_a_sidecar_records_user_delegation_sas_urls(
         done = run_module(sidecar, EVENT_LABEL="root", FILES="1")[-1]["done"]
         output = sidecar.output()
     assert done["files"] == 1 and len(done["events"]) == 1, output
-    meta = JsonFileDocumentStore(tmp_path / ".dev" / "documents").get_event_meta(done["events"][0]["eventId"])
+    meta = asyncio.run(JsonFileDocumentStore(tmp_path / ".dev" / "documents").get_event_meta(done["events"][0]["eventId"]))
     [recorded] = meta.files
     query = parse_qs(urlparse(recorded.url).query)
     assert query["skoid"] == [identity.object_id], recorded.url

@@ -78,7 +78,7 @@ async def test_a_working_round_trip_logs_no_secret(blob_subject: Subject, tmp_pa
         (tmp_path / "f").write_bytes(b"x" * 100_000)
         info = await dataplane.blobs.upload(tmp_path / "f", "evt/mod/f")
         await dataplane.blobs.download("evt/mod/f", tmp_path / "in" / "f", info)
-        url = dataplane.blobs.url("evt/mod/f", 60)
+        url = dataplane.blobs.url("evt/mod/f")
     finally:
         await dataplane.close()
     for secret in blob_subject.secrets:

@@ -11,6 +11,8 @@ case runs on fresh ``out/`` files (or a fresh event meta) in the same process.
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import os
 import shutil
@@ -127,7 +129,7 @@ def test_ready_confines_every_path_and_key_of_an_event_meta(plane: Plane) -> Non
                              eventType="file_discovered", producer="someone",
                              files=[BlobFile(path=p, key=k, size=5) for p, k in case.files],
                              data=[{"key": "k", "value": "v"}])
-            runtime.dataplane.documents.upsert_event_metas([meta])
+            asyncio.run(runtime.dataplane.documents.upsert_event_metas([meta]))
             files_before = files_under(plane.root)
             answer = client.get("/ready", headers=H)
             body = answer.json()

@@ -12,16 +12,19 @@ from typing import Callable
 
 import pytest
 
-from sidecar.dataplane.documents import DocumentStore, JsonFileDocumentStore
-from sidecar.dataplane.mongo import INSIGHTS_SUFFIX, MongoDocumentStore
+from sidecar.dataplane.documents import DocumentStore
+from sidecar.providers.jsonfiles import JsonFileDocumentStore
+from sidecar.providers.mongo.store import INSIGHTS_SUFFIX, MongoDocumentStore
 from sidecar.models import BlobFile, EventMeta, Insight, KeyValuePair
+from testsupport.blocking import Blocking
 from testsupport.mongo import collection_name
 
 
 @dataclass
 class Backend:
     """One provider under test: ``make()`` opens another store on the same storage (another sidecar),
-    ``copies(kind, id)`` counts the stored documents whose ``id`` is ``id`` (kind: eventmeta/insight)."""
+    (each as :class:`~testsupport.blocking.Blocking`), ``copies(kind, id)`` counts the stored documents
+    whose ``id`` is ``id`` (kind: eventmeta/insight)."""
 
     make: Callable[[], DocumentStore]
     copies: Callable[[str, str], int]
@@ -31,7 +34,7 @@ def _json_backend(root: Path) -> Backend:
     def copies(kind: str, doc_id: str) -> int:
         return sum(json.loads(p.read_text())["id"] == doc_id for p in (root / kind).glob("*.json"))
 
-    return Backend(lambda: JsonFileDocumentStore(root), copies)
+    return Backend(lambda: Blocking(JsonFileDocumentStore(root)), copies)
 
 
 def _mongo_backend(server) -> Backend:
@@ -42,7 +45,7 @@ def _mongo_backend(server) -> Backend:
         with server.client() as client:
             return len(list(client["ion"][names[kind]].find({"id": doc_id})))
 
-    return Backend(lambda: MongoDocumentStore(cfg), copies)
+    return Backend(lambda: Blocking(MongoDocumentStore(cfg)), copies)
 
 
 @pytest.fixture(params=["json", "mongo"])

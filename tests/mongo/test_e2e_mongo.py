@@ -11,7 +11,7 @@ from pathlib import Path
 from flows.runtime import child_event_id
 from ion_sidecar_client import SidecarClient
 from sidecar.config import ContextConfig, SidecarConfig
-from sidecar.dataplane.mongo import INSIGHTS_SUFFIX
+from sidecar.providers.mongo.store import INSIGHTS_SUFFIX
 from testsupport.mongo import NxServer, collection_name
 from testsupport.processes import SidecarProcess, dev_args, run_child_of_file2, run_module
 

@@ -4,17 +4,17 @@ retries, lazy start), the shape of its documents, and how failures map to 503/50
 from __future__ import annotations
 
 import time
-from contextlib import closing
 
 import pytest
 from pymongo.errors import BulkWriteError, OperationFailure
 from pymongo.uri_parser import parse_uri
 
-from sidecar.config import MongoConfig
-from sidecar.dataplane.mongo import MongoDocumentStore, client_options, cosmos_uri, retryable
+from sidecar.providers.mongo.config import MongoConfig
+from sidecar.providers.mongo.store import MongoDocumentStore, client_options, cosmos_uri, retryable
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
 from sidecar.models import BlobFile, EventMeta, Insight, KeyValuePair
 from testsupport.mongo import collection_name
+from testsupport.blocking import Blocking
 from testsupport.processes import free_port
 
 PASSWORD = "p@ss:w/rd?%+ &=#ü=="
@@ -38,8 +38,8 @@ def test_cosmos_uri_as_the_original_connected() -> None:
 def test_client_options_timeouts_in_seconds_and_no_pymongo_retries(uri: str) -> None:
     cfg = MongoConfig(enabled=True, name="acct", password=PASSWORD, uri=uri, serverselectiontimeoutseconds=1.5,
                       connecttimeoutseconds=2.5, sockettimeoutseconds=3.5)
-    store = MongoDocumentStore(cfg)  # no server anywhere: opening does no network I/O
-    metas, insights = store.open()
+    store = Blocking(MongoDocumentStore(cfg))  # no server anywhere: opening does no network I/O
+    metas, insights = store.call(store.inner.open)
     options = metas.database.client.options
     try:
         assert metas.database.name == ("mine" if uri else "acct")
@@ -57,7 +57,7 @@ def test_unreachable_server_is_unavailable_not_none() -> None:
     # Nothing listens on the port; the store starts anyway and each call answers a 503-class error.
     cfg = MongoConfig(enabled=True, uri=f"mongodb://127.0.0.1:{free_port()}/?directConnection=true",
                       collection="c", serverselectiontimeoutseconds=0.3)
-    store = MongoDocumentStore(cfg)
+    store = Blocking(MongoDocumentStore(cfg))
     try:
         started = time.perf_counter()
         with pytest.raises(DataPlaneUnavailable) as raised:
@@ -74,7 +74,7 @@ def test_unreachable_server_is_unavailable_not_none() -> None:
 
 def test_documents_keyed_by_id_with_camelcase_fields(mongo_server) -> None:
     cfg = mongo_server.config(collection_name("shape"))
-    store = MongoDocumentStore(cfg)
+    store = Blocking(MongoDocumentStore(cfg))
     meta = EventMeta(id="child-1", eventId="child-1", correlationId="corr", parentEventId="parent",
                      eventType="file_discovered", producer="mod",
                      files=[BlobFile(path="a/b.txt", key="parent/mod/a/b.txt", size=3)],
@@ -97,7 +97,7 @@ def test_invalid_stored_document_raises_not_none(mongo_server) -> None:
     cfg = mongo_server.config(collection_name("bad"))
     with mongo_server.client() as client:
         client["ion"][cfg.collection].insert_one({"_id": "evt-broken", "id": "evt-broken", "eventId": 7})
-    with closing(MongoDocumentStore(cfg)) as store, pytest.raises(DataPlaneError) as raised:
+    with Blocking(MongoDocumentStore(cfg)) as store, pytest.raises(DataPlaneError) as raised:
         store.get_event_meta("evt-broken")
     assert raised.value.status_code == 502 and "event meta 'evt-broken'" in raised.value.message
     assert "not a valid record" in raised.value.message
@@ -105,7 +105,7 @@ def test_invalid_stored_document_raises_not_none(mongo_server) -> None:
 
 def test_refused_request_is_permanent(mongo_server) -> None:
     cfg = mongo_server.config("bad$name")  # MongoDB forbids '$' in collection names
-    with closing(MongoDocumentStore(cfg)) as store, pytest.raises(DataPlaneError, match="event meta 'evt-1'") as raised:
+    with Blocking(MongoDocumentStore(cfg)) as store, pytest.raises(DataPlaneError, match="event meta 'evt-1'") as raised:
         store.get_event_meta("evt-1")
     assert raised.value.status_code == 502
 

@@ -63,9 +63,9 @@ def test_failed_download_cancels_every_sibling_before_ready_answers(tmp_path: Pa
             local.write_bytes(b"y" * 1000)
             asyncio.run(blobs.upload(local, key))
         listed.append(BlobFile(path=f"sub/f{i}.bin", key=key, size=1000))
-    runtime.dataplane.documents.upsert_event_metas([EventMeta(
+    asyncio.run(runtime.dataplane.documents.upsert_event_metas([EventMeta(
         id="evt-api", eventId="evt-api", correlationId="corr-api", parentEventId="parent", eventType="found",
-        producer="parent", files=listed)])
+        producer="parent", files=listed)]))
     original = blobs._get
 
     async def slow_get(key: str, local: Path):

@@ -71,9 +71,9 @@ def test_a_full_volume_on_ready_is_507_naming_the_path_not_the_blob_store(tmp_pa
     source = tmp_path / "src.bin"
     source.write_bytes(b"a" * 100)
     asyncio.run(blobs.upload(source, "parent/mod/a.bin"))
-    runtime.dataplane.documents.upsert_event_metas([EventMeta(
+    asyncio.run(runtime.dataplane.documents.upsert_event_metas([EventMeta(
         id="evt-api", eventId="evt-api", correlationId="corr-api", parentEventId="parent", eventType="found",
-        producer="parent", files=[BlobFile(path="sub/a.bin", key="parent/mod/a.bin", size=100)])])
+        producer="parent", files=[BlobFile(path="sub/a.bin", key="parent/mod/a.bin", size=100)])]))
     attempts = []
 
     async def full_disk(key: str, local: Path):

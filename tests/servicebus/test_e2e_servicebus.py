@@ -5,11 +5,13 @@ dispatcher would start it."""
 
 from __future__ import annotations
 
+import asyncio
+
 import time
 from pathlib import Path
 
 from ion_sidecar_client import SidecarClient
-from sidecar.dataplane.documents import JsonFileDocumentStore
+from sidecar.providers.jsonfiles import JsonFileDocumentStore
 from testsupport.amqp_peer import AmqpPeer
 from testsupport.processes import SECRET, SidecarProcess, dev_args, run_child_of_file2, run_module
 from testsupport.servicebus import SilentListener, receive_all_sync, unique
@@ -49,7 +51,7 @@ def test_parent_then_child_chain_through_a_service_bus_topic(tmp_path: Path, amq
     # The dispatcher starts the child from the message: its event id comes from the message body.
     documents = JsonFileDocumentStore(tmp_path / ".dev" / "documents")
     message = next(m for m in received
-                   if documents.get_event_meta(m.event.context.eventId).files[0].path == "found/file2.txt")
+                   if asyncio.run(documents.get_event_meta(m.event.context.eventId)).files[0].path == "found/file2.txt")
     event = message.event
     child_args = bus_args(event.context.eventId, event.context.correlationId, "child", cs,
                           parent=event.context.parentEventId, extra=(f"--servicebuseventprovider.topic={topic}",))

@@ -14,8 +14,9 @@ from typing import Iterator
 import pytest
 
 from sidecar.cli import UsageError, compose_config
-from sidecar.config import CredentialKind, ServiceBusConfig
-from sidecar.dataplane.servicebus import ServiceBusEventPublisher
+from sidecar.dataplane.credentials import CredentialKind
+from sidecar.providers.servicebus.config import ServiceBusConfig
+from sidecar.providers.servicebus.publisher import ServiceBusEventPublisher
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
 from testsupport.amqp_peer import AmqpPeer
 from testsupport.identity import SERVICE_BUS_AUDIENCE, IdentityEndpoint

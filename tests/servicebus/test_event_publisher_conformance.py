@@ -18,9 +18,10 @@ from urllib.parse import unquote
 
 import pytest
 
-from sidecar.config import ServiceBusConfig
-from sidecar.dataplane.events import EventPublisher, FileEventPublisher
-from sidecar.dataplane.servicebus import PER_EVENT_TYPE, ServiceBusEventPublisher
+from sidecar.providers.servicebus.config import ServiceBusConfig
+from sidecar.dataplane.events import EventPublisher
+from sidecar.providers.eventfiles import FileEventPublisher
+from sidecar.providers.servicebus.publisher import PER_EVENT_TYPE, ServiceBusEventPublisher
 from sidecar.models import Event, EventContext, KeyValuePair
 from testsupport.amqp_peer import AmqpPeer
 from testsupport.servicebus import Received, receive_all, unique

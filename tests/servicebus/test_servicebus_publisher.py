@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from sidecar.config import ServiceBusConfig
-from sidecar.dataplane.servicebus import PER_EVENT_TYPE, ServiceBusEventPublisher, connection_string, topic_of
+from sidecar.providers.servicebus.config import ServiceBusConfig
+from sidecar.providers.servicebus.publisher import PER_EVENT_TYPE, ServiceBusEventPublisher, connection_string, topic_of
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
 from sidecar.models import Event
 from testsupport.amqp_peer import AmqpPeer, emulator_connection_string

@@ -41,11 +41,12 @@ from azure.servicebus.exceptions import (
     ServiceBusError,
 )
 
-from sidecar.config import CredentialKind, ServiceBusConfig
-from sidecar.dataplane.credentials import ProviderCredential, token_credential
-from sidecar.dataplane.events import STORE, OnPublished
-from sidecar.errors import DataPlaneError, DataPlaneTimeout, DataPlaneUnavailable
+from sidecar.dataplane.credentials import CredentialKind, ProviderCredential, token_credential
+from sidecar.dataplane.errors import first_line, permanent, transient
+from sidecar.dataplane.events import STORE, Deadline, OnPublished
+from sidecar.errors import DataPlaneTimeout, DataPlaneUnavailable
 from sidecar.models import Event
+from sidecar.providers.servicebus.config import ServiceBusConfig
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,14 @@ class ServiceBusEventPublisher:
 
     def __init__(self, cfg: ServiceBusConfig):
         self.cfg = cfg
+        # The done flow bounds its whole publish step, task retries included, by the same deadline.
+        self.deadline = Deadline(cfg.publishtimeoutseconds, "servicebuseventprovider.publishtimeoutseconds")
         self._client: ServiceBusClient | None = None
         self._senders: dict[str, ServiceBusSender] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    def describe(self) -> str:
+        return f"Azure Service Bus, topic '{self.cfg.topic or PER_EVENT_TYPE}'"
 
     def destination(self, event: Event) -> str:
         return f"topic '{topic_of(self.cfg, event)}'"
@@ -176,7 +182,7 @@ class ServiceBusEventPublisher:
         if exc is not None:
             # A failed send can leave a broken link behind: the next attempt starts afresh.
             await self._discard()
-            error = _translate(exc, current[0])
+            error = translate(exc, f"topic '{current[0]}'") if isinstance(exc, Exception) else exc
             if error is exc:
                 raise exc
             raise error from exc
@@ -256,23 +262,18 @@ class ServiceBusEventPublisher:
         await self._discard()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _translate(exc: BaseException, topic: str) -> BaseException:
-    """The sidecar error for SDK error ``exc`` while publishing to ``topic`` (or ``exc`` itself)."""
+def translate(exc: Exception, where: str) -> BaseException:
+    """The event bus's error for azure-servicebus's ``exc`` while publishing ``where`` (``topic 'x'``),
+    in the shape of ``sidecar.dataplane.errors``, or ``exc`` itself when it is no service error."""
     inner = getattr(exc, "inner_exception", None)
     if isinstance(inner, DataPlaneUnavailable):
         # The token credential could not get a token (credentials.ProviderCredential); the SDK wrapped it.
         return inner
     if isinstance(exc, PERMANENT):
-        return DataPlaneError(STORE, f"topic '{topic}': {type(exc).__name__}: {_first_line(exc)}")
+        return permanent(STORE, where, exc)
     if isinstance(exc, ServiceBusError):
-        return DataPlaneUnavailable(STORE, f"topic '{topic}': {type(exc).__name__}: {_first_line(exc)}")
+        return transient(STORE, where, exc)
     if isinstance(exc, ValueError):
         # The SDK parses the connection string lazily; its message does not echo the string.
-        return DataPlaneError(STORE, f"topic '{topic}': invalid settings: {_first_line(exc)}")
+        return permanent(STORE, where, text=f"{where}: invalid settings: {first_line(exc)}")
     return exc
-

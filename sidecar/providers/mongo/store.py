@@ -1,4 +1,5 @@
-"""MongoDB DocumentStore on pymongo: self-hosted MongoDB, or Cosmos DB's API for MongoDB.
+"""MongoDB DocumentStore on pymongo's asyncio client (``AsyncMongoClient``): self-hosted MongoDB, or
+Cosmos DB's API for MongoDB.
 
 Records (``DESIGN.md``: Data plane records): each document is the model's JSON (camelCase fields
 ``id``, ``eventId``, ``correlationId``, ``parentEventId``, ``files``, ``data``, ... kept from the
@@ -20,20 +21,21 @@ task retries it, HTTP 503) or :class:`DataPlaneError` (permanent, HTTP 502).
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Callable, TypeVar
+import asyncio
+from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import quote_plus
 
 from bson.errors import BSONError
 from pydantic import ValidationError
-from pymongo import MongoClient, ReplaceOne
-from pymongo.collection import Collection
+from pymongo import AsyncMongoClient, ReplaceOne
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, ConfigurationError, ConnectionFailure, OperationFailure, PyMongoError
 
-from sidecar.config import MongoConfig
 from sidecar.dataplane.documents import STORE
-from sidecar.errors import DataPlaneError, DataPlaneUnavailable
+from sidecar.dataplane.errors import first_line, permanent, transient, translated
+from sidecar.errors import DataPlaneError
 from sidecar.models import EventMeta, Insight
+from sidecar.providers.mongo.config import MongoConfig
 
 T = TypeVar("T")
 
@@ -71,11 +73,10 @@ def cosmos_uri(cfg: MongoConfig) -> str:
 
 
 def client_options(cfg: MongoConfig) -> dict[str, Any]:
-    """Keyword arguments for :class:`pymongo.MongoClient` (they win over the same options in a URI).
+    """Keyword arguments for :class:`pymongo.AsyncMongoClient` (they win over the same options in a URI).
 
     Timeouts come from ``cfg`` in seconds and go to pymongo in milliseconds; pymongo's own retries are
-    off; ``connect=False`` defers every network operation to the first request, so start-up never
-    needs the server.
+    off. ``AsyncMongoClient`` connects on the first request only, so start-up never needs the server.
     """
     return {
         "serverSelectionTimeoutMS": int(cfg.serverselectiontimeoutseconds * 1000),
@@ -83,7 +84,6 @@ def client_options(cfg: MongoConfig) -> dict[str, Any]:
         "socketTimeoutMS": int(cfg.sockettimeoutseconds * 1000),
         "retryWrites": False,
         "retryReads": False,
-        "connect": False,
     }
 
 
@@ -108,6 +108,24 @@ def _names(ids: list[str], limit: int = 3) -> str:
     return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
+def translate(exc: Exception, what: str) -> BaseException:
+    """The document store's error for pymongo's ``exc`` while doing ``what`` (``sidecar.dataplane.errors``).
+
+    pymongo's text names hosts, codes and server messages, never the credentials; the topology
+    description a selection timeout appends only repeats the error per host. A ``ConfigurationError``
+    may quote parts of the URI (credentials), so only the setting is named.
+    """
+    if isinstance(exc, ConfigurationError):
+        return permanent(STORE, what, text=f"{what}: {type(exc).__name__}: check --mongodbdocprovider.uri "
+                                           "or .name/.password/.host/.port")
+    if isinstance(exc, PyMongoError):
+        text = f"{what}: {type(exc).__name__}: {first_line(str(exc).split(', Topology Description:')[0])}"
+        return transient(STORE, what, text=text) if retryable(exc) else permanent(STORE, what, text=text)
+    if isinstance(exc, BSONError):
+        return permanent(STORE, what, exc)
+    return exc
+
+
 class MongoDocumentStore:
     """DocumentStore on MongoDB or Cosmos DB's API for MongoDB (see the module docstring).
 
@@ -116,60 +134,50 @@ class MongoDocumentStore:
             ``cfg.name``, or ``"ion"``); without it, :func:`cosmos_uri`. Either way the timeouts and
             retry settings of :func:`client_options` apply.
 
-    The client is created on first use (no network I/O at start-up) and shared by all threads:
-    pymongo's ``MongoClient`` is thread-safe and pools connections. Methods are synchronous; the
-    flows call them through ``asyncio.to_thread``.
+    The client is created on first use (no network I/O at start-up), one per event loop: pymongo's
+    asyncio client and its pooled connections belong to the loop that created them.
 
-    Errors: connection failures, timeouts and the transient server codes in ``TRANSIENT_CODES`` raise
-    ``DataPlaneUnavailable("document store", ...)``; any other failure (authentication, bad collection
-    name, a stored document that is not a valid record) raises ``DataPlaneError("document store",
-    ...)``. Messages name the collection and the document ids, never the URI or password.
+    Errors (:func:`translate`): connection failures, timeouts and the transient server codes in
+    ``TRANSIENT_CODES`` raise ``DataPlaneUnavailable("document store", ...)``; any other failure
+    (authentication, bad collection name, a stored document that is not a valid record) raises
+    ``DataPlaneError("document store", ...)``. Messages name the collection and the document ids,
+    never the URI or password.
     """
 
     def __init__(self, cfg: MongoConfig):
         self.cfg = cfg
-        self._client: MongoClient | None = None
-        self._collections: tuple[Collection, Collection] | None = None
-        self._lock = threading.Lock()
+        self._client: AsyncMongoClient | None = None
+        self._collections: tuple[AsyncCollection, AsyncCollection] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def open(self) -> tuple[Collection, Collection]:
+    def describe(self) -> str:
+        return f"MongoDB, collection '{self.cfg.collection}'"
+
+    def open(self) -> tuple[AsyncCollection, AsyncCollection]:
         """The (event metas, insights) collections; creates the client on first use, without I/O.
 
         Raises:
             pymongo.errors.ConfigurationError: a malformed URI or option.
             pymongo.errors.InvalidName: a collection name MongoDB refuses.
         """
-        with self._lock:
-            if self._collections is None:
-                client: MongoClient = MongoClient(self.cfg.uri or cosmos_uri(self.cfg), **client_options(self.cfg))
-                try:
-                    database = client.get_default_database(default=self.cfg.name or DEFAULT_DATABASE)
-                    self._collections = (database[self.cfg.collection], database[self.cfg.collection + INSIGHTS_SUFFIX])
-                except BaseException:
-                    client.close()
-                    raise
-                self._client = client
-            return self._collections
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # A client of another (finished) loop cannot be used or closed here: start afresh.
+            self._client = self._collections = None
+            self._loop = loop
+        if self._collections is None:
+            client: AsyncMongoClient = AsyncMongoClient(self.cfg.uri or cosmos_uri(self.cfg), **client_options(self.cfg))
+            database = client.get_default_database(default=self.cfg.name or DEFAULT_DATABASE)
+            self._collections = (database[self.cfg.collection], database[self.cfg.collection + INSIGHTS_SUFFIX])
+            self._client = client
+        return self._collections
 
-    def _call(self, what: str, operation: Callable[[tuple[Collection, Collection]], T]) -> T:
-        """Run ``operation`` on (metas, insights), mapping every pymongo error to a data-plane error."""
-        try:
-            return operation(self.open())
-        except ConfigurationError as exc:
-            # pymongo's text about a bad URI may quote parts of it (credentials): name the setting only.
-            raise DataPlaneError(STORE, f"{what}: {type(exc).__name__}: check --mongodbdocprovider.uri "
-                                        "or .name/.password/.host/.port") from exc
-        except PyMongoError as exc:
-            # pymongo's text names hosts, codes and server messages, never the credentials; the
-            # topology description a selection timeout appends only repeats the error per host.
-            detail = f"{what}: {type(exc).__name__}: {str(exc).split(', Topology Description:')[0]}"
-            if retryable(exc):
-                raise DataPlaneUnavailable(STORE, detail) from exc
-            raise DataPlaneError(STORE, detail) from exc
-        except BSONError as exc:
-            raise DataPlaneError(STORE, f"{what}: {type(exc).__name__}: {exc}") from exc
+    async def _call(self, what: str, operation: Callable[[tuple[AsyncCollection, AsyncCollection]], Awaitable[T]]) -> T:
+        """Await ``operation`` on (metas, insights), every pymongo error translated (:func:`translate`)."""
+        with translated(translate, what):
+            return await operation(self.open())
 
-    def get_event_meta(self, event_id: str) -> EventMeta | None:
+    async def get_event_meta(self, event_id: str) -> EventMeta | None:
         """The event meta stored under ``event_id`` (its ``_id``), or None when there is none.
 
         Raises:
@@ -177,13 +185,13 @@ class MongoDocumentStore:
             DataPlaneError: any other failure, including a stored document that is not an EventMeta.
         """
         where = f"event meta '{event_id}' in collection '{self.cfg.collection}'"
-        doc = self._call(f"reading {where}", lambda c: c[0].find_one({"_id": event_id}))
+        doc = await self._call(f"reading {where}", lambda c: c[0].find_one({"_id": event_id}))
         return self._parse(EventMeta, doc, where)
 
-    def get_insight(self, execution_id: str) -> Insight | None:
+    async def get_insight(self, execution_id: str) -> Insight | None:
         """The insight stored under ``execution_id``, or None; errors as :meth:`get_event_meta`."""
         where = f"insight '{execution_id}' in collection '{self.cfg.collection}{INSIGHTS_SUFFIX}'"
-        doc = self._call(f"reading {where}", lambda c: c[1].find_one({"_id": execution_id}))
+        doc = await self._call(f"reading {where}", lambda c: c[1].find_one({"_id": execution_id}))
         return self._parse(Insight, doc, where)
 
     @staticmethod
@@ -197,7 +205,7 @@ class MongoDocumentStore:
             raise DataPlaneError(STORE, f"{where} is not a valid record: {exc.error_count()} errors, "
                                         f"first: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc
 
-    def upsert_event_metas(self, metas: list[EventMeta]) -> None:
+    async def upsert_event_metas(self, metas: list[EventMeta]) -> None:
         """Replace-or-insert each meta under ``_id = meta.id`` in one unordered bulk write.
 
         Raises:
@@ -208,17 +216,16 @@ class MongoDocumentStore:
             return  # pymongo refuses an empty bulk write
         requests = [ReplaceOne({"_id": m.id}, {"_id": m.id, **m.model_dump(mode="json")}, upsert=True) for m in metas]
         what = f"upserting event metas {_names([m.id for m in metas])} into collection '{self.cfg.collection}'"
-        self._call(what, lambda c: c[0].bulk_write(requests, ordered=False))
+        await self._call(what, lambda c: c[0].bulk_write(requests, ordered=False))
 
-    def upsert_insight(self, insight: Insight) -> None:
+    async def upsert_insight(self, insight: Insight) -> None:
         """Replace-or-insert the insight under ``_id = insight.id`` (the execution id)."""
         doc = {"_id": insight.id, **insight.model_dump(mode="json")}
         what = f"upserting insight '{insight.id}' into collection '{self.cfg.collection}{INSIGHTS_SUFFIX}'"
-        self._call(what, lambda c: c[1].replace_one({"_id": insight.id}, doc, upsert=True))
+        await self._call(what, lambda c: c[1].replace_one({"_id": insight.id}, doc, upsert=True))
 
-    def close(self) -> None:
-        """Close the client's connections and monitors, if it was ever created."""
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-            self._client = self._collections = None
+    async def close(self) -> None:
+        """Close the client's connections and monitors, if this loop ever created it."""
+        client, self._client, self._collections = self._client, None, None
+        if client is not None and self._loop is asyncio.get_running_loop():
+            await client.close()

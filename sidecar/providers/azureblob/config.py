@@ -1,0 +1,94 @@
+"""``--azureblobprovider.*``: the settings of the Azure Blob store and their validation (Azure's naming
+rules for containers, connection strings, and which credential needs what).
+
+The ``#`` comment above each field is its help text in the flag reference (``sidecar.flags``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+from sidecar.dataplane.credentials import USER_DELEGATION_MAX_SECONDS, CredentialKind, check_token_settings
+from sidecar.errors import SettingsError
+
+# Azure's container names: 3-63 lowercase letters, digits and single hyphens, starting and ending with
+# a letter or digit ("Naming and Referencing Containers, Blobs, and Metadata").
+CONTAINER_NAME = re.compile(r"(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
+
+
+@dataclass
+class AzureBlobConfig:
+    """``--azureblobprovider``: Azure Blob Storage through adlfs. Off: blobs on disk under devdir."""
+
+    SECRETS: ClassVar[tuple[str, ...]] = ("blobaccountkey", "connectionstring")
+    REQUIRED: ClassVar[tuple[str, ...]] = ("containername",)
+
+    enabled: bool = False
+    # The storage account's name.
+    blobaccountname: str = ""
+    # The storage account's access key.
+    blobaccountkey: str = ""
+    # The blob container all blobs go to.
+    containername: str = ""
+    # Azurite or any non-default endpoint; when set it wins over name and key.
+    connectionstring: str = ""
+    # Lifetime of the read-only SAS URL recorded in a child's event meta, seconds (0: none).
+    sasexpiryseconds: int = 86400
+    # Block size of chunked uploads and range size of downloads, bytes.
+    chunkbytes: int = 4 * 1024 * 1024
+    # Most bytes of file data held in memory by all transfers at once (blocks and ranges in flight).
+    inflightbytes: int = 32 * 1024 * 1024
+    # Deadline to open a connection to the blob service, seconds.
+    connecttimeoutseconds: float = 10.0
+    # Deadline between two reads of a blob service response, seconds.
+    readtimeoutseconds: float = 60.0
+    # key: account key or connection string; default, managedidentity, workloadidentity: Entra ID token.
+    credential: CredentialKind = CredentialKind.key
+    # Client id of the user-assigned managed identity or workload identity (token credentials only).
+    clientid: str = ""
+    # Blob endpoint for token credentials; empty: https://{blobaccountname}.blob.core.windows.net.
+    accounturl: str = ""
+
+    def check(self) -> None:
+        """Refuse settings that cannot work (called only when the provider is on).
+
+        Raises:
+            SettingsError: naming the flag: no way to sign in, a token credential mixed with a key or
+                missing its account, an accounturl that is not https, a SAS lifetime a user-delegation
+                key cannot cover, a container name Azure refuses, a connection string that is not one.
+        """
+        if self.credential is not CredentialKind.key:
+            self._check_token_settings()
+        elif self.clientid or self.accounturl:
+            raise SettingsError(f"--azureblobprovider.{'clientid' if self.clientid else 'accounturl'} needs a token "
+                                "credential (--azureblobprovider.credential=default|managedidentity|workloadidentity)")
+        elif not self.connectionstring and not (self.blobaccountname and self.blobaccountkey):
+            raise SettingsError("--azureblobprovider=true needs --azureblobprovider.blobaccountname and "
+                                ".blobaccountkey, or --azureblobprovider.connectionstring")
+        if not CONTAINER_NAME.fullmatch(self.containername):
+            raise SettingsError(f"--azureblobprovider.containername={self.containername} is not a container name "
+                                "(3-63 lowercase letters, digits and single hyphens, Azure's naming rules)")
+        if self.connectionstring:
+            from azure.core.utils import parse_connection_string
+
+            try:
+                parse_connection_string(self.connectionstring)
+            except ValueError:
+                raise SettingsError("--azureblobprovider.connectionstring is not a connection string "
+                                    "(Key=Value pairs separated by ';')") from None
+
+    def _check_token_settings(self) -> None:
+        check_token_settings("azureblobprovider", self.credential, self.clientid,
+                             {"connectionstring": self.connectionstring, "blobaccountkey": self.blobaccountkey})
+        if not self.accounturl and not self.blobaccountname:
+            raise SettingsError(f"--azureblobprovider.credential={self.credential.value} needs "
+                                "--azureblobprovider.blobaccountname or --azureblobprovider.accounturl")
+        if self.accounturl and not re.fullmatch(r"https://[^/?#\s]+(/[^?#\s]*)?", self.accounturl):
+            # Bearer tokens travel only over TLS (Azure Storage and azure-core refuse them over http).
+            raise SettingsError(f"--azureblobprovider.accounturl={self.accounturl} is not an https:// URL "
+                                "(tokens are sent only over TLS)")
+        if self.sasexpiryseconds > USER_DELEGATION_MAX_SECONDS:
+            raise SettingsError(f"--azureblobprovider.sasexpiryseconds={self.sasexpiryseconds} exceeds 7 days "
+                                f"({USER_DELEGATION_MAX_SECONDS} s), the longest a user-delegation SAS may last")

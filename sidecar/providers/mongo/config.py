@@ -1,0 +1,49 @@
+"""``--mongodbdocprovider.*``: the settings of the MongoDB document store and their validation.
+
+The ``#`` comment above each field is its help text in the flag reference (``sidecar.flags``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from sidecar.errors import SettingsError
+
+
+@dataclass
+class MongoConfig:
+    """``--mongodbdocprovider``: MongoDB (or Cosmos DB's API for MongoDB). Off: JSON files."""
+
+    SECRETS: ClassVar[tuple[str, ...]] = ("password", "uri")
+    REQUIRED: ClassVar[tuple[str, ...]] = ("collection",)
+
+    enabled: bool = False
+    # The Cosmos DB account (and database) name.
+    name: str = ""
+    # The Cosmos DB account's key or the MongoDB user's password.
+    password: str = ""
+    # The collection that holds event metas and insights.
+    collection: str = "ion"
+    # The Cosmos DB MongoDB API port.
+    port: int = 10255
+    # A full MongoDB URI for self-hosted Mongo; without it name/password/port mean Cosmos DB over TLS.
+    uri: str = ""
+    # The Cosmos DB host; {name} is replaced by the account name.
+    host: str = "{name}.documents.azure.com"
+    # How long to wait for a usable MongoDB server before a call fails, seconds.
+    serverselectiontimeoutseconds: float = 10.0
+    # How long opening a connection may take, seconds.
+    connecttimeoutseconds: float = 10.0
+    # How long one call may wait for its answer, seconds.
+    sockettimeoutseconds: float = 30.0
+
+    def check(self) -> None:
+        """Refuse settings that cannot connect (called only when the provider is on).
+
+        Raises:
+            SettingsError: naming the flags to set.
+        """
+        if not self.uri and not (self.name and self.password):
+            raise SettingsError("--mongodbdocprovider=true needs --mongodbdocprovider.name and .password, "
+                                "or --mongodbdocprovider.uri")
