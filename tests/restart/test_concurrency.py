@@ -68,10 +68,10 @@ def test_failed_download_cancels_every_sibling_before_ready_answers(tmp_path: Pa
         producer="parent", files=listed)]))
     original = blobs._get
 
-    async def slow_get(key: str, local: Path):
+    async def slow_get(key: str, local: Path, size_hint: int | None = None):
         if not key.endswith("/f0.bin"):
             await asyncio.sleep(SLOW)
-        return await original(key, local)
+        return await original(key, local, size_hint)
 
     blobs._get = slow_get
     with TestClient(create_app(runtime)) as client:

@@ -76,7 +76,7 @@ def test_a_full_volume_on_ready_is_507_naming_the_path_not_the_blob_store(tmp_pa
         producer="parent", files=[BlobFile(path="sub/a.bin", key="parent/mod/a.bin", size=100)])]))
     attempts = []
 
-    async def full_disk(key: str, local: Path):
+    async def full_disk(key: str, local: Path, size_hint: int | None = None):
         attempts.append(key)  # what open(local, "wb") and write() say on a full volume
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(local))
 
