@@ -18,6 +18,7 @@ volume (a name that ``os.fsdecode`` could not decode as UTF-8 holds lone surroga
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -168,9 +169,21 @@ def confine(root: Path, name: str) -> Path:
     return target
 
 
+# A file name is at most 255 bytes; a development provider adds ".json", and
+# sidecar.layout.write_json_atomic writes beside it ".{name}.{8 characters}.tmp".
+MAX_ID_SEGMENT = 255 - len(".json") - len("..12345678.tmp")
+
+
 def id_segment(text: str) -> str:
     """``text`` (an event id, an execution id: any string) as one file or folder name that stays in its
     folder: percent-encoded with no safe character (so no ``/``), and never empty, ``.`` or ``..``.
     Used wherever a development provider names a file after an id."""
     segment = quote(text, safe="")
+    if len(segment) > MAX_ID_SEGMENT:
+        # An event id is up to 255 bytes and each non-ASCII byte takes three characters encoded: past
+        # what fits in a file name, its first characters, "%~" (which no encoded id holds, so no other
+        # id's name) and its SHA-256.
+        head = segment[:100]
+        head = head[: head.rfind("%")] if "%" in head[-2:] else head  # never cut an escape in two
+        return f"{head}%~{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()}"
     return {"": "%", ".": "%2E", "..": "%2E%2E"}.get(segment, segment)

@@ -11,7 +11,8 @@ and to receive from a subscription, when the connection string carries ``UseDeve
   receiver link with ``correlation_id`` = the request's ``message_id`` and application properties
   ``status-code``/``status-description``. The token is checked as Service Bus checks a SAS token
   (HMAC-SHA256 of ``quote_plus(uri) + "\\n" + expiry`` with the named key, not expired), so a wrong
-  key name or key is refused with 401. A put-token carrying a JWT (a Microsoft Entra ID access token,
+  key name or key is refused with 401, and a token for an entity that does not exist with 404 (as
+  Service Bus answers: "The messaging entity '...' could not be found."). A put-token carrying a JWT (a Microsoft Entra ID access token,
   what the SDK sends with a token credential) is accepted only when :attr:`AmqpPeer.jwt_verify`
   accepts it (signature, audience ``https://servicebus.azure.net``, issuer, lifetime), else 401;
 - topics fanning out to subscriptions, both declared up front with :meth:`AmqpPeer.create_topic` (as
@@ -281,6 +282,11 @@ class _Broker(Handler):
         problem = check_sas_token(token, self.peer.keys) if kind == "sas" else self.peer.check_jwt(token)
         self.peer.put_tokens.append((kind, problem))
         status, description = (200, "OK") if problem is None else (401, problem)
+        audience = str((request.properties or {}).get("name") or "")
+        if problem is None and urlparse(audience).path.strip("/") and self.peer.entity(audience) is None:
+            # Service Bus checks the entity a token is for: "Put token failed. status-code: 404,
+            # status-description: The messaging entity '...' could not be found."
+            status, description = 404, f"The messaging entity '{audience}' could not be found."
         reply = Message(correlation_id=request.id,
                         properties={"status-code": status, "status-description": description})
         replier = next((l for l in self._links(link.connection) if l.is_sender and l.entity == CBS), None)

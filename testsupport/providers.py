@@ -20,11 +20,11 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
-from urllib.parse import quote_plus, unquote
+from urllib.parse import quote_plus
 
 from sidecar.cli import compose_config
 from sidecar.dataplane import DataPlane, build_dataplane
-from sidecar.models import Event
+from sidecar.models import Event, EventMeta, Insight
 from testsupport.amqp_peer import AmqpPeer, emulator_connection_string
 from testsupport.azurite import ACCOUNT, Azurite
 from testsupport.mongo import AuthRefusingProxy, NxServer, collection_name
@@ -200,10 +200,8 @@ class MongoDocuments(Provider):
         return subject.refusing.refused > 0  # type: ignore[attr-defined]
 
     def copies(self, subject: Subject, kind: str, doc_id: str) -> int:
-        from sidecar.providers.mongo.store import INSIGHTS_SUFFIX
-
         collection = next(f.split("=", 1)[1] for f in subject.flags if f.startswith("--mongodbdocprovider.collection="))
-        name = collection + (INSIGHTS_SUFFIX if kind == "insight" else "")
+        name = collection + ("_insights" if kind == "insight" else "")  # the records' layout (README)
         with subject.service.client() as client:
             return len(list(client["ion"][name].find({"id": doc_id})))
 
@@ -241,7 +239,7 @@ class FileEvents(Provider):
         for file in sorted((subject.devdir / "events").glob("*.json")):
             event = Event.model_validate(json.loads(file.read_text()))
             found.setdefault(event.type, []).append(Received(
-                event=event, message_id=unquote(file.stem), correlation_id=event.context.correlationId,
+                event=event, message_id=event.id, correlation_id=event.context.correlationId,
                 subject=event.type, event_type=event.type, content_type="application/json"))
         return found
 
@@ -258,9 +256,7 @@ class ServiceBusEvents(Provider):
         self.name = "servicebus-per-type" if per_type else "servicebus-topic"
 
     def open(self, peer: AmqpPeer, tmp_path: Path) -> EventSubject:
-        from sidecar.providers.servicebus.publisher import PER_EVENT_TYPE
-
-        topic = PER_EVENT_TYPE if self.per_type else unique("events")
+        topic = "{eventType}" if self.per_type else unique("events")  # the flag's value for a topic per type
 
         def flags(connection_string: str) -> list[str]:
             return ["--servicebuseventprovider=true", f"--servicebuseventprovider.connectionstring={connection_string}",
@@ -292,3 +288,25 @@ class ServiceBusEvents(Provider):
             return dict(zip(types, asyncio.run(each())))
         everything = asyncio.run(receive_all(cs, subject.topic))
         return {t: [r for r in everything if r.event_type == t] for t in types}
+
+
+def meta(event_id: str, *, label: str = "v1", files: int = 2, **data: str) -> EventMeta:
+    """An event meta for ``event_id`` with ``files`` files and the pairs ``label`` (and ``data``)."""
+    from sidecar.models import BlobFile, KeyValuePair
+
+    pairs = [KeyValuePair(key="label", value=label), KeyValuePair(key="quote", value='"$x.y": {}')]
+    pairs += [KeyValuePair(key=k, value=v) for k, v in data.items()]
+    return EventMeta(
+        id=event_id, eventId=event_id, correlationId="corr-ü", parentEventId="evt-parent",
+        eventType="file_discovered", producer="parent",
+        files=[BlobFile(path=f"found/f{i}.txt", key=f"evt-parent/parent/found/f{i}.txt", size=10 * i,
+                        md5="0" * 32 if i else None, url=None) for i in range(files)],
+        data=pairs)
+
+
+def insight(execution_id: str, *, label: str = "v1") -> Insight:
+    """An insight for ``execution_id`` with the pair ``label``."""
+    from sidecar.models import KeyValuePair
+
+    return Insight(id=execution_id, executionId=execution_id, eventId="evt-1", correlationId="corr-1",
+                   parentEventId="", name="module", data=[KeyValuePair(key="label", value=label)])
