@@ -1,4 +1,4 @@
-"""Fixtures of the users slot: a development-mode sidecar that no module drives, for probes."""
+"""Fixtures of the user-facing tests: a development-mode sidecar that no module drives, for probes."""
 
 from __future__ import annotations
 
