@@ -233,7 +233,7 @@ class SidecarProcess:
         self.port = free_port()
         self.secret = secret
         self.basedir = basedir or cwd / "ion"
-        self.log = cwd / f"sidecar-{self.port}.log"
+        self.log = cwd / f"sidecar-{self.basedir.name}-{self.port}.log"  # a later sidecar may get the same port
         argv = [sys.executable, "-m", "sidecar", f"--serverport={self.port}", f"--basedir={self.basedir}",
                 f"--sharedsecret={secret}", *args]
         self.out = open(self.log, "wb")
