@@ -411,6 +411,9 @@ class PrefectApi:
         else:
             log.warning("flow run %s: answering before Prefect recorded its final state (API: %s)",
                         outcome.flow_run_id, self.reason)
+            # Known now, so a successor reports it if this process dies while the engine still retries.
+            state = self._final_state(outcome)
+            self._record(lambda ledger: ledger.flow_pending(outcome.flow_run_id, state.type.value, state.message or ""))
             engine.add_done_callback(lambda task: self._engine_ended(task, outcome))
         if outcome.error is not None:
             raise outcome.error
@@ -432,18 +435,22 @@ class PrefectApi:
         else:
             self._reported(outcome.flow_run_id)
 
-    def _report_later(self, outcome: _Outcome) -> None:
+    @staticmethod
+    def _final_state(outcome: _Outcome) -> Any:
+        """The state the flow run ends in, from what its body did."""
         from prefect.states import Completed, Crashed, Failed
 
+        if not outcome.finished.is_set():
+            return Crashed(message="the sidecar's flow run ended without finishing (Prefect API unavailable)")
+        if outcome.error is not None:
+            return Failed(message=f"{type(outcome.error).__name__}: {outcome.error} (reported after an outage "
+                                  "of the Prefect API)")
+        return Completed(message="completed; reported after an outage of the Prefect API")
+
+    def _report_later(self, outcome: _Outcome) -> None:
         if outcome.flow_run_id is None:
             return
-        if not outcome.finished.is_set():
-            state = Crashed(message="the sidecar's flow run ended without finishing (Prefect API unavailable)")
-        elif outcome.error is not None:
-            state = Failed(message=f"{type(outcome.error).__name__}: {outcome.error} (reported after an outage "
-                                   "of the Prefect API)")
-        else:
-            state = Completed(message="completed; reported after an outage of the Prefect API")
+        state = self._final_state(outcome)
         self._pending[outcome.flow_run_id] = state
         self._record(lambda ledger: ledger.flow_pending(outcome.flow_run_id, state.type.value, state.message or ""))
         self.check_soon()

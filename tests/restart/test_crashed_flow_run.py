@@ -1,29 +1,33 @@
 """A SIGKILLed sidecar's flow run does not stay Running: the restarted sidecar finds it in the run
-record (``{basedir}/.sidecar/run.json``, ``unreported``) and reports it Crashed before it calls itself
-healthy; the resumed call is a new flow run that ends Completed. Real processes: a development-mode
-sidecar frozen mid-``/done`` (``SIDECAR_TEST_PAUSE_AT``), SIGKILLed there and started again with the
-same flags, against the session's Prefect server."""
+record (``{basedir}/.sidecar/run.json``, ``unreported``) and reports it before it calls itself healthy:
+Crashed when it was killed mid-call (the resumed call is a new flow run that ends Completed), or
+Completed when its ``/done`` had committed and answered during an outage of the Prefect API. Real
+processes: a development-mode sidecar frozen at a step of ``/done`` (``SIDECAR_TEST_PAUSE_AT``),
+SIGKILLed and started again with the same flags, against a real Prefect server."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
 from pathlib import Path
 
 import httpx
+import pytest
 
-from testsupport.processes import SECRET, RestartableSidecar, dev_args
+from testsupport.processes import SECRET, RestartableSidecar, dev_args, free_port, start_prefect_server
 
 FILES = 6
+pytestmark = pytest.mark.timeout(900)  # two Prefect server starts and an outage the client retries ~60 s
 
 
 def api_url() -> str:
     return os.environ["PREFECT_API_URL"].rstrip("/")
 
 
-def flow_run(flow_run_id: str) -> dict:
-    response = httpx.get(f"{api_url()}/flow_runs/{flow_run_id}", timeout=30)
+def flow_run(flow_run_id: str, url: str | None = None) -> dict:
+    response = httpx.get(f"{url or api_url()}/flow_runs/{flow_run_id}", timeout=30)
     response.raise_for_status()
     return response.json()
 
@@ -100,3 +104,51 @@ def _get_or_error(sidecar: RestartableSidecar, path: str) -> httpx.Response | Ex
         return get(sidecar, path)
     except httpx.HTTPError as exc:
         return exc
+
+
+def test_committed_done_is_reported_completed_by_the_restarted_sidecar(tmp_path: Path,
+                                                                        sidecars: list[RestartableSidecar]) -> None:
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    port = free_port()
+    server, url = start_prefect_server(home, port=port)
+    try:
+        sidecar = RestartableSidecar(tmp_path, dev_args("evt-known", "corr-known", "mod") +
+                                     ["--prefectstartuptimeoutseconds=2"])
+        sidecars.append(sidecar)
+        sidecar.start(pause_at="published", PREFECT_API_URL=url)
+        sidecar.wait_healthy()
+        assert get(sidecar, "/ready").status_code == 200
+        write_outputs(sidecar.basedir)
+
+        # /done freezes after everything is committed; the Prefect server dies; /done goes on and answers
+        # 200 while the API is down, its final state (Completed) known but not reported.
+        answers: list = []
+        caller = threading.Thread(target=lambda: answers.append(_get_or_error(sidecar, "/done")), daemon=True)
+        caller.start()
+        sidecar.wait_paused()
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(10)
+        os.kill(sidecar.proc.pid, signal.SIGCONT)
+        caller.join(120)
+        assert answers and not isinstance(answers[0], Exception) and answers[0].status_code == 200, answers
+        flow_run_id = answers[0].json()["flowRunId"]
+        assert record(sidecar)["unreported"][flow_run_id]["type"] == "COMPLETED", record(sidecar)
+
+        # SIGKILL before the API returns: the server, back, still has the flow run Running.
+        sidecar.kill()
+        server, _ = start_prefect_server(home, port=port)
+        assert flow_run(flow_run_id, url)["state"]["type"] == "RUNNING"
+
+        # The successor reports what its predecessor knew: Completed, not Crashed.
+        sidecar.start(PREFECT_API_URL=url)
+        sidecar.wait_healthy()
+        state = flow_run(flow_run_id, url)["state"]
+        assert state["type"] == "COMPLETED", state
+        assert "reported by the sidecar's successor" in state["message"], state
+        assert record(sidecar)["unreported"] == {}
+        assert get(sidecar, "/done").json()["flowRunId"] == flow_run_id  # the kept summary
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(10)
