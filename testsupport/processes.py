@@ -296,13 +296,27 @@ def read_runs(flow_run_ids: list[str], settled, timeout: float = 30) -> tuple[li
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    PAGE = 200
+
+    async def all_task_runs(api) -> list:
+        # Page by page in a stable order: the API answers at most PREFECT_API_DEFAULT_LIMIT (200) rows
+        # per read (a fleet of 30 has 330 task runs).
+        runs: list = []
+        while True:
+            page = await api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)),
+                                            sort=TaskRunSort.ID_DESC, offset=len(runs), limit=PAGE)
+            runs += page
+            if len(page) < PAGE:
+                return runs
 
     async def read() -> tuple[list, list]:
         async with get_client() as api:
             flow_runs = [await api.read_flow_run(i) for i in flow_run_ids]
             deadline = time.monotonic() + timeout
             while True:
-                task_runs = await api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids)))
+                task_runs = await all_task_runs(api)
                 if settled(task_runs) or time.monotonic() > deadline:
                     return flow_runs, task_runs
                 await asyncio.sleep(0.2)
