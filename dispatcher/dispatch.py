@@ -34,7 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from dispatcher.graph import Graph, as_dict
 from dispatcher.launchers import Launcher
 from dispatcher.processes import ModuleRun, ModuleRunFailed, Outcome
-from sidecar.dataplane.blobs import local_blob_store
+from sidecar.providers.localblob import LocalBlobStore
 from sidecar.providers.jsonfiles import JsonFileDocumentStore
 from sidecar.providers.eventfiles import FileEventPublisher
 from sidecar.layout import write_json_atomic
@@ -112,7 +112,7 @@ class Dispatcher:
             data: pairs the first module finds in ``in/meta.json``.
         """
         seed_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"ion-offline/{self.correlationid}/seed"))
-        blobs = local_blob_store(self.devdir / "blobs")
+        blobs = LocalBlobStore(self.devdir / "blobs")
         carried: list[BlobFile] = []
         if files is not None:
             for path in sorted(p for p in files.rglob("*") if p.is_file()):

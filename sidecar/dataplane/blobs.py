@@ -1,7 +1,11 @@
-"""BlobStore: the blob slot of the data plane, one class over fsspec.
+"""BlobStore: the blob building block of the data plane, and what every blob provider shares.
 
-Development mode uses fsspec's local file system below ``{devdir}/blobs``; the Azure provider uses
-adlfs (``abfs://``) on a container. The flows see only :class:`BlobStore`, never the file system.
+Providers: ``sidecar.providers.azureblob`` (Azure Blob Storage) and ``sidecar.providers.localblob``
+(development: files under ``{devdir}/blobs``), chosen by ``sidecar.dataplane.registry``. The flows see
+only :class:`BlobStore`. Every provider moves files through :func:`upload_verified` and
+:func:`download_verified`, which check the key first (:func:`check_key`), verify size and MD5, never
+leave a partial file in ``in/data``, tell the module's volume (:func:`local_error`) from the service,
+and translate the rest with the provider's ``translate`` (``sidecar.dataplane.errors``).
 """
 
 from __future__ import annotations
@@ -13,12 +17,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Iterable, TypeVar
+from typing import Awaitable, Callable, Iterable, Protocol, TypeVar
 
-import fsspec
-from fsspec.asyn import AsyncFileSystem
-from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
-
+from sidecar.dataplane.errors import Translate
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable, VolumeError
 from sidecar.paths import name_problem, shown
 
@@ -44,139 +45,129 @@ class BlobVerificationError(DataPlaneUnavailable):
         super().__init__(STORE, f"blob '{key}' failed verification: {detail}")
 
 
-class BlobStore:
-    """Blobs under ``root`` of an fsspec file system, moved with bounded parallelism.
+class BlobStore(Protocol):
+    """Stores blobs (files) under keys: relative POSIX names such as ``{eventid}/{module}/{path}``.
 
-    Args:
-        fs: any fsspec file system; a synchronous one is wrapped to be awaited.
-        root: the prefix all keys live under (a folder, or an Azure container).
-        signer: optional ``(key, seconds) -> url`` giving a read-only URL for a blob.
+    Errors (``sidecar.dataplane.errors``): a service that cannot be reached raises
+    :class:`~sidecar.errors.DataPlaneUnavailable` (``store="blob store"``); a refused request, a missing
+    blob or a key that is not a good blob name (:func:`check_key`) raises
+    :class:`~sidecar.errors.DataPlaneError`; a failure of the module's own volume raises
+    :class:`~sidecar.errors.VolumeError`.
     """
 
-    # Lifetime of the URLs :meth:`url` makes, seconds (the provider's setting; 0: none).
-    sas_seconds: int = 0
-
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, signer: Any = None):
-        self.fs: AsyncFileSystem = fs if fs.async_impl else AsyncFileSystemWrapper(fs)
-        self.root = root.rstrip("/")
-        self._signer = signer
+    # Lifetime of the read-only URLs :meth:`url` makes, seconds (the provider's setting; 0: none).
+    sas_seconds: int
 
     def describe(self) -> str:
         """Where blobs are kept, for people reading the run history (no secret)."""
-        return f"files under {self.root}"
-
-    def path(self, key: str) -> str:
-        """The file system path of blob ``key``, confined below ``root``.
-
-        Raises:
-            DataPlaneError: ``key`` is not a good blob name (``sidecar.paths.name_problem``): absolute,
-                with ``.``/``..``/empty segments, ``\\``, control characters, ... so no key leaves the
-                container (or, in development mode, the blob folder).
-        """
-        problem = name_problem(key)
-        if problem:
-            raise DataPlaneError(STORE, f"blob key '{shown(key)}' {problem}")
-        return f"{self.root}/{key}"
 
     async def upload(self, local: Path, key: str) -> BlobInfo:
-        """Copy the local file ``local`` to blob ``key`` (overwriting) and verify its size.
-
-        Raises:
-            BlobVerificationError: the stored size differs (transient: retried by the task).
-            DataPlaneUnavailable / DataPlaneError: from :meth:`_translate`; a bad key (:meth:`path`).
-        """
-        self.path(key)  # a bad key is refused before any request, whatever the provider's _put does
-        try:
-            size = local.stat().st_size
-            # A provider whose write response already tells what was stored saves a round trip.
-            info = await self._put(local, key) or await self.info(key)
-        except Exception as exc:  # noqa: BLE001 - translated to the sidecar's errors
-            raise (local_error(exc, local) or self._translate(exc, key)) from exc
-        if info is None or info.size != size:
-            raise BlobVerificationError(key, f"stored {info.size if info else 'nothing'}, sent {size} bytes")
-        return info
+        """Copy the local file ``local`` to blob ``key`` (overwriting); returns what is stored, its
+        size verified (and MD5 where the provider records one)."""
 
     async def download(self, key: str, local: Path, expected: BlobInfo | None = None) -> BlobInfo:
-        """Copy blob ``key`` to ``local`` (atomically: temp file, then rename) and verify it.
-
-        Args:
-            expected: size (and MD5) recorded when the blob was written; checked when given.
-
-        Raises:
-            DataPlaneError: the blob does not exist (not retried).
-            BlobVerificationError: the received size or MD5 differs (retried).
-            DataPlaneError: a bad key (:meth:`path`), before any request.
-        """
-        self.path(key)
-        # A short name of its own beside the target: ".{name}.partial" would not fit beside a name of
-        # 250 bytes or more (a segment is at most 255), and could be another input's name.
-        partial = local.with_name(f".{hashlib.md5(os.fsencode(local.name)).hexdigest()[:16]}.partial")
-        try:
-            local.parent.mkdir(parents=True, exist_ok=True)
-            received_md5 = await self._get(key, partial, expected.size if expected else None)
-        except Exception as exc:  # noqa: BLE001
-            partial.unlink(missing_ok=True)
-            volume = local_error(exc, partial)
-            if volume is not None:
-                raise volume from exc
-            if isinstance(exc, FileNotFoundError):
-                raise DataPlaneError(STORE, f"blob '{key}' does not exist") from None
-            raise self._translate(exc, key) from exc
-        except BaseException:  # cancelled (a sibling failed): leave nothing behind in in/data
-            partial.unlink(missing_ok=True)
-            raise
-        size = partial.stat().st_size
-        if expected is not None and expected.size != size:
-            partial.unlink(missing_ok=True)
-            raise BlobVerificationError(key, f"received {size}, expected {expected.size} bytes")
-        if expected is not None and expected.md5:
-            received_md5 = received_md5 or await asyncio.to_thread(file_md5, partial)
-            if received_md5 != expected.md5:
-                partial.unlink(missing_ok=True)
-                raise BlobVerificationError(key, f"received MD5 {received_md5}, expected {expected.md5}")
-        try:
-            os.replace(partial, local)
-        except OSError as exc:
-            partial.unlink(missing_ok=True)
-            raise (local_error(exc, local) or exc) from exc
-        return BlobInfo(key, size, expected.md5 if expected else None)
+        """Copy blob ``key`` to ``local`` atomically, verified against ``expected`` (size, MD5) when
+        given; a missing blob is a :class:`~sidecar.errors.DataPlaneError`."""
 
     async def info(self, key: str) -> BlobInfo | None:
         """Size (and MD5) of blob ``key``, or None when it does not exist."""
-        try:
-            raw = await self.fs._info(self.path(key))
-        except FileNotFoundError:
-            return None
-        return BlobInfo(key, int(raw["size"]), _md5_of(raw))
 
     def url(self, key: str) -> str | None:
-        """A read-only URL to blob ``key`` valid for the provider's SAS lifetime (``sas_seconds``), or
-        None where none can be made (no signer, or a lifetime of 0)."""
-        if self._signer is None or self.sas_seconds <= 0:
-            return None
-        return self._signer(key, self.sas_seconds)
+        """A read-only URL to blob ``key`` valid ``sas_seconds`` seconds, or None where none can be
+        made (no signing key, or a lifetime of 0)."""
 
     async def close(self) -> None:
-        """Release connections (a no-op for local files)."""
+        """Release connections."""
 
-    async def _put(self, local: Path, key: str) -> BlobInfo | None:
-        """Write ``local`` to blob ``key``; returns what was stored if the write tells, else None."""
-        await self.fs._put_file(str(local), self.path(key))
-        return None
 
-    async def _get(self, key: str, local: Path, size_hint: int | None = None) -> str | None:
-        """Copy blob ``key`` to ``local``; returns the MD5 (hex) of the bytes written if computed.
-        ``size_hint``: the size (bytes) the blob is expected to have, if known."""
-        await self.fs._get_file(self.path(key), str(local))
-        return None
+def check_key(key: str) -> None:
+    """Refuse a key that is not a good blob name (``sidecar.paths.name_problem``: absolute, with
+    ``.``/``..``/empty segments, ``\\``, control characters, ...), before any request, on every provider.
 
-    def _translate(self, exc: Exception, key: str) -> Exception:
-        """Map a provider exception to DataPlaneUnavailable (retried) or DataPlaneError (not)."""
-        if isinstance(exc, (DataPlaneUnavailable, DataPlaneError)):
-            return exc
-        if isinstance(exc, PermissionError):
-            return DataPlaneError(STORE, f"blob '{key}': {exc}")
-        return DataPlaneUnavailable(STORE, f"blob '{key}': {type(exc).__name__}: {exc}")
+    Raises:
+        DataPlaneError: naming the key.
+    """
+    problem = name_problem(key)
+    if problem:
+        raise DataPlaneError(STORE, f"blob key '{shown(key)}' {problem}")
+
+
+# (local file, key) -> what was stored if the write tells (saves a round trip), else None.
+Put = Callable[[Path, str], Awaitable["BlobInfo | None"]]
+# (key, local file, expected size or None) -> the MD5 (hex) of the bytes written if computed, else None.
+Get = Callable[[str, Path, "int | None"], Awaitable["str | None"]]
+
+
+async def upload_verified(local: Path, key: str, put: Put, info: Callable[[str], Awaitable["BlobInfo | None"]],
+                          translate: Translate) -> BlobInfo:
+    """Upload ``local`` to ``key`` with the provider's ``put``, then verify the stored size.
+
+    Raises:
+        DataPlaneError: a bad key (:func:`check_key`), before any request.
+        VolumeError: reading ``local`` failed on the module's volume.
+        BlobVerificationError: the stored size differs (transient: retried by the task).
+        DataPlaneUnavailable / DataPlaneError: the provider's ``translate(exc, key)``.
+    """
+    check_key(key)
+    try:
+        size = local.stat().st_size
+        stored = await put(local, key) or await info(key)
+    except (DataPlaneError, DataPlaneUnavailable):
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated to the sidecar's errors
+        raise (local_error(exc, local) or translate(exc, key)) from exc
+    if stored is None or stored.size != size:
+        raise BlobVerificationError(key, f"stored {stored.size if stored else 'nothing'}, sent {size} bytes")
+    return stored
+
+
+async def download_verified(key: str, local: Path, expected: BlobInfo | None, get: Get,
+                            translate: Translate) -> BlobInfo:
+    """Download ``key`` to ``local`` with the provider's ``get`` into a partial file beside it, verify
+    it against ``expected`` (size, then MD5), then rename it into place.
+
+    Raises:
+        DataPlaneError: a bad key (:func:`check_key`) before any request, or the blob does not exist
+            (``FileNotFoundError`` from ``get``, or the provider's translation).
+        VolumeError: writing below ``local`` failed on the module's volume.
+        BlobVerificationError: the received size or MD5 differs (retried).
+        DataPlaneUnavailable / DataPlaneError: the provider's ``translate(exc, key)``.
+    """
+    check_key(key)
+    # A short name of its own beside the target: ".{name}.partial" would not fit beside a name of
+    # 250 bytes or more (a segment is at most 255), and could be another input's name.
+    partial = local.with_name(f".{hashlib.md5(os.fsencode(local.name)).hexdigest()[:16]}.partial")
+    try:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        received_md5 = await get(key, partial, expected.size if expected else None)
+    except Exception as exc:  # noqa: BLE001
+        partial.unlink(missing_ok=True)
+        if isinstance(exc, (DataPlaneError, DataPlaneUnavailable)):
+            raise
+        volume = local_error(exc, partial)
+        if volume is not None:
+            raise volume from exc
+        if isinstance(exc, FileNotFoundError):
+            raise DataPlaneError(STORE, f"blob '{key}' does not exist") from None
+        raise translate(exc, key) from exc
+    except BaseException:  # cancelled (a sibling failed): leave nothing behind in in/data
+        partial.unlink(missing_ok=True)
+        raise
+    size = partial.stat().st_size
+    if expected is not None and expected.size != size:
+        partial.unlink(missing_ok=True)
+        raise BlobVerificationError(key, f"received {size}, expected {expected.size} bytes")
+    if expected is not None and expected.md5:
+        received_md5 = received_md5 or await asyncio.to_thread(file_md5, partial)
+        if received_md5 != expected.md5:
+            partial.unlink(missing_ok=True)
+            raise BlobVerificationError(key, f"received MD5 {received_md5}, expected {expected.md5}")
+    try:
+        os.replace(partial, local)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise (local_error(exc, local) or exc) from exc
+    return BlobInfo(key, size, expected.md5 if expected else None)
 
 
 # Errors that only a local file system gives (a full or read-only volume, refused permissions, a
@@ -203,25 +194,10 @@ def local_error(exc: BaseException, local: Path) -> VolumeError | None:
     return VolumeError(str(target), exc) if exc.errno in LOCAL_ERRNOS else None
 
 
-def _md5_of(raw: dict[str, Any]) -> str | None:
-    settings = raw.get("content_settings") or {}
-    digest = settings.get("content_md5") if isinstance(settings, dict) else getattr(settings, "content_md5", None)
-    if not digest:
-        return None
-    return bytes(digest).hex() if not isinstance(digest, str) else digest
-
-
 def file_md5(path: Path) -> str:
     """The MD5 (hex) of the file at ``path``, read in chunks (blocking: run it in a thread)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "md5").hexdigest()
-
-
-def local_blob_store(root: Path) -> BlobStore:
-    """The development BlobStore: files below ``root`` on this machine. Keys are confined below
-    ``root`` by :meth:`BlobStore.path` and follow the same naming rule as Azure's blob names."""
-    root.mkdir(parents=True, exist_ok=True)
-    return BlobStore(fsspec.filesystem("file", auto_mkdir=True), str(root.resolve()))
 
 
 async def gather_all(jobs: Iterable[Awaitable[T]]) -> list[T]:

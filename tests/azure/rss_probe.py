@@ -22,7 +22,7 @@ import psutil
 
 from sidecar.config import TransferConfig
 from sidecar.providers.azureblob.config import AzureBlobConfig
-from sidecar.dataplane.azure import azure_blob_store
+from sidecar.providers.azureblob.store import azure_blob_store
 from sidecar.dataplane.blobs import gather_bounded
 
 

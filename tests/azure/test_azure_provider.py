@@ -27,7 +27,7 @@ import pytest
 from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
 from sidecar.cli import UsageError, compose_config
-from sidecar.dataplane.azure import azure_blob_store, env_proxy
+from sidecar.providers.azureblob.store import azure_blob_store, env_proxy
 from sidecar.dataplane.blobs import BlobVerificationError
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable, is_transient
 from testsupport.azurite import ACCOUNT, TEST_CHUNK_BYTES, Azurite, azure_config

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from sidecar.dataplane.azure import ByteBudget
+from sidecar.providers.azureblob.store import ByteBudget
 
 pytestmark = pytest.mark.anyio
 

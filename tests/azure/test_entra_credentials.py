@@ -26,7 +26,7 @@ import pytest
 from sidecar.cli import UsageError, compose_config
 from sidecar.dataplane.credentials import CredentialKind
 from sidecar.providers.azureblob.config import AzureBlobConfig
-from sidecar.dataplane.azure import UserDelegationSigner, azure_blob_store
+from sidecar.providers.azureblob.store import UserDelegationSigner, azure_blob_store
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
 from testsupport.azurite import Azurite, run_azurite
 from testsupport.identity import STORAGE_AUDIENCE, IdentityEndpoint, TlsFiles, self_signed_tls

@@ -1,5 +1,5 @@
 """The Azure Blob store (``--azureblobprovider=true``) on azure-storage-blob's asyncio client, through
-adlfs. Credentials: the account key or a connection string, or a Microsoft Entra ID token credential
+adlfs (``store.py``). Credentials: the account key or a connection string, or a Microsoft Entra ID token credential
 (``sidecar.dataplane.credentials``), whose child SAS URLs are then user-delegation SAS."""
 
 from __future__ import annotations
@@ -15,6 +15,6 @@ if TYPE_CHECKING:
 
 def create(settings: Config, devdir: Path) -> "BlobStore":
     """The blob store for ``settings`` (no connection opened yet)."""
-    from sidecar.dataplane.azure import azure_blob_store
+    from sidecar.providers.azureblob.store import azure_blob_store
 
     return azure_blob_store(settings)

@@ -1,4 +1,5 @@
-"""The Azure Blob provider: the same :class:`~sidecar.dataplane.blobs.BlobStore` on adlfs (``abfs://``).
+"""The Azure Blob provider: a :class:`~sidecar.dataplane.blobs.BlobStore` on one container, with the
+service client built through adlfs (``abfs://``).
 
 ``--azureblobprovider=true`` (``conf/azureblobprovider/azure.yaml``) selects it. The file system is an
 adlfs ``AzureBlobFileSystem`` rooted at the container; only the transfers, the error mapping and
@@ -63,10 +64,12 @@ from azure.storage.blob import (
 )
 from azure.storage.blob.aio import BlobClient, BlobServiceClient, StorageStreamDownloader
 
-from sidecar.dataplane.blobs import STORE, BlobInfo, BlobStore, BlobVerificationError
+from sidecar.dataplane.blobs import (STORE, BlobInfo, BlobVerificationError, check_key, download_verified,
+                                     upload_verified)
 from sidecar.dataplane.credentials import USER_DELEGATION_MAX_SECONDS, CredentialKind, ProviderCredential, token_credential
-from sidecar.providers.azureblob.config import AzureBlobConfig
+from sidecar.dataplane.errors import first_line, permanent, transient, translated
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable
+from sidecar.providers.azureblob.config import AzureBlobConfig
 
 T = TypeVar("T")
 
@@ -119,8 +122,11 @@ class _AzureFileSystem(AzureBlobFileSystem):
                 **options)
 
 
-class AzureBlobStore(BlobStore):
-    """A :class:`BlobStore` on one Azure Blob container, with bounded memory per transfer.
+class AzureBlobStore:
+    """BlobStore (``sidecar.dataplane.blobs``) on one Azure Blob container, with bounded memory per
+    transfer. Transfers go through the shared :func:`~sidecar.dataplane.blobs.upload_verified` and
+    :func:`~sidecar.dataplane.blobs.download_verified` with this provider's :meth:`_put`, :meth:`_get`
+    and :meth:`translate`.
 
     Args:
         fs: the adlfs file system, its service client configured by :func:`azure_blob_store`.
@@ -129,13 +135,16 @@ class AzureBlobStore(BlobStore):
         signer: ``(key, seconds) -> url`` for read-only SAS URLs, or None when no account key is known.
         credential: the token credential to close with the store, if one was made for it.
         inflightbytes: the most bytes of file data all transfers hold at once (:class:`ByteBudget`).
+        sas_seconds: the lifetime of the URLs :meth:`url` makes, seconds (0: none).
     """
 
     def __init__(self, fs: _AzureFileSystem, container: str, chunkbytes: int,
                  signer: Callable[[str, int], str] | None, credential: ProviderCredential | None = None,
-                 inflightbytes: int = 32 * 1024 * 1024):
-        super().__init__(fs, container, signer)
+                 inflightbytes: int = 32 * 1024 * 1024, sas_seconds: int = 0):
+        self.fs = fs
         self.container = container
+        self.sas_seconds = sas_seconds
+        self._signer = signer
         self.chunkbytes = chunkbytes
         self.credential = credential
         self._budget = ByteBudget(max(chunkbytes, inflightbytes))
@@ -152,11 +161,33 @@ class AzureBlobStore(BlobStore):
         return f"{self._client.url}/{quote(key, safe='~/')}"
 
     async def upload(self, local: Path, key: str) -> BlobInfo:
-        """:meth:`BlobStore.upload`; with a user-delegation signer, first makes sure its key is fresh
-        (an async call the synchronous :meth:`url` cannot make), so the event's SAS URL can be signed."""
+        """``BlobStore.upload``; with a user-delegation signer, first makes sure its key is fresh (an
+        async call the synchronous :meth:`url` cannot make), so the event's SAS URL can be signed."""
         if isinstance(self._signer, UserDelegationSigner):
             await self._signer.refresh()
-        return await super().upload(local, key)
+        return await upload_verified(local, key, self._put, self.info, self.translate)
+
+    async def download(self, key: str, local: Path, expected: BlobInfo | None = None) -> BlobInfo:
+        """``BlobStore.download``: ranges of ``chunkbytes``, MD5 checked against what the service and
+        ``expected`` record."""
+        return await download_verified(key, local, expected, self._get, self.translate)
+
+    async def info(self, key: str) -> BlobInfo | None:
+        """Size and recorded MD5 of blob ``key`` (Get Blob Properties), or None when it does not exist."""
+        check_key(key)
+        with translated(self.translate, key):
+            try:
+                props = await self._client.get_blob_client(key).get_blob_properties()
+            except ResourceNotFoundError:
+                return None
+        return BlobInfo(key, int(props.size), _hex(props.content_settings.content_md5))
+
+    def url(self, key: str) -> str | None:
+        """A read-only SAS URL of blob ``key`` valid ``sas_seconds``: account-key SAS, or
+        user-delegation SAS with a token credential; None without a signing key or with 0 seconds."""
+        if self._signer is None or self.sas_seconds <= 0:
+            return None
+        return self._signer(key, self.sas_seconds)
 
     async def close(self) -> None:
         """Close the service client's HTTP session and the token credential's."""
@@ -325,31 +356,31 @@ class AzureBlobStore(BlobStore):
     def _where(self, key: str) -> str:
         return f"blob '{key}' in container '{self.container}'"
 
-    def _translate(self, exc: Exception, key: str) -> Exception:
-        """Map an Azure SDK exception to DataPlaneError (permanent) or DataPlaneUnavailable (retried)."""
-        if isinstance(exc, (DataPlaneUnavailable, DataPlaneError)):
-            return exc
+    def translate(self, exc: Exception, key: str) -> BaseException:
+        """The blob store's error for an Azure SDK exception on blob ``key`` (the shape of
+        ``sidecar.dataplane.errors``): refused (auth, 4xx, missing) is permanent; connection errors,
+        timeouts, 408/429/5xx, a blob changed mid-download and MD5 mismatches are retried."""
         where = self._where(key)
         if isinstance(exc, HttpResponseError) and exc.status_code is not None:
             code = str(getattr(exc.error_code, "value", exc.error_code) or exc.reason or "")
-            detail = f"{where}: HTTP {exc.status_code} {code}: {_first_line(exc.message)}"
+            detail = f"{where}: HTTP {exc.status_code} {code}: {first_line(str(exc.message or ''))}"
             if code.lower() == "md5mismatch":
                 return BlobVerificationError(key, detail)
             if exc.status_code == 412:
                 # If-Match failed: the blob was overwritten between two ranges; a retry reads one version.
-                return DataPlaneUnavailable(STORE, f"{where} changed while it was downloaded (HTTP 412 {code})")
+                return transient(STORE, where, text=f"{where} changed while it was downloaded (HTTP 412 {code})")
             if isinstance(exc, ResourceNotFoundError):
-                return DataPlaneError(STORE, f"{where} does not exist ({code})")
+                return permanent(STORE, where, text=f"{where} does not exist ({code})")
             if isinstance(exc, ClientAuthenticationError) or exc.status_code in (401, 403):
-                return DataPlaneError(STORE, f"{where}: authentication failed: HTTP {exc.status_code} {code}")
+                return permanent(STORE, where, text=f"{where}: authentication failed: HTTP {exc.status_code} {code}")
             if exc.status_code in (408, 429) or exc.status_code >= 500:
-                return DataPlaneUnavailable(STORE, detail)
-            return DataPlaneError(STORE, detail)
+                return transient(STORE, where, text=detail)
+            return permanent(STORE, where, text=detail)
         if isinstance(exc, ClientAuthenticationError):
             # Raised before any request, e.g. an account key that is not base64.
-            return DataPlaneError(STORE, f"{where}: authentication failed: {type(exc).__name__}")
+            return permanent(STORE, where, text=f"{where}: authentication failed: {type(exc).__name__}")
         # Connection refused or reset, timeouts (ServiceRequestError, ServiceResponseError, OSError).
-        return DataPlaneUnavailable(STORE, f"{where}: {type(exc).__name__}: {_first_line(str(exc))}")
+        return transient(STORE, where, text=f"{where}: {type(exc).__name__}: {first_line(str(exc))}")
 
 
 class UserDelegationSigner:
@@ -395,14 +426,10 @@ class UserDelegationSigner:
             if self._lasts(self.seconds):
                 return
             now = datetime.now(timezone.utc)
-            try:
+            with translated(_delegation_error, "Get User Delegation Key"):
                 self.key = await self.service.get_user_delegation_key(
                     now - timedelta(seconds=self.MARGIN),
                     now + timedelta(seconds=USER_DELEGATION_MAX_SECONDS - self.MARGIN))
-            except (DataPlaneError, DataPlaneUnavailable):
-                raise
-            except Exception as exc:  # noqa: BLE001 - translated like every other blob service error
-                raise _delegation_error(exc) from exc
 
     def __call__(self, key: str, seconds: int) -> str:
         """A read-only user-delegation SAS URL of blob ``key`` valid ``seconds`` seconds.
@@ -419,18 +446,18 @@ class UserDelegationSigner:
         return f"{self.blob_url(key)}?{token}"
 
 
-def _delegation_error(exc: Exception) -> Exception:
-    """The sidecar error for a failed Get User Delegation Key: refused is permanent, the rest retried."""
-    what = "Get User Delegation Key"
+def _delegation_error(exc: Exception, what: str = "Get User Delegation Key") -> BaseException:
+    """The blob store's error for a failed Get User Delegation Key (the shape of
+    ``sidecar.dataplane.errors``): refused is permanent, the rest retried."""
     if isinstance(exc, HttpResponseError) and exc.status_code is not None:
         code = str(getattr(exc.error_code, "value", exc.error_code) or exc.reason or "")
         if exc.status_code in (408, 429) or exc.status_code >= 500:
-            return DataPlaneUnavailable(STORE, f"{what}: HTTP {exc.status_code} {code}")
+            return transient(STORE, what, text=f"{what}: HTTP {exc.status_code} {code}")
         if exc.status_code == 401 or code in ("AuthenticationFailed", "InvalidAuthenticationInfo"):
-            return DataPlaneError(STORE, f"{what}: authentication failed: HTTP {exc.status_code} {code}")
+            return permanent(STORE, what, text=f"{what}: authentication failed: HTTP {exc.status_code} {code}")
         hint = " (user-delegation SAS URLs need a role such as Storage Blob Delegator)" if exc.status_code == 403 else ""
-        return DataPlaneError(STORE, f"{what} refused: HTTP {exc.status_code} {code}{hint}")
-    return DataPlaneUnavailable(STORE, f"{what}: {type(exc).__name__}: {_first_line(str(exc))}")
+        return permanent(STORE, what, text=f"{what} refused: HTTP {exc.status_code} {code}{hint}")
+    return transient(STORE, what, text=f"{what}: {type(exc).__name__}: {first_line(str(exc))}")
 
 
 def azure_blob_store(cfg: AzureBlobConfig) -> AzureBlobStore:
@@ -510,8 +537,7 @@ def azure_blob_store(cfg: AzureBlobConfig) -> AzureBlobStore:
     else:
         signer = None if cfg.sasexpiryseconds <= 0 else UserDelegationSigner(
             fs.service_client, cfg.containername, lambda key: store.blob_url(key), cfg.sasexpiryseconds)
-    store = AzureBlobStore(fs, cfg.containername, chunk, signer, token, cfg.inflightbytes)
-    store.sas_seconds = cfg.sasexpiryseconds
+    store = AzureBlobStore(fs, cfg.containername, chunk, signer, token, cfg.inflightbytes, cfg.sasexpiryseconds)
     _return_large_buffers_to_the_os()
     return store
 
@@ -675,6 +701,3 @@ def _check_md5(key: str, got: str | None, want: str, what: str) -> None:
     if got != want:
         raise BlobVerificationError(key, f"{what} MD5 {got}, expected {want}")
 
-
-def _first_line(text: object) -> str:
-    return str(text or "").strip().splitlines()[0] if str(text or "").strip() else ""
