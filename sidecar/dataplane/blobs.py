@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,6 @@ from typing import Awaitable, Callable, Iterable, Protocol, TypeVar
 from sidecar.dataplane.errors import Translate
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable, VolumeError
 from sidecar.paths import name_problem, shown
-
-log = logging.getLogger(__name__)
 
 STORE = "blob store"
 T = TypeVar("T")
