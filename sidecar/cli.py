@@ -79,6 +79,8 @@ class Parsed:
     overrides: list[str] = field(default_factory=list)
     values: list[tuple[str, str]] = field(default_factory=list)
     printconfig: bool = False
+    # How each override was typed, where it came from a flag (``azureblobprovider=azure``: ``--azureblobprovider=true``).
+    typed: dict[str, str] = field(default_factory=dict)
 
 
 def _as_bool(flag: str, value: str) -> bool:
@@ -123,10 +125,55 @@ def parse_args(argv: list[str]) -> Parsed:
             parsed.printconfig = _as_bool(key, value)
         elif key in PROVIDER_GROUPS:
             on, off = PROVIDER_GROUPS[key]
-            parsed.overrides.append(f"{key}={on if _as_bool(key, value) else off}")
+            override = f"{key}={on if _as_bool(key, value) else off}"
+            parsed.overrides.append(override)
+            parsed.typed.setdefault(override, f"--{key}={value}")
         else:
             parsed.values.append((key, value))
     return parsed
+
+
+def check_provider_choices(parsed: Parsed) -> None:
+    """Let a provider be chosen only by its switch (``--azureblobprovider=true|false``) or its config
+    group's choice (``azureblobprovider=azure|dev``), once: a production sidecar silently routed to the
+    development providers loses every output it commits.
+
+    Raises:
+        UsageError: ``{flag}.enabled`` set as a flag or override (it is not a setting: the group choice
+            sets it), a group choice deleted (``~azureblobprovider``) or moved (``azureblobprovider@pkg``),
+            or two different choices of one group (naming both as typed).
+    """
+    for key, _ in parsed.values:
+        if _provider_enabled_key(key):
+            raise UsageError(f"unknown flag --{key} (choose the provider with --{key.split('.')[0]}=true|false)")
+    chosen: dict[str, str] = {}
+    for override in parsed.overrides:
+        name, _, value = override.partition("=")
+        key = name.strip().lstrip("+~").strip()
+        group = re.split(r"[.@]", key, maxsplit=1)[0]
+        if group not in PROVIDER_GROUPS:
+            continue
+        if _provider_enabled_key(key):
+            raise UsageError(f"unknown setting '{key}' (choose the provider with --{group}=true|false "
+                             f"or {group}={'|'.join(PROVIDER_GROUPS[group])})")
+        if "." in key:
+            continue  # one of the provider's settings
+        if name.strip().startswith("~") or "@" in key:
+            raise UsageError(f"'{override}' cannot delete or move the choice of the {group} provider "
+                             f"(use --{group}=true|false)")
+        choice = value.strip()
+        if group in chosen and chosen[group] != choice:
+            first = next(o for o in parsed.overrides if o.strip().lstrip("+").startswith(group + "=")
+                         and o.partition("=")[2].strip() == chosen[group])
+            raise UsageError(f"{parsed.typed.get(first, first)} contradicts {parsed.typed.get(override, override)}: "
+                             f"choose the {group} provider once")
+        chosen[group] = choice
+
+
+def _provider_enabled_key(key: str) -> bool:
+    """Whether the dotted ``key`` is a provider's ``enabled`` (set only by its group choice)."""
+    group, _, leaf = key.strip().lstrip("+~").partition(".")
+    return group.split("@")[0] in PROVIDER_GROUPS and leaf.split(".")[0].strip() == "enabled"
 
 
 def config_dir() -> Path:
@@ -144,6 +191,7 @@ def compose_config(argv: list[str]) -> tuple[SidecarConfig, Parsed]:
         UsageError: unknown setting, bad value, missing required value or contradictory settings.
     """
     parsed = parse_args(argv)
+    check_provider_choices(parsed)
     register()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -236,21 +284,44 @@ def _text_settings(cfg: object, prefix: str = ""):
 
 
 def _describe_hydra_error(exc: HydraException, overrides: list[str]) -> str:
-    """One line for a Hydra composition error, naming the override at fault."""
+    """One line for a Hydra composition error, naming the override at fault. An override of a secret
+    setting (:data:`~sidecar.config.SECRET_KEYS`) is named by its key only: Hydra's messages quote the
+    override or fragments of its value, so none of them is shown for it."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    hint = "quote values that contain '=' or ',', as key='a=b', or use --key=value"
     if isinstance(exc, OverrideParseException):
         parser = OverridesParser.create()
         for override in overrides:
             try:
                 parser.parse_overrides([override])
             except OverrideParseException:
-                return (f"cannot parse override '{override}': {lines[0]} (quote values that contain '=' or ',', "
-                        f"as key='a=b', or use --key=value)")
+                key = _override_key(override)
+                if key in SECRET_KEYS:
+                    return f"cannot parse the override of {key} (the value of a secret is not shown; {hint})"
+                return f"cannot parse override '{override}': {lines[0]} ({hint})"
     if isinstance(exc, MissingConfigException) and "Available options" in str(exc):
         options = [line for line in lines[lines.index(next(l for l in lines if l.startswith("Available"))) + 1:]
                    if "=" not in line and not line.startswith("Config search path")]
-        return f"{lines[0]} (available: {', '.join(options)})"
-    return lines[0]
+        return _without_secrets(f"{lines[0]} (available: {', '.join(options)})", overrides)
+    for override in overrides:
+        key = _override_key(override)
+        if key in SECRET_KEYS and key in str(exc):
+            return f"cannot apply the override of {key} (the value of a secret is not shown; {hint})"
+    return _without_secrets(lines[0], overrides)
+
+
+def _override_key(override: str) -> str:
+    """The dotted key of a Hydra override (``+~`` prefixes and blanks dropped)."""
+    return override.partition("=")[0].strip().lstrip("+~").strip()
+
+
+def _without_secrets(message: str, overrides: list[str]) -> str:
+    """``message`` with the value of every secret override replaced by ``***`` (a last guard)."""
+    for override in overrides:
+        value = override.partition("=")[2]
+        if _override_key(override) in SECRET_KEYS and value.strip():
+            message = message.replace(override, f"{_override_key(override)}=***").replace(value, "***")
+    return message
 
 
 def literal(value: str) -> str:
