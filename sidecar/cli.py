@@ -45,6 +45,7 @@ from sidecar.config import (
     REQUIRED_KEYS,
     SECRET_KEYS,
     SidecarConfig,
+    check_core_bounds,
     lookup,
     register,
 )
@@ -363,9 +364,8 @@ def check(cfg: SidecarConfig) -> None:
     enabled = [p.flag for p in registry.enabled(cfg)]
     if cfg.development and enabled:
         raise UsageError(f"--development=true contradicts --{enabled[0]}=true: development mode uses local providers")
-    if not 1 <= cfg.serverport <= 65535:
-        raise UsageError(f"--serverport={cfg.serverport} is not a TCP port")
     try:
+        check_core_bounds(cfg)
         registry.check(cfg)  # each enabled provider validates its own settings
     except SettingsError as exc:
         raise UsageError(str(exc)) from None

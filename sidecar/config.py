@@ -13,11 +13,12 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from sidecar.bounds import MiB, Bounds, check_bounds
 from sidecar.dataplane import registry
 
 # Namespace for the deterministic ids this sidecar derives (execution ids, child event ids), so a
@@ -59,6 +60,11 @@ class ContextConfig:
 class TransferConfig:
     """How blob transfers and retries run."""
 
+    BOUNDS: ClassVar[dict[str, Bounds]] = {
+        "concurrency": Bounds(1), "tasks": Bounds(1), "retries": Bounds(0),
+        "retrydelayseconds": Bounds(0, unit="s"),
+    }
+
     # Files transferred at once, per /ready or /done (the blob provider bounds their memory).
     concurrency: int = 64
     # At most this many transfer task runs per flow run (each moves a batch of files).
@@ -75,6 +81,12 @@ class TransferConfig:
 @dataclass
 class CoreConfig:
     """The whole configuration; ``conf/config.yaml`` composes it."""
+
+    # maxeventbytes: at most Service Bus premium tier's 100 MB message limit (the standard tier's is 256 KiB).
+    BOUNDS: ClassVar[dict[str, Bounds]] = {
+        "serverport": Bounds(1, 65535), "maxeventbytes": Bounds(1, 100 * MiB, unit="bytes"),
+        "prefectstartuptimeoutseconds": Bounds(0, above=True, unit="s"),
+    }
 
     context: ContextConfig = field(default_factory=ContextConfig)
     # The lowest level logged.
@@ -116,6 +128,16 @@ REQUIRED_KEYS = ("context.eventid", "context.correlationid", "sharedsecret")
 
 # The provider flags of the seed, each a Hydra config group: option when true, option when false.
 PROVIDER_GROUPS = registry.groups()
+
+
+def check_core_bounds(cfg: CoreConfig) -> None:
+    """Check the sidecar's own numeric settings against their ``BOUNDS`` (``sidecar.bounds``).
+
+    Raises:
+        SettingsError: naming the flag and its valid range.
+    """
+    check_bounds(cfg, "")
+    check_bounds(cfg.transfer, "transfer.")
 
 
 def lookup(cfg: SidecarConfig, dotted: str) -> Any:

@@ -3,7 +3,8 @@
 Every setting of :class:`~sidecar.config.SidecarConfig` becomes one row: its flag, type, default
 (secret values are never shown) and help text. The help text is the ``#`` comment directly above the
 field in the module defining its class (``sidecar/config.py``, a provider's ``config.py``); a
-provider's on/off flag (its ``enabled`` field) without one takes its class docstring. A setting without help text is an error, so a new field must be documented to pass the
+provider's on/off flag (its ``enabled`` field) without one takes its class docstring; a numeric
+setting's valid range (its class's ``BOUNDS``, ``sidecar.bounds``) is appended. A setting without help text is an error, so a new field must be documented to pass the
 tests.
 
 ``python -m sidecar.flags`` prints the reference as a Markdown table; ``python -m sidecar.flags --write
@@ -153,6 +154,9 @@ def settings() -> list[Setting]:
             if not text:
                 raise ValueError(f"setting {key} has no help text: add a '#' comment above it in "
                                  f"{sys.modules[cls.__module__].__file__}")
+            bounds = getattr(cls, "BOUNDS", {}).get(f.name)
+            if bounds is not None:  # checked at start-up by sidecar.bounds.check_bounds
+                text += f" Valid: {bounds.describe()}."
             rows.append(Setting(key, flag, _type_name(hint), _default(key, f), text))
 
     walk(SidecarConfig, "")

@@ -73,3 +73,89 @@ def test_secret_override_errors_never_show_the_value(override: str, capsys: pyte
     err = capsys.readouterr().err
     assert "TOPSECRET" not in err and err.count("\n") == 1
     assert override.partition("=")[0] in err
+
+
+# --- numeric ranges (sidecar.bounds) -----------------------------------------------------------------
+
+def _numeric_settings() -> list[tuple[str, str, type, object]]:
+    """(prefix, field, settings class, Bounds or None) for every int/float setting of the schema."""
+    import dataclasses
+    import typing
+
+    from sidecar.config import SidecarConfig
+
+    found = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+            elif hint in (int, float):
+                found.append((prefix, f.name, cls, getattr(cls, "BOUNDS", {}).get(f.name)))
+
+    walk(SidecarConfig, "")
+    return found
+
+
+NUMERIC = _numeric_settings()
+
+
+def _provider_args(prefix: str) -> list[str]:
+    flag = prefix.rstrip(".")
+    return [f"--{flag}=true", *SETTINGS[flag]] if flag in SETTINGS else []
+
+
+def test_every_numeric_setting_has_a_range() -> None:
+    missing = [p + n for p, n, _, b in NUMERIC if b is None]
+    assert not missing, f"numeric settings without BOUNDS: {missing}"
+    assert len(NUMERIC) >= 17
+
+
+def _bad_values(bounds, is_float: bool) -> list[str]:
+    bad = []
+    if bounds.low is not None:
+        bad += [str(bounds.low if bounds.above else bounds.low - 1), "-1" if bounds.low >= 0 else str(bounds.low - 5)]
+    if bounds.high is not None:
+        bad.append(str(int(bounds.high) + 1))
+    if is_float:
+        bad += ["nan", "inf", "-inf"]
+    return list(dict.fromkeys(bad))
+
+
+@pytest.mark.parametrize("prefix,name,cls,bounds", NUMERIC, ids=[p + n for p, n, _, _ in NUMERIC])
+def test_out_of_range_is_refused_naming_flag_and_range(prefix, name, cls, bounds) -> None:
+    import typing
+
+    is_float = typing.get_type_hints(cls)[name] is float
+    for value in _bad_values(bounds, is_float):
+        message = refused([*_provider_args(prefix), f"--{prefix}{name}={value}"])
+        assert message.startswith(f"--{prefix}{name}=") and bounds.describe() in message, message
+    # The ends of the range are valid.
+    for edge in (bounds.low, bounds.high):
+        if edge is not None and not (edge == bounds.low and bounds.above):
+            argv = [*_provider_args(prefix), f"--{prefix}{name}={int(edge) if not is_float else edge}"]
+            if name == "chunkbytes":
+                argv.append(f"--{prefix}inflightbytes={int(edge)}")
+            if name == "inflightbytes":
+                argv.append(f"--{prefix}chunkbytes={int(edge)}")
+            compose_config(BASE + argv)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--azureblobprovider.chunkbytes=0"], ["--azureblobprovider.chunkbytes=-5"],
+    ["--azureblobprovider.chunkbytes=100000000000000000000"], ["--azureblobprovider.inflightbytes=-1"],
+    ["--azureblobprovider.chunkbytes=8388608", "--azureblobprovider.inflightbytes=4194304"],
+    ["--mongodbdocprovider=true", *MONGO, "--mongodbdocprovider.port=99999"],
+    ["--mongodbdocprovider=true", *MONGO, "mongodbdocprovider.serverselectiontimeoutseconds=-1"],
+    ["transfer.tasks=0"], ["--transfer.concurrency=-3"], ["--maxeventbytes=-1"], ["--serverport=0"],
+])
+def test_hostile_numbers_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    if any(a.startswith("--azureblobprovider.") for a in argv):
+        argv = ["--azureblobprovider=true", *AZURE, *argv]
+    with pytest.raises(SystemExit) as caught:
+        main(BASE + argv)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of range" in err

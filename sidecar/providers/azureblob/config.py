@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
+from sidecar.bounds import KiB, MiB, Bounds, check_bounds
 from sidecar.dataplane.credentials import USER_DELEGATION_MAX_SECONDS, CredentialKind, check_token_settings
 from sidecar.errors import SettingsError
 
@@ -24,6 +25,17 @@ class AzureBlobConfig:
 
     SECRETS: ClassVar[tuple[str, ...]] = ("blobaccountkey", "connectionstring")
     REQUIRED: ClassVar[tuple[str, ...]] = ("containername",)
+    # chunkbytes: Azure's largest block is 4000 MiB ("Put Block", version 2019-12-12 and later). The
+    # floor of 64 KiB is ours: each block or range is one HTTP request whose headers, TLS records and
+    # round trip cost about as much as kilobytes of data, so smaller chunks multiply requests (and
+    # their retries) for no gain; 64 KiB is also a common socket read size.
+    BOUNDS: ClassVar[dict[str, Bounds]] = {
+        "sasexpiryseconds": Bounds(0, unit="s"),
+        "chunkbytes": Bounds(64 * KiB, 4000 * MiB, unit="bytes"),
+        "inflightbytes": Bounds(64 * KiB, at_least="chunkbytes", unit="bytes"),
+        "connecttimeoutseconds": Bounds(0, above=True, unit="s"),
+        "readtimeoutseconds": Bounds(0, above=True, unit="s"),
+    }
 
     enabled: bool = False
     # The storage account's name.
@@ -57,8 +69,10 @@ class AzureBlobConfig:
         Raises:
             SettingsError: naming the flag: no way to sign in, a token credential mixed with a key or
                 missing its account, an accounturl that is not https, a SAS lifetime a user-delegation
-                key cannot cover, a container name Azure refuses, a connection string that is not one.
+                key cannot cover, a container name Azure refuses, a connection string that is not one,
+                a number out of its range (``BOUNDS``).
         """
+        check_bounds(self, "azureblobprovider.")
         if self.credential is not CredentialKind.key:
             self._check_token_settings()
         elif self.clientid or self.accounturl:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from sidecar.bounds import Bounds, check_bounds
 from sidecar.errors import SettingsError
 
 
@@ -17,6 +18,13 @@ class MongoConfig:
 
     SECRETS: ClassVar[tuple[str, ...]] = ("password", "uri")
     REQUIRED: ClassVar[tuple[str, ...]] = ("collection",)
+    # pymongo takes the timeouts in milliseconds and refuses negative ones (a 0 would mean "none").
+    BOUNDS: ClassVar[dict[str, Bounds]] = {
+        "port": Bounds(1, 65535),
+        "serverselectiontimeoutseconds": Bounds(0, above=True, unit="s"),
+        "connecttimeoutseconds": Bounds(0, above=True, unit="s"),
+        "sockettimeoutseconds": Bounds(0, above=True, unit="s"),
+    }
 
     enabled: bool = False
     # The Cosmos DB account (and database) name.
@@ -42,8 +50,9 @@ class MongoConfig:
         """Refuse settings that cannot connect (called only when the provider is on).
 
         Raises:
-            SettingsError: naming the flags to set.
+            SettingsError: naming the flags to set, or a number out of its range (``BOUNDS``).
         """
+        check_bounds(self, "mongodbdocprovider.")
         if not self.uri and not (self.name and self.password):
             raise SettingsError("--mongodbdocprovider=true needs --mongodbdocprovider.name and .password, "
                                 "or --mongodbdocprovider.uri")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from sidecar.bounds import Bounds, check_bounds
 from sidecar.dataplane.credentials import CredentialKind, check_token_settings
 from sidecar.errors import SettingsError
 
@@ -18,6 +19,7 @@ class ServiceBusConfig:
 
     SECRETS: ClassVar[tuple[str, ...]] = ("key", "connectionstring")
     REQUIRED: ClassVar[tuple[str, ...]] = ()
+    BOUNDS: ClassVar[dict[str, Bounds]] = {"publishtimeoutseconds": Bounds(0, above=True, unit="s")}
 
     enabled: bool = False
     # The Service Bus namespace (the host is {namespace}.servicebus.windows.net).
@@ -42,8 +44,10 @@ class ServiceBusConfig:
 
         Raises:
             SettingsError: naming the flags (a token credential mixed with a key, workload identity
-                without its environment, a client id without a token credential, no way to sign in).
+                without its environment, a client id without a token credential, no way to sign in,
+                a number out of its range (``BOUNDS``)).
         """
+        check_bounds(self, "servicebuseventprovider.")
         if self.credential is not CredentialKind.key:
             check_token_settings("servicebuseventprovider", self.credential, self.clientid,
                                  {"connectionstring": self.connectionstring, "key": self.key})
