@@ -129,7 +129,7 @@ def test_switches_without_value() -> None:
 
 
 def test_printconfig_redacts_every_secret() -> None:
-    cfg, _ = compose_config(SEED + ["--azureblobprovider.connectionstring=AccountKey=zzz-conn",
+    cfg, _ = compose_config(SEED + ["--azureblobprovider.connectionstring=AccountName=a;AccountKey=zzz-conn;BlobEndpoint=http://h/a",
                                     "--mongodbdocprovider.uri=mongodb://u:pw-in-uri@h/"])
     text = redacted_yaml(cfg)
     for secret in ("s3cret==", "a2V5PT0+/Kw==", "p@ss:w/rd=", "c2Iga2V5=", "zzz-conn", "pw-in-uri"):

@@ -66,7 +66,9 @@ def test_same_choice_twice_is_accepted(flag: str) -> None:
     "servicebuseventprovider.connectionstring=Endpoint=sb://h/;SharedAccessKey=TOPSECRET",
     "sharedsecret=TOPSECRET)(",
 ])
-def test_secret_override_errors_never_show_the_value(override: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_secret_override_errors_never_show_the_value(override: str, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sidecar.cli.serve", lambda cfg: pytest.fail("start-up accepted the override"))
     with pytest.raises(SystemExit) as caught:
         main(BASE + ["--azureblobprovider=true", "--azureblobprovider.containername=abc", override])
     assert caught.value.code == 2
@@ -151,11 +153,47 @@ def test_out_of_range_is_refused_naming_flag_and_range(prefix, name, cls, bounds
     ["--mongodbdocprovider=true", *MONGO, "mongodbdocprovider.serverselectiontimeoutseconds=-1"],
     ["transfer.tasks=0"], ["--transfer.concurrency=-3"], ["--maxeventbytes=-1"], ["--serverport=0"],
 ])
-def test_hostile_numbers_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_hostile_numbers_are_refused(argv: list[str]) -> None:
     if any(a.startswith("--azureblobprovider.") for a in argv):
         argv = ["--azureblobprovider=true", *AZURE, *argv]
-    with pytest.raises(SystemExit) as caught:
-        main(BASE + argv)
-    assert caught.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "out of range" in err
+    assert "out of range" in refused(argv)
+
+
+# --- connection strings, parsed by the SDKs at start-up ----------------------------------------------
+
+AZURE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+@pytest.mark.parametrize("flag,argv", [
+    ("servicebuseventprovider.connectionstring",
+     ["--servicebuseventprovider.connectionstring=Endpoint=nonsense;SharedAccessKey=TOPSECRET-KEY-123"]),
+    ("servicebuseventprovider.connectionstring",
+     ["--servicebuseventprovider.connectionstring=Endpoint=sb://h/;SharedAccessKey=TOPSECRET-KEY-123"]),
+    ("servicebuseventprovider.connectionstring", ["--servicebuseventprovider.connectionstring=TOPSECRET-KEY-123"]),
+    ("azureblobprovider.connectionstring",
+     [f"--azureblobprovider.connectionstring=DefaultEndpointsProtocol=http; AccountName=devstoreaccount1 ; "
+      f"AccountKey=TOPSECRET{AZURE_KEY} ; BlobEndpoint=http://127.0.0.1:1/devstoreaccount1"]),
+    ("azureblobprovider.connectionstring", ["--azureblobprovider.connectionstring=Foo=TOPSECRET;Bar=baz"]),
+    ("azureblobprovider.connectionstring", ["--azureblobprovider.connectionstring=TOPSECRET"]),
+])
+def test_connection_strings_the_sdk_refuses_stop_start_up(flag: str, argv: list[str]) -> None:
+    """What the SDK would refuse when the provider is built (a traceback, exit 1) or on the first publish
+    (after blobs and event metas were committed: a partial /done) is refused at start-up."""
+    group = flag.split(".")[0]
+    others = [a for a in SETTINGS[group] if "connectionstring" not in a]
+    err = refused([f"--{group}=true", "--azureblobprovider.containername=abc", *others, *argv])
+    assert f"--{flag}" in err and "TOPSECRET" not in err
+
+
+@pytest.mark.parametrize("cs", [
+    f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURE_KEY};"
+    "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;",
+    f"defaultendpointsprotocol=http;accountname=devstoreaccount1;accountkey={AZURE_KEY};"
+    "blobendpoint=http://127.0.0.1:10000/devstoreaccount1",
+    "UseDevelopmentStorage=true",
+    "BlobEndpoint=https://a.blob.core.windows.net/;SharedAccessSignature=sv=2020-08-04&sig=abc",
+])
+def test_odd_but_valid_azure_connection_strings_are_accepted(cs: str) -> None:
+    cfg, _ = compose_config(BASE + ["--azureblobprovider=true", "--azureblobprovider.containername=abc",
+                                    f"--azureblobprovider.connectionstring={cs}"])
+    registry.check(cfg)

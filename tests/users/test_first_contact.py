@@ -119,7 +119,7 @@ def test_secret_too_short_to_mask_is_refused_without_showing_it(tmp_path: Path) 
     (["--sharedsecret=Qz7"], "--sharedsecret "),
     (["--mongodbdocprovider=true", "--mongodbdocprovider.uri=mongodb://h/", "--mongodbdocprovider.password=Qz7"],
      "--mongodbdocprovider.password "),
-    (["--servicebuseventprovider=true", "--servicebuseventprovider.connectionstring=Endpoint=sb://h;K=v",
+    (["--servicebuseventprovider=true", "--servicebuseventprovider.connectionstring=Endpoint=sb://h;SharedAccessKeyName=r;SharedAccessKey=k-long-enough",
       "--servicebuseventprovider.key=1234567"], "--servicebuseventprovider.key "),
 ])
 def test_every_secret_setting_has_the_length_rule(tmp_path: Path, flags: list[str], named: str) -> None:

@@ -85,13 +85,23 @@ class AzureBlobConfig:
             raise SettingsError(f"--azureblobprovider.containername={self.containername} is not a container name "
                                 "(3-63 lowercase letters, digits and single hyphens, Azure's naming rules)")
         if self.connectionstring:
-            from azure.core.utils import parse_connection_string
+            self._check_connection_string()
 
-            try:
-                parse_connection_string(self.connectionstring)
-            except ValueError:
-                raise SettingsError("--azureblobprovider.connectionstring is not a connection string "
-                                    "(Key=Value pairs separated by ';')") from None
+    def _check_connection_string(self) -> None:
+        """Parse ``connectionstring`` as the provider will (azure-core's parser, then azure-storage-blob's
+        ``from_connection_string``, which opens no connection), so a string the SDK refuses (blanks
+        around ';', no account details) stops start-up with one line instead of a traceback later. The
+        SDKs' messages are not shown (they may quote the string)."""
+        from azure.core.utils import parse_connection_string
+        from azure.storage.blob import BlobServiceClient
+
+        try:
+            parse_connection_string(self.connectionstring, case_sensitive_keys=False)
+            BlobServiceClient.from_connection_string(self.connectionstring).close()
+        except (ValueError, TypeError):
+            raise SettingsError("--azureblobprovider.connectionstring is not a connection string azure-storage-blob "
+                                "accepts (Key=Value pairs separated by ';' without blanks, with AccountName and "
+                                "AccountKey, or SharedAccessSignature, and an endpoint)") from None
 
     def _check_token_settings(self) -> None:
         check_token_settings("azureblobprovider", self.credential, self.clientid,

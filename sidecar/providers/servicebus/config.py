@@ -60,3 +60,22 @@ class ServiceBusConfig:
         elif not self.connectionstring and not (self.namespace and self.key and self.authorizationrulename):
             raise SettingsError("--servicebuseventprovider=true needs --servicebuseventprovider.namespace, .key and "
                                 ".authorizationrulename, or --servicebuseventprovider.connectionstring")
+        else:
+            self._check_connection_string()
+
+    def _check_connection_string(self) -> None:
+        """Parse the SAS connection string the publisher will use (given, or built from namespace, rule
+        and key) with azure-servicebus's own parser, so what the SDK would refuse on the first /done
+        (after its blobs and event metas were committed) stops start-up instead. The SDK's message
+        names no secret, but it is not shown: the flag and the rule are enough."""
+        from azure.servicebus import parse_connection_string
+
+        from sidecar.providers.servicebus.publisher import connection_string
+
+        flag = "connectionstring" if self.connectionstring else "namespace"
+        try:
+            parse_connection_string(connection_string(self))
+        except ValueError:
+            raise SettingsError(f"--servicebuseventprovider.{flag} does not make a Service Bus connection string "
+                                "(Endpoint=sb://HOST/;SharedAccessKeyName=RULE;SharedAccessKey=KEY, azure-servicebus's "
+                                "parse_connection_string)") from None
