@@ -108,6 +108,7 @@ async def _publish_within_deadline(runtime: Runtime, events: list[Event], option
 
 @flow(name="done", flow_run_name="done-{runtime.cfg.context.name}-{runtime.cfg.context.eventid}",
       validate_parameters=False, persist_result=False, on_failure=[history.record_failure])
+@history.untagged_task_runs
 async def done(runtime: Runtime) -> DoneSummary:
     """Commit the outputs under ``out/``; returns the summary ``/done`` answers.
 

@@ -21,15 +21,17 @@ logged as a warning and the run goes on. Source: Prefect 3 artifacts
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
 import time
 from contextlib import contextmanager
-from typing import Any, Awaitable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, Iterator, ParamSpec, Sequence, TypeVar
 
 from fastapi.encoders import ENCODERS_BY_TYPE
 from prefect import tags
+from prefect.context import TagsContext
 from prefect.artifacts import (
     acreate_markdown_artifact,
     acreate_progress_artifact,
@@ -47,6 +49,8 @@ from sidecar.models import BlobFile, Event, EventMeta, Insight, KeyValuePair
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R")
+P = ParamSpec("P")
 
 # Rows an artifact's table shows at most; one more row says how many were left out.
 MAX_ROWS = 100
@@ -73,9 +77,28 @@ def run_tags(ctx: ContextConfig) -> list[str]:
 
 @contextmanager
 def tagged(ctx: ContextConfig) -> Iterator[None]:
-    """Tag the flow runs (and their task runs) started inside with :func:`run_tags` (``prefect.tags``)."""
+    """Tag the flow runs started inside with :func:`run_tags` (``prefect.tags``); their task runs carry
+    no tags (:func:`untagged_task_runs`) and are found through their flow run."""
     with tags(*run_tags(ctx)):
         yield
+
+
+def untagged_task_runs(body: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Run a flow's ``body`` with no tags in force, so its task runs carry none.
+
+    Prefect's task engine acquires a concurrency slot through the API for every tag of a task run
+    (``concurrency(names=["tag:..."])`` in ``prefect/task_engine.py``) before the task starts: one more
+    API round trip per task run for every sidecar of a fleet, and a task that cannot start while the
+    API is down (``ConcurrencySlotAcquisitionError``), which stopped a ``/done`` halfway through its
+    commit during a Prefect outage. Tags on the flow run alone keep the run history searchable.
+    """
+
+    @functools.wraps(body)
+    async def without_tags(*args: P.args, **kwargs: P.kwargs) -> R:
+        with TagsContext(current_tags=set()):
+            return await body(*args, **kwargs)
+
+    return without_tags
 
 
 def describe(runtime: Runtime) -> dict[str, Any]:

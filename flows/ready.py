@@ -69,6 +69,7 @@ def _check_paths(meta: EventMeta, in_data: Path) -> None:
 
 @flow(name="ready", flow_run_name="ready-{runtime.cfg.context.name}-{runtime.cfg.context.eventid}",
       validate_parameters=False, persist_result=False, on_failure=[history.record_failure])
+@history.untagged_task_runs
 async def ready(runtime: Runtime) -> ReadySummary:
     """Stage the inputs of ``runtime.cfg.context.eventid``; returns the summary ``/ready`` answers.
 

@@ -39,6 +39,13 @@ def pytest_configure(config) -> None:
     os.environ["PREFECT_API_URL"] = url
     os.environ["PREFECT_HOME"] = str(home)
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    if "prefect.context" in sys.modules:
+        # testsupport imported Prefect with this file, and Prefect reads its settings once, at import:
+        # without a refresh an in-process sidecar saw no PREFECT_API_URL and started a development
+        # server of its own (pointing this process's client at it, and stopping it on exit).
+        import prefect.context
+
+        prefect.context.refresh_global_settings_context()
     _server.update(proc=proc, home=home)
 
 

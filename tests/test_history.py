@@ -47,6 +47,12 @@ def flow_runs_tagged(tag: str) -> list:
     return api(lambda c: c.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))))
 
 
+def task_runs_of(flow_run_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return api(lambda c: c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))))
+
+
 def run_logs(flow_run_id: str) -> list:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
@@ -103,6 +109,10 @@ def test_graph_run_is_tagged_reported_and_a_bad_input_is_one_warning(tmp_path: P
     assert set(runs[f"ready-child-{child_id}"].tags) == {"module:child", f"event:{child_id}",
                                                          f"correlation:{corr}", "parent:Evt_Parent"}
     assert runs[f"done-child-{child_id}"].state.is_failed()
+    # Their task runs carry none: Prefect would acquire a tag concurrency slot through the API before
+    # each one starts, a task that cannot start during an outage of the API.
+    task_runs = task_runs_of(runs["done-finder-Evt_Parent"].id)
+    assert task_runs and all(run.tags == [] for run in task_runs), [run.tags for run in task_runs]
 
     # Parameters say which module run and which providers, and carry no secret.
     params = runs["ready-finder-Evt_Parent"].parameters["runtime"]
