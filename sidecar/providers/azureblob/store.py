@@ -147,7 +147,7 @@ class AzureBlobStore:
         self._signer = signer
         self.chunkbytes = chunkbytes
         self.credential = credential
-        self._budget = ByteBudget(max(chunkbytes, inflightbytes))
+        self._budget = ByteBudget(max(chunkbytes, inflightbytes), MAX_REQUESTS_IN_FLIGHT)
         self._client = fs.service_client.get_container_client(container)
         self._container_ready = False
         self._container_lock = asyncio.Lock()
@@ -569,25 +569,37 @@ def env_proxy(url: str) -> str | None:
     return urllib.request.getproxies().get(urlparse(url).scheme)
 
 
+# The most blocks and ranges (one HTTP request each) all transfers of a store have in flight at once, any
+# chunk size: below aiohttp's 100 connections per session, so no request waits for a connection inside
+# aiohttp while its read timeout runs and its bytes are held.
+MAX_REQUESTS_IN_FLIGHT = 64
+
+
 class ByteBudget:
     """At most ``limit`` bytes of file data held by transfers at once, first come first served.
 
     One budget is shared by every transfer of a store, so memory is bounded by the budget whatever the
     number and sizes of files; a request larger than ``limit`` holds the whole budget.
 
+    With ``max_holders``, every hold is charged at least ``limit / max_holders`` bytes, so the same budget
+    also bounds the number of requests in flight, whatever the chunk size (64 KiB chunks under a 32 MiB
+    budget would otherwise put 512 requests of one file on the wire at once).
+
     Args:
         limit: bytes (at least 1).
+        max_holders: the most holds granted at once (None: only bytes count).
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, max_holders: int | None = None):
         self.limit = max(1, int(limit))
         self.free = self.limit
+        self.floor = -(-self.limit // max_holders) if max_holders else 1
         self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
     async def acquire(self, nbytes: int) -> None:
         """Wait until ``nbytes`` (capped at ``limit``) are free and hold them; FIFO, so a large request
         is not overtaken for ever by small ones. Cancelling the wait holds nothing."""
-        nbytes = min(nbytes, self.limit)
+        nbytes = self._charge(nbytes)
         if not self._waiting and nbytes <= self.free:
             self.free -= nbytes
             return
@@ -605,8 +617,12 @@ class ByteBudget:
 
     def release(self, nbytes: int) -> None:
         """Give back ``nbytes`` (capped at ``limit``) held by :meth:`acquire`."""
-        self.free += min(nbytes, self.limit)
+        self.free += self._charge(nbytes)
         self._wake()
+
+    def _charge(self, nbytes: int) -> int:
+        """What a hold of ``nbytes`` takes from the budget: at least ``floor``, at most ``limit``."""
+        return min(max(nbytes, self.floor), self.limit)
 
     def _wake(self) -> None:
         while self._waiting and self._waiting[0][0] <= self.free:
