@@ -2,7 +2,7 @@
 
 For each database (a ``prefect server start`` on SQLite in a temporary PREFECT_HOME, and one on a
 temporary PostgreSQL cluster, both started here) and each N: a wave of N parent module runs at once,
-then a wave of N children (``tests/fleet.py``: real sidecar processes, development providers, 5
+then a wave of N children (``testsupport/fleet.py``: real sidecar processes, development providers, 5
 files, 2 events and an insight per run; every sidecar healthy first, then every /ready at once, then
 every /done at once; each call made once, no client retries). Prints module runs per minute (the
 /ready-to-/done part of both waves), the slowest call, failed calls, the sidecars' start-up, the RSS
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.fleet import process_tree_rss, run_fleet  # noqa: E402
+from testsupport.fleet import process_tree_rss, run_fleet  # noqa: E402
 from testsupport.processes import Postgres, start_prefect_server, stop_process_group  # noqa: E402
 
 MIB = 1024 * 1024

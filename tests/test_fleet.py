@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.fleet import run_fleet
+from testsupport.fleet import run_fleet
 from testsupport.processes import read_runs
 
 import pytest
