@@ -197,3 +197,17 @@ def test_odd_but_valid_azure_connection_strings_are_accepted(cs: str) -> None:
     cfg, _ = compose_config(BASE + ["--azureblobprovider=true", "--azureblobprovider.containername=abc",
                                     f"--azureblobprovider.connectionstring={cs}"])
     registry.check(cfg)
+
+
+@pytest.mark.parametrize("flag,argv", [
+    ("uri", ["--mongodbdocprovider.uri=http://not-mongo"]),
+    ("uri", ["--mongodbdocprovider.uri=mongodb://u:p%ZZ@h:notaport/"]),
+    ("uri", ["--mongodbdocprovider.uri=mongodb://u:TOPSECRET@h:99999/"]),
+    ("host", ["--mongodbdocprovider.name=acct", "--mongodbdocprovider.password=TOPSECRET-pw",
+              "--mongodbdocprovider.host=a:b:c"]),
+    ("collection", [*MONGO, "--mongodbdocprovider.collection=$bad.name"]),
+    ("collection", [*MONGO, "--mongodbdocprovider.collection=.a"]),
+])
+def test_mongo_uri_and_collection_pymongo_refuses_stop_start_up(flag: str, argv: list[str]) -> None:
+    err = refused(["--mongodbdocprovider=true", *argv])
+    assert f"--mongodbdocprovider.{flag}" in err and "TOPSECRET" not in err

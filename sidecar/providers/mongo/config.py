@@ -56,3 +56,35 @@ class MongoConfig:
         if not self.uri and not (self.name and self.password):
             raise SettingsError("--mongodbdocprovider=true needs --mongodbdocprovider.name and .password, "
                                 "or --mongodbdocprovider.uri")
+        self._check_with_pymongo()
+
+    def _check_with_pymongo(self) -> None:
+        """Parse the URI the provider will connect with (``uri``, or the Cosmos DB one built from
+        name/password/host/port) with pymongo's own parser, and the collection names with pymongo's
+        rules, so what pymongo would refuse on the first /ready or /done stops start-up instead. A
+        ``mongodb+srv://`` URI is not parsed here: pymongo resolves its DNS records while parsing.
+        pymongo's messages are not shown (they may quote the URI, which holds the password)."""
+        from pymongo import MongoClient
+        from pymongo.errors import PyMongoError
+        from pymongo.uri_parser import parse_uri
+
+        from sidecar.providers.mongo.store import INSIGHTS_SUFFIX, cosmos_uri
+
+        flag = "uri" if self.uri else "host"
+        uri = self.uri or cosmos_uri(self)
+        try:
+            if not uri.startswith("mongodb+srv://"):
+                parse_uri(uri, warn=True)
+        except (PyMongoError, ValueError):
+            raise SettingsError(f"--mongodbdocprovider.{flag} does not make a MongoDB URI pymongo accepts "
+                                "(mongodb://[USER:PASSWORD@]HOST[:PORT]/[DATABASE][?OPTIONS], user and password "
+                                "percent-escaped; pymongo's parse_uri)") from None
+        client: MongoClient = MongoClient("mongodb://127.0.0.1/", connect=False)  # no I/O: only names are checked
+        try:
+            for name in (self.collection, self.collection + INSIGHTS_SUFFIX):
+                client["ion"][name]
+        except (PyMongoError, ValueError):
+            raise SettingsError(f"--mongodbdocprovider.collection={self.collection!r} is not a collection name "
+                                "MongoDB accepts (not empty, no '$' or NUL, not starting or ending with '.')") from None
+        finally:
+            client.close()
