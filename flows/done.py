@@ -33,7 +33,15 @@ async def upload_files(runtime: Runtime, files: list[OutputFile], count: int, li
     blobs = runtime.dataplane.blobs
 
     async def one(f: OutputFile) -> BlobInfo:
-        info = await progress.track(blobs.upload(f.local, blob_key(runtime.cfg, f.path)), f.size)
+        # A file the module changed (grown, truncated, rewritten, deleted) since the plan is the module's
+        # fault, whatever the provider made of it: a 409 naming it, not a 500/503 or a blob that
+        # disagrees with the file and its event meta (OutputChanged: not retried, nothing more committed).
+        try:
+            info = await progress.track(blobs.upload(f.local, blob_key(runtime.cfg, f.path)), f.size)
+        except Exception:
+            f.check_unchanged()
+            raise
+        f.check_unchanged(info.size)
         crashpoints.reached("uploaded-file")
         return info
 
@@ -119,6 +127,8 @@ async def done(runtime: Runtime) -> DoneSummary:
 
     Raises:
         InputError: an output breaks the folder contract (HTTP 400); nothing was committed.
+        OutputChanged: an output file changed during the call (HTTP 409); no insight, meta or event
+            was stored (blobs already uploaded are overwritten by the next /done).
         DataPlaneUnavailable: a service stayed unreachable through the task retries (HTTP 503).
         DataPlaneError: a service refused a request for good (HTTP 502).
     """

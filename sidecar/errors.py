@@ -43,6 +43,15 @@ class InputError(SidecarError):
         self.key = key
 
 
+class OutputChanged(InputError):
+    """An output file under ``out/data`` changed (size or modification time), vanished or became
+    unreadable between ``/done``'s plan and the end of its upload: the module changed its outputs
+    after calling ``/done``. HTTP 409. Raised before any insight, event meta or event is stored, so
+    the module can restore its outputs and call ``/done`` again (README, The folder contract)."""
+
+    status_code = 409
+
+
 class StateError(SidecarError):
     """A call out of order (``/done`` before ``/ready``, ``/ready`` after ``/done``). HTTP 409."""
 

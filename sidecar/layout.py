@@ -20,7 +20,7 @@ from typing import Callable
 from ion_sidecar_client import Layout
 from pydantic import TypeAdapter, ValidationError
 
-from sidecar.errors import InputError
+from sidecar.errors import InputError, OutputChanged
 from sidecar.models import KeyValuePair
 from sidecar.paths import collisions, inside, name_problem, segment_problem, shown, text_problem
 
@@ -83,11 +83,31 @@ class ModuleLayout(Layout):
 
 @dataclass(frozen=True)
 class OutputFile:
-    """A file under ``out/data``: ``path`` relative to it (POSIX), ``local`` on disk, ``size`` bytes."""
+    """A file under ``out/data``: ``path`` relative to it (POSIX), ``local`` on disk, ``size`` bytes,
+    ``mtime_ns`` its modification time when planned (nanoseconds since the epoch)."""
 
     path: str
     local: Path
     size: int
+    mtime_ns: int = 0
+
+    def check_unchanged(self, stored_size: int | None = None) -> None:
+        """Refuse a file the module changed since it was planned: its size or modification time
+        differ, it is gone or unreadable, or the blob stored for it (``stored_size``, bytes) does not
+        hold the planned size.
+
+        Raises:
+            OutputChanged: naming the file as the module sees it (``out/data/...``).
+        """
+        where = "out/data/" + shown(self.path)
+        try:
+            now = self.local.stat()
+        except OSError as exc:
+            raise OutputChanged(where, f"changed after /done was called: {exc.strerror or type(exc).__name__}; "
+                                       "restore it and call /done again") from None
+        if (now.st_size, now.st_mtime_ns) != (self.size, self.mtime_ns) or stored_size not in (None, self.size):
+            raise OutputChanged(where, f"changed after /done was called (its size or modification time: planned "
+                                       f"{self.size} bytes, now {now.st_size}); restore it and call /done again")
 
 
 @dataclass(frozen=True)
@@ -223,7 +243,8 @@ def list_output_files(layout: ModuleLayout) -> list[OutputFile]:
                     raise InputError(where, "is a link to a folder that holds it (a cycle)")
                 visit(path, rel + "/", ancestors | {real})
             elif entry.is_file():
-                found.append(OutputFile(rel, path, entry.stat().st_size))
+                stat = entry.stat()
+                found.append(OutputFile(rel, path, stat.st_size, stat.st_mtime_ns))
             else:
                 raise InputError(where, "is neither a file nor a folder (a FIFO, socket or device cannot be committed)")
 

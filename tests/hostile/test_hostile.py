@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,7 @@ from flows.runtime import Runtime, blob_key
 from sidecar.api import create_app
 from sidecar.cli import compose_config
 from sidecar.models import BlobFile, EventMeta
+from sidecar.runstate import RECORD_DIR, RECORD_FILE
 from testsupport.hostile import (DONE_CASES, GOOD, HTTP_DONE, HTTP_READY, ODD_NAMES, ODD_VALUES, READY_CASES,
                                   UNLISTABLE_NAMES, data, event, link, pairs, reset_outputs)
 from testsupport.processes import SECRET
@@ -43,9 +45,9 @@ class Plane:
     def __init__(self, kind: str, root: Path, stack: Stack | None):
         self.kind, self.root, self.stack = kind, root, stack
 
-    def runtime(self, event_id: str, name: str = "mod", parent: str = "") -> Runtime:
+    def runtime(self, event_id: str, name: str = "mod", parent: str = "", extra: tuple[str, ...] = ()) -> Runtime:
         flags = self.stack.seed_flags() if self.stack else ["--development=true"]
-        cfg, _ = compose_config(flags + [
+        cfg, _ = compose_config(flags + [*extra,
             f"--context.eventid={event_id}", "--context.correlationid=corr-hostile", f"--context.name={name}",
             f"--context.parenteventid={parent}", "--valideventtypes=file_discovered", f"--sharedsecret={SECRET}",
             f"--basedir={self.root / name}", f"--devdir={self.root / '.dev'}", "--transfer.retries=0",
@@ -116,6 +118,86 @@ def test_done_refuses_each_hostile_output_and_commits_nothing(plane: Plane) -> N
     assert_no_run_left_running(event_id)
 
 
+def grow(d: Path) -> None:
+    with open(d / "a.bin", "ab") as f:
+        f.write(b"TAIL" * 1000)
+
+
+def rewrite_same_size(d: Path) -> None:
+    (d / "a.bin").write_bytes(b"R" * (d / "a.bin").stat().st_size)
+    os.utime(d / "a.bin", ns=(time.time_ns(), time.time_ns() + 10**10))  # whatever the clock's resolution
+
+
+# case -> (what the module does to out/data once a.bin's bytes are sent, before /done ends; the file named)
+CHANGES = {
+    "grow": (grow, "a.bin"),
+    "truncate": (lambda d: os.truncate(d / "a.bin", 1000), "a.bin"),
+    "rewrite-same-size": (rewrite_same_size, "a.bin"),
+    "delete-another": (lambda d: (d / "z.txt").unlink(), "z.txt"),
+}
+
+
+@pytest.mark.parametrize("plane", KINDS, indirect=True)
+def test_done_refuses_outputs_changed_during_the_upload_and_commits_nothing_more(plane: Plane) -> None:
+    """The module changed out/data after calling /done (README, The folder contract): 409 naming the
+    file as the module sees it, no insight, meta or event stored; the restored outputs commit."""
+    event_id = "hostile-changing"
+    runtime = plane.runtime(event_id, extra=("--transfer.concurrency=1", "--transfer.tasks=1"))
+    out = runtime.layout.basedir / "out"
+    d = out / "data"
+    store = runtime.dataplane.blobs
+    put = store._put
+    fault: dict[str, object] = {}
+
+    async def put_then_change(local: Path, key: str):  # the provider's own transfer, then the change
+        stored = await put(local, key)
+        if local.name == "a.bin" and "change" in fault and "done" not in fault:
+            fault["change"](d)
+            fault["done"] = key
+        return stored
+
+    store._put = put_then_change
+
+    def outputs() -> None:
+        reset_outputs(out)
+        data(out, "a.bin", os.urandom(300_000))
+        data(out, "z.txt", b"z" * 1000)
+        event(out, "e1.json", pairs(("eventType", "file_discovered"), ("files", "a.bin,z.txt")))
+        (out / "meta.json").write_text(pairs(("k", "v")))
+
+    def stored() -> object:  # insight, event metas and events: what no refused /done may add
+        held = plane.committed(event_id)
+        return [p for p in held if not p.startswith("blobs")] if plane.stack is None else held[1:]
+
+    with TestClient(create_app(runtime)) as client:
+        assert client.get("/ready", headers=H).status_code == 200
+        before = stored()
+        for case, (change, named) in CHANGES.items():
+            outputs()
+            fault.clear()
+            fault["change"] = change
+            answer = client.get("/done", headers=H)
+            body = answer.json()
+            ANSWERS[plane.kind][("changing", case)] = (answer.status_code, body.get("message"))
+            assert fault.get("done") == blob_key(runtime.cfg, "a.bin"), case  # the change really happened
+            assert answer.status_code == 409, (case, body)
+            assert body["message"].startswith(f"out/data/{named}: changed after /done was called"), (case, body)
+            assert str(plane.root) not in body["message"], (case, body)
+            assert stored() == before, case
+            if case == "delete-another":  # a.bin's blob had landed before z.txt was found gone
+                assert asyncio.run(store.info(blob_key(runtime.cfg, "a.bin"))) is not None
+        # The module restores its outputs: the next /done commits them, blobs matching the files.
+        outputs()
+        fault.clear()
+        good = client.get("/done", headers=H)
+        assert good.status_code == 200 and good.json()["files"] == len(files_under(d)), good.text
+        for name in ("a.bin", "z.txt"):
+            info = asyncio.run(store.info(blob_key(runtime.cfg, name)))
+            assert info is not None and info.size == (d / name).stat().st_size, name
+    assert stored() != before
+    assert_no_run_left_running(event_id)
+
+
 @pytest.mark.parametrize("plane", KINDS, indirect=True)
 def test_ready_confines_every_path_and_key_of_an_event_meta(plane: Plane) -> None:
     event_id = "hostile-ready"
@@ -123,6 +205,7 @@ def test_ready_confines_every_path_and_key_of_an_event_meta(plane: Plane) -> Non
     # In development mode, the key ../../host_secret.txt would name this file, outside the blob folder.
     (plane.root / "host_secret.txt").write_text("the host's, not the module's")
     in_data = runtime.layout.in_data
+    record = runtime.layout.basedir / RECORD_DIR
     with TestClient(create_app(runtime)) as client:
         for case in [c for c in READY_CASES if c.id in HTTP_READY]:
             meta = EventMeta(id=event_id, eventId=event_id, correlationId="corr-hostile", parentEventId="someone",
@@ -137,10 +220,15 @@ def test_ready_confines_every_path_and_key_of_an_event_meta(plane: Plane) -> Non
             assert answer.status_code == 502, (case.id, body)
             expected = f"event meta '{event_id}' lists {case.what} '{case.shown}', which "
             assert expected in body["message"] and case.detail in body["message"], (case.id, body["message"])
-            created = files_under(plane.root) - files_before
+            # The sidecar's own run record (README, Restarts) is its state, not staged input.
+            created = {f for f in files_under(plane.root) - files_before if not (plane.root / f).is_relative_to(record)}
             outside = [f for f in created if not (plane.root / f).is_relative_to(in_data)]
             assert not outside and not created, (case.id, created)
             assert not [p for p in plane.root.rglob("*.partial")], case.id
+            # The refused /ready left the record consistent: nothing staged, its flow run reported.
+            kept = json.loads((record / RECORD_FILE).read_text())
+            assert kept["phase"] == "new" and kept["ready"] is None and kept["published"] == [], (case.id, kept)
+            assert kept["unreported"] == {}, (case.id, kept)
     assert not (in_data / "host_secret.txt").exists() and not (runtime.layout.in_meta).exists()
     assert_no_run_left_running(event_id)
 
