@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient
 from flows.runtime import Runtime, blob_key
 from sidecar.api import create_app
 from sidecar.cli import compose_config
+from sidecar.dataplane import build_dataplane
 from sidecar.models import BlobFile, EventMeta
 from sidecar.runstate import RECORD_DIR, RECORD_FILE
 from testsupport.hostile import (DONE_CASES, GOOD, HTTP_DONE, HTTP_READY, ODD_NAMES, ODD_VALUES, READY_CASES,
@@ -137,6 +138,20 @@ CHANGES = {
 }
 
 
+def stored_blob(runtime: Runtime, key: str):
+    """What the blob store holds under ``key``, read through a data plane of its own (the app's runs on
+    the TestClient's event loop, which this thread cannot await)."""
+
+    async def read():
+        plane = build_dataplane(runtime.cfg)
+        try:
+            return await plane.blobs.info(key)
+        finally:
+            await plane.close()
+
+    return asyncio.run(read())
+
+
 @pytest.mark.parametrize("plane", KINDS, indirect=True)
 def test_done_refuses_outputs_changed_during_the_upload_and_commits_nothing_more(plane: Plane) -> None:
     """The module changed out/data after calling /done (README, The folder contract): 409 naming the
@@ -185,14 +200,14 @@ def test_done_refuses_outputs_changed_during_the_upload_and_commits_nothing_more
             assert str(plane.root) not in body["message"], (case, body)
             assert stored() == before, case
             if case == "delete-another":  # a.bin's blob had landed before z.txt was found gone
-                assert asyncio.run(store.info(blob_key(runtime.cfg, "a.bin"))) is not None
+                assert stored_blob(runtime, blob_key(runtime.cfg, "a.bin")) is not None
         # The module restores its outputs: the next /done commits them, blobs matching the files.
         outputs()
         fault.clear()
         good = client.get("/done", headers=H)
         assert good.status_code == 200 and good.json()["files"] == len(files_under(d)), good.text
         for name in ("a.bin", "z.txt"):
-            info = asyncio.run(store.info(blob_key(runtime.cfg, name)))
+            info = stored_blob(runtime, blob_key(runtime.cfg, name))
             assert info is not None and info.size == (d / name).stat().st_size, name
     assert stored() != before
     assert_no_run_left_running(event_id)
