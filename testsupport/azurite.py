@@ -8,6 +8,7 @@ service only on a free loopback port with temporary storage. Flags (Azurite READ
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import ssl
 import subprocess
@@ -16,7 +17,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from sidecar.providers.azureblob.config import AzureBlobConfig
 from testsupport.identity import TlsFiles
@@ -117,3 +118,41 @@ def azure_config(azurite: Azurite, container: str | None = None, **overrides: ob
                           connecttimeoutseconds=5.0, readtimeoutseconds=10.0)
     settings.update(overrides)
     return AzureBlobConfig(**settings)
+
+
+async def peak_requests_in_flight(store: Any, folder: Path, data: dict[str, bytes], hold_seconds: float,
+                                  patch: Callable[[Any, str, Any], None]) -> tuple[int, int]:
+    """Upload ``data`` (``{name: bytes}``, all files at once) through the Azure ``store`` into keys
+    ``k/{name}``, then download them back into ``folder/in``, and return the most block uploads and
+    range downloads that were open at once, ``(up, down)``. Each SDK request is held ``hold_seconds``
+    longer so overlaps show; ``patch(obj, name, value)`` replaces the SDK's methods (pytest's
+    ``monkeypatch.setattr``). Asserts every byte came back; closes ``store``."""
+    from azure.storage.blob.aio import BlobClient
+
+    in_flight = peak = 0
+
+    def counted(method: Any) -> Any:
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            nonlocal in_flight, peak
+            in_flight += 1
+            peak = max(peak, in_flight)
+            try:
+                await asyncio.sleep(hold_seconds)
+                return await method(*args, **kwargs)
+            finally:
+                in_flight -= 1
+        return wrapper
+
+    patch(BlobClient, "stage_block", counted(BlobClient.stage_block))
+    patch(BlobClient, "download_blob", counted(BlobClient.download_blob))
+    for name, content in data.items():
+        (folder / name).write_bytes(content)
+    try:
+        infos = await asyncio.gather(*(store.upload(folder / name, f"k/{name}") for name in data))
+        up, peak = peak, 0
+        await asyncio.gather(*(store.download(f"k/{name}", folder / "in" / name, info)
+                               for name, info in zip(data, infos)))
+    finally:
+        await store.close()
+    assert all((folder / "in" / name).read_bytes() == content for name, content in data.items())
+    return up, peak

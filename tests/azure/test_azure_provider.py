@@ -24,13 +24,13 @@ from urllib.parse import parse_qs, urlparse
 
 import httpx
 import pytest
-from azure.storage.blob.aio import BlobClient, BlobServiceClient
+from azure.storage.blob.aio import BlobServiceClient
 
 from sidecar.cli import UsageError, compose_config
 from sidecar.providers.azureblob.store import azure_blob_store, env_proxy
 from sidecar.dataplane.blobs import BlobVerificationError
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable, is_transient
-from testsupport.azurite import ACCOUNT, TEST_CHUNK_BYTES, Azurite, azure_config
+from testsupport.azurite import ACCOUNT, TEST_CHUNK_BYTES, Azurite, azure_config, peak_requests_in_flight
 from testsupport.processes import ROOT, free_port, python_env
 
 pytestmark = pytest.mark.anyio
@@ -244,32 +244,7 @@ async def test_large_files_move_several_blocks_at_once_within_one_shared_budget(
     """Two files of 20 chunks at once, a budget of 4 chunks: several requests of each file overlap, and
     never more than the budget holds across both files, up or down."""
     chunk = TEST_CHUNK_BYTES
-    in_flight = peak = 0
-
-    def counted(method):
-        async def wrapper(*args, **kwargs):
-            nonlocal in_flight, peak
-            in_flight += 1
-            peak = max(peak, in_flight)
-            try:
-                await asyncio.sleep(0.02)  # hold the request open so that overlaps are observable
-                return await method(*args, **kwargs)
-            finally:
-                in_flight -= 1
-        return wrapper
-
-    monkeypatch.setattr(BlobClient, "stage_block", counted(BlobClient.stage_block))
-    monkeypatch.setattr(BlobClient, "download_blob", counted(BlobClient.download_blob))
     store = azure_blob_store(azure_config(azurite, inflightbytes=4 * chunk))
     data = {name: os.urandom(20 * chunk - 5) for name in ("a", "b")}
-    for name, content in data.items():
-        (tmp_path / name).write_bytes(content)
-    try:
-        infos = await asyncio.gather(*(store.upload(tmp_path / name, f"k/{name}") for name in data))
-        up, peak = peak, 0
-        await asyncio.gather(*(store.download(f"k/{name}", tmp_path / "in" / name, info)
-                               for name, info in zip(data, infos)))
-    finally:
-        await store.close()
-    assert all((tmp_path / "in" / name).read_bytes() == content for name, content in data.items())
+    up, peak = await peak_requests_in_flight(store, tmp_path, data, 0.02, monkeypatch.setattr)
     assert 1 < up <= 4 and 1 < peak <= 4, (up, peak)
