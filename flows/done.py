@@ -114,6 +114,13 @@ async def _publish_within_deadline(runtime: Runtime, events: list[Event], option
                                           f"({deadline.setting})") from None
 
 
+async def _commit_point() -> None:
+    """Let a pending cancellation (SIGTERM: ``PrefectApi.cancel_running``) stop the commit here, between
+    its steps: the development providers write files without ever waiting, so a cancelled flow used to
+    run on and store its metas and publish its events before the cancellation could reach it."""
+    await asyncio.sleep(0)
+
+
 @flow(name="done", flow_run_name="done-{runtime.cfg.context.name}-{runtime.cfg.context.eventid}",
       validate_parameters=False, persist_result=False, on_failure=[history.record_failure])
 @history.untagged_task_runs
@@ -150,17 +157,20 @@ async def done(runtime: Runtime) -> DoneSummary:
         for batch, infos in zip(batches, results):
             stored.update({f.path: info for f, info in zip(batch, infos)})
     crashpoints.reached("uploaded")
+    await _commit_point()
     insight = _insight(runtime, plan) if plan.insight else None
     if insight:
         await upsert_insight.with_options(**options)(runtime, insight)
     children = [_child(runtime, planned, stored) for planned in plan.events]
     if children:
         metas = [meta for meta, _ in children]
+        await _commit_point()
         await upsert_event_metas.with_options(**options)(runtime, metas, len(metas))
     crashpoints.reached("metas")
     recorded = set(runtime.run.record.published)
     pending = [event for _, event in children if event.id not in recorded]
     if pending:
+        await _commit_point()
         await _publish_within_deadline(runtime, pending, options)
     crashpoints.reached("published")
     summary = DoneSummary(

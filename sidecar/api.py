@@ -153,9 +153,15 @@ def create_app(runtime: Runtime) -> FastAPI:
             await prefect_api.stop()
             await runtime.dataplane.close()
 
+    def stop() -> None:
+        """SIGTERM: refuse new steps, and cancel the running call and its flow engine at once."""
+        state.stop()
+        prefect_api.cancel_running()
+
     app = FastAPI(title="ion-sidecar", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.run = state
     app.state.prefect = prefect_api
+    app.state.stop = stop
 
     @app.middleware("http")
     async def require_secret(request: Request, call_next):

@@ -457,4 +457,4 @@ def serve(cfg: SidecarConfig) -> None:
 
     configure_logging(cfg)
     app = create_app(Runtime.for_config(cfg))
-    run_server(app, cfg.host, cfg.serverport, on_stop=app.state.run.stop)
+    run_server(app, cfg.host, cfg.serverport, on_stop=app.state.stop)

@@ -526,6 +526,16 @@ class PrefectApi:
                 self._reported(flow_run_id)
                 log.info("flow run %s: reported %s after the Prefect API returned", flow_run_id, state.type.value)
 
+    def cancel_running(self) -> None:
+        """Cancel every running flow engine now (SIGTERM), so each stops committing at its next await.
+
+        Cancelling the call alone reached the engine one turn of the event loop later, after the
+        call's own task woke up; a flow whose steps no longer wait on the API (development providers,
+        untagged task runs) went on to store its metas and publish its events in between.
+        """
+        for engine in list(self._engines):
+            engine.cancel()
+
     async def stop(self) -> None:
         """Report what is still pending (bounded), send Prefect's queued logs and events, stop
         watching and leave the development server."""
