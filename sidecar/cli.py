@@ -147,7 +147,7 @@ def check_provider_choices(parsed: Parsed) -> None:
     for key, _ in parsed.values:
         if _provider_enabled_key(key):
             raise UsageError(f"unknown flag --{key} (choose the provider with --{key.split('.')[0]}=true|false)")
-    chosen: dict[str, str] = {}
+    chosen: dict[str, tuple[str, str]] = {}  # group -> (its choice, the override that made it)
     for override in parsed.overrides:
         name, _, value = override.partition("=")
         key = name.strip().lstrip("+~").strip()
@@ -163,12 +163,10 @@ def check_provider_choices(parsed: Parsed) -> None:
             raise UsageError(f"'{override}' cannot delete or move the choice of the {group} provider "
                              f"(use --{group}=true|false)")
         choice = value.strip()
-        if group in chosen and chosen[group] != choice:
-            first = next(o for o in parsed.overrides if o.strip().lstrip("+").startswith(group + "=")
-                         and o.partition("=")[2].strip() == chosen[group])
+        first_choice, first = chosen.setdefault(group, (choice, override))
+        if first_choice != choice:
             raise UsageError(f"{parsed.typed.get(first, first)} contradicts {parsed.typed.get(override, override)}: "
                              f"choose the {group} provider once")
-        chosen[group] = choice
 
 
 def _provider_enabled_key(key: str) -> bool:

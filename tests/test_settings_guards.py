@@ -50,6 +50,16 @@ def test_contradictory_or_deleted_choice_is_refused(flag: str, second: str) -> N
 
 
 @pytest.mark.parametrize("flag", list(SETTINGS))
+@pytest.mark.parametrize("first", ["{flag} ={on}", "++{flag}={on}", " {flag}= {on}"])
+def test_a_contradiction_names_the_first_choice_as_typed(flag: str, first: str) -> None:
+    # The first choice is named as typed, whatever its spelling (it was searched for again, and a blank
+    # before '=' made that search fail with a traceback instead of this line).
+    first = first.format(flag=flag, on=registry.groups()[flag][0])
+    message = refused([first, f"--{flag}=false", *SETTINGS[flag]])
+    assert f"{first} contradicts --{flag}=false" in message, message
+
+
+@pytest.mark.parametrize("flag", list(SETTINGS))
 def test_same_choice_twice_is_accepted(flag: str) -> None:
     on = registry.groups()[flag][0]
     cfg, _ = compose_config(BASE + [f"--{flag}=true", f"{flag}={on}", *SETTINGS[flag]])
