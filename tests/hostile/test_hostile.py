@@ -12,12 +12,12 @@ case runs on fresh ``out/`` files (or a fresh event meta) in the same process.
 from __future__ import annotations
 
 import asyncio
-
 import json
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Awaitable, Callable, TypeVar
 
 import httpx
 import pytest
@@ -26,15 +26,17 @@ from fastapi.testclient import TestClient
 from flows.runtime import Runtime, blob_key
 from sidecar.api import create_app
 from sidecar.cli import compose_config
-from sidecar.dataplane import build_dataplane
+from sidecar.dataplane import DataPlane, build_dataplane
+from sidecar.dataplane.blobs import BlobInfo
 from sidecar.models import BlobFile, EventMeta
 from sidecar.runstate import RECORD_DIR, RECORD_FILE
-from testsupport.hostile import (DONE_CASES, GOOD, HTTP_DONE, HTTP_READY, ODD_NAMES, ODD_VALUES, READY_CASES,
+from testsupport.hostile import (DONE_CASES, HTTP_DONE, HTTP_READY, ODD_NAMES, ODD_VALUES, READY_CASES,
                                   UNLISTABLE_NAMES, data, event, link, pairs, reset_outputs)
 from testsupport.processes import SECRET
 from testsupport.stack import Stack
 
 H = {"secret": SECRET}
+T = TypeVar("T")
 KINDS = ["dev", "real"]
 # (kind, test, case) -> (status, message): the two kinds must agree.
 ANSWERS: dict[str, dict[tuple[str, str], tuple[int, str]]] = {kind: {} for kind in KINDS}
@@ -138,18 +140,24 @@ CHANGES = {
 }
 
 
-def stored_blob(runtime: Runtime, key: str):
-    """What the blob store holds under ``key``, read through a data plane of its own (the app's runs on
-    the TestClient's event loop, which this thread cannot await)."""
+def on_own_dataplane(runtime: Runtime, work: Callable[[DataPlane], Awaitable[T]]) -> T:
+    """``work`` done by a data plane of its own, as another sidecar would: the app's providers live on
+    the TestClient's event loop, which this thread cannot await, and pymongo's client belongs to the
+    loop that made it (awaiting the app's store here swapped its client and left the old one open)."""
 
-    async def read():
+    async def run() -> T:
         plane = build_dataplane(runtime.cfg)
         try:
-            return await plane.blobs.info(key)
+            return await work(plane)
         finally:
             await plane.close()
 
-    return asyncio.run(read())
+    return asyncio.run(run())
+
+
+def stored_blob(runtime: Runtime, key: str) -> BlobInfo | None:
+    """What the blob store holds under ``key``."""
+    return on_own_dataplane(runtime, lambda plane: plane.blobs.info(key))
 
 
 @pytest.mark.parametrize("plane", KINDS, indirect=True)
@@ -227,7 +235,7 @@ def test_ready_confines_every_path_and_key_of_an_event_meta(plane: Plane) -> Non
                              eventType="file_discovered", producer="someone",
                              files=[BlobFile(path=p, key=k, size=5) for p, k in case.files],
                              data=[{"key": "k", "value": "v"}])
-            asyncio.run(runtime.dataplane.documents.upsert_event_metas([meta]))
+            on_own_dataplane(runtime, lambda plane: plane.documents.upsert_event_metas([meta]))
             files_before = files_under(plane.root)
             answer = client.get("/ready", headers=H)
             body = answer.json()
