@@ -80,7 +80,8 @@ class TransferConfig:
 
 @dataclass
 class CoreConfig:
-    """The whole configuration; ``conf/config.yaml`` composes it."""
+    """The sidecar's own settings: :data:`SidecarConfig` adds one field per data-plane provider to
+    make the whole configuration, which ``conf/config.yaml`` composes."""
 
     # maxeventbytes: at most Service Bus premium tier's 100 MB message limit (the standard tier's is 256 KiB).
     BOUNDS: ClassVar[dict[str, Bounds]] = {
@@ -103,7 +104,7 @@ class CoreConfig:
     valideventtypes: list[str] = field(default_factory=list)
     # The volume shared with the module, holding in/ and out/ (development mode's default: ./ion).
     basedir: str = "/ion"
-    # Local providers for every slot and debug dumps under devdir; no external service needed.
+    # Local providers for every building block and debug dumps under devdir; no external service needed.
     development: bool = False
     # Where development providers keep blobs, documents, events and debug dumps.
     devdir: str = ".dev"

@@ -14,8 +14,9 @@ from pathlib import Path
 
 
 class SettingsError(ValueError):
-    """A provider's settings cannot work (raised by its ``Config.check``); the message is one line
-    naming the flag, never a secret's value. The command line prints it and exits with code 2."""
+    """A setting cannot work: raised by a provider's ``Config.check`` and by ``sidecar.bounds.check_bounds``
+    (any numeric setting out of its range, the sidecar's own included). The message is one line naming
+    the flag, never a secret's value; the command line prints it and exits with code 2."""
 
 
 class SidecarError(Exception):

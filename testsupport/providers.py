@@ -85,6 +85,9 @@ class Provider:
     service: ClassVar[str | None] = None
 
     def open(self, service: Any, tmp_path: Path) -> Subject:
+        """A :class:`Subject` on ``service`` (the fixture named by :attr:`service`, None for a development
+        provider) whose development files live under ``tmp_path/.dev``; may start helpers (a proxy)
+        that ``Subject.close`` stops."""
         raise NotImplementedError
 
     def refusal_seen(self, subject: Subject, exc: BaseException) -> bool:

@@ -97,7 +97,7 @@ def token_credential(kind: CredentialKind, clientid: str, store: str) -> Provide
     Args:
         kind: ``default``, ``managedidentity`` or ``workloadidentity``.
         clientid: the user-assigned managed identity's or the app registration's client id, or ''.
-        store: the data-plane slot for error messages, e.g. ``"blob store"``.
+        store: the building block named in error messages, e.g. ``"blob store"``.
 
     Raises:
         ValueError: ``kind`` is ``key``, or azure-identity refuses the settings (e.g. workload identity
@@ -126,7 +126,7 @@ class ProviderCredential(AsyncTokenCredential):
     azure-servicebus's CBS put-token), so the error raised here is what the provider reports.
 
     Args:
-        inner: the azure-identity credential; ``name``: its type, shown in errors; ``store``: the slot.
+        inner: the azure-identity credential; ``name``: its type, shown in errors; ``store``: the building block.
     """
 
     def __init__(self, inner: AsyncTokenCredential, name: str, store: str):

@@ -4,8 +4,8 @@ A provider writes one function ``translate(exc, where) -> BaseException`` that k
 (azure-storage-blob, pymongo, azure-servicebus, the local file system) and answers with
 :func:`transient` (retried by the task, HTTP 503), :func:`permanent` (not retried, HTTP 502), a more
 specific sidecar error, or ``exc`` itself for what is no service error (a programming error surfaces
-unchanged). Every call to the service runs inside :func:`translated`, which passes the sidecar's own
-errors through untouched and chains the translated error to the original (``raise ... from exc``), so
+unchanged). Every call to the service runs inside :func:`translated`, which passes the data-plane
+errors already raised (``DataPlaneError``, ``DataPlaneUnavailable``) through untouched and chains the translated error to the original (``raise ... from exc``), so
 logs keep the library's traceback while the module sees one line. Messages name the store and the
 object (``where``: a blob, a collection, a topic) and the library's first line, never a secret.
 """

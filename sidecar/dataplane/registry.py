@@ -30,7 +30,7 @@ from typing import Any
 
 from sidecar.errors import SettingsError
 
-# The building blocks; each slot of the data plane (sidecar.dataplane.DataPlane) is one of them.
+# The building blocks; each field of the data plane (sidecar.dataplane.DataPlane) holds a provider of one.
 BLOBS, DOCUMENTS, EVENTS = "blobs", "documents", "events"
 # The option of every provider's config group that means "off" (the development provider).
 OFF = "dev"
@@ -53,6 +53,7 @@ class Provider:
     package: str
 
     def module(self) -> ModuleType:
+        """The provider's package, imported on first use (its service library is not: see ``create``)."""
         return importlib.import_module(self.package)
 
 
@@ -76,7 +77,8 @@ def schema(core: type) -> type:
     provider, named by its flag, holding its ``Config``. The result is called ``SidecarConfig``."""
     fields = [(p.flag, p.module().Config, dataclasses.field(default_factory=p.module().Config)) for p in PROVIDERS]
     made = dataclasses.make_dataclass("SidecarConfig", fields, bases=(core,))
-    made.__module__, made.__doc__ = core.__module__, core.__doc__
+    made.__module__ = core.__module__
+    made.__doc__ = "The whole configuration: the sidecar's own settings and one field per data-plane provider."
     return made
 
 
