@@ -5,18 +5,23 @@ database name, so tests isolate their data by collection name (:func:`collection
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
+import bson
 import pymongo
 
 from sidecar.providers.mongo.config import MongoConfig
 from testsupport.processes import dies_with_parent, free_port
+
 
 class NxServer:
     """An ``nx-27017`` process on 127.0.0.1:``port`` keeping its data in ``root/mongo.db``.
@@ -120,9 +125,6 @@ class AuthRefusingProxy:
     AUTH_COMMANDS = ("saslStart", "saslContinue", "authenticate")
 
     def __init__(self, upstream: int):
-        import asyncio
-        import threading
-
         self.upstream = upstream
         self.port = free_port()
         self.refused = 0
@@ -141,26 +143,14 @@ class AuthRefusingProxy:
         if not started.wait(10):
             raise RuntimeError("the authentication-refusing proxy did not start")
 
-    @property
-    def uri(self) -> str:
-        return f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
-
     def _command(self, message: bytes) -> str | None:
         """The command name of an ``OP_MSG`` (the first key of its body section), else None."""
-        import struct
-
-        import bson
-
         if struct.unpack_from("<i", message, 12)[0] != self.OP_MSG or message[20] != 0:  # kind 0: the body
             return None
         size = struct.unpack_from("<i", message, 21)[0]
         return next(iter(bson.decode(message[21:21 + size])), None)
 
     def _refusal(self, message: bytes) -> bytes:
-        import struct
-
-        import bson
-
         body = bson.encode({"ok": 0.0, "errmsg": "Authentication failed.", "code": 18,
                             "codeName": "AuthenticationFailed"})
         payload = struct.pack("<I", 0) + b"\x00" + body
@@ -168,9 +158,6 @@ class AuthRefusingProxy:
         return struct.pack("<iiii", 16 + len(payload), 0, request_id, self.OP_MSG) + payload
 
     async def _serve(self, reader, writer) -> None:
-        import asyncio
-        import struct
-
         self._tasks.add(asyncio.current_task())
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
@@ -204,8 +191,6 @@ class AuthRefusingProxy:
 
     def close(self) -> None:
         """Stop listening, end every connection and the proxy's thread."""
-        import asyncio
-
         async def shut() -> None:
             self._server.close()
             for task in list(self._tasks):
@@ -216,3 +201,5 @@ class AuthRefusingProxy:
         asyncio.run_coroutine_threadsafe(shut(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()

@@ -26,7 +26,7 @@ from sidecar.cli import compose_config
 from sidecar.dataplane import DataPlane, build_dataplane
 from sidecar.models import Event, EventMeta, Insight
 from testsupport.amqp_peer import AmqpPeer, emulator_connection_string
-from testsupport.azurite import ACCOUNT, Azurite
+from testsupport.azurite import Azurite
 from testsupport.mongo import AuthRefusingProxy, NxServer, collection_name
 from testsupport.processes import free_port
 from testsupport.servicebus import Received, receive_all, unique
@@ -130,7 +130,6 @@ class AzureBlobs(Provider):
                        unreachable=flags(nobody), refused=flags(azurite.connection_string(WRONG_ACCOUNT_KEY)),
                        secrets=(azurite.connection_string(), _account_key(azurite.connection_string()),
                                 WRONG_ACCOUNT_KEY))
-
 
     def refusal_seen(self, subject: Subject, exc: BaseException) -> bool:
         # Azurite answered 403 (AuthorizationFailure: the signature does not match the account key).

@@ -7,7 +7,6 @@ status codes (to see 5xx, MD5 mismatches and that the SDK sends each request onl
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os

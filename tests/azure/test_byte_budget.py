@@ -12,11 +12,6 @@ from sidecar.providers.azureblob.store import ByteBudget
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_holders_never_exceed_the_limit() -> None:
     budget = ByteBudget(100)
     held = peak = 0

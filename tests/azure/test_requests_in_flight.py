@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.bounds import KiB, MiB
 from sidecar.providers.azureblob.store import MAX_REQUESTS_IN_FLIGHT, ByteBudget, azure_blob_store
 from testsupport.azurite import Azurite, azure_config, peak_requests_in_flight
 
 pytestmark = pytest.mark.anyio
-KiB, MiB = 1024, 1024 * 1024
 
 
 async def test_budget_with_max_holders_grants_at_most_that_many() -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from flows.runtime import Runtime
 from sidecar.api import create_app
 from sidecar.runstate import RunStore
 from testsupport.runtime import H, dev_runtime, write_found_outputs
