@@ -131,9 +131,7 @@ async def download_verified(key: str, local: Path, expected: BlobInfo | None, ge
         DataPlaneUnavailable / DataPlaneError: the provider's ``translate(exc, key)``.
     """
     check_key(key)
-    # A short name of its own beside the target: ".{name}.partial" would not fit beside a name of
-    # 250 bytes or more (a segment is at most 255), and could be another input's name.
-    partial = local.with_name(f".{hashlib.md5(os.fsencode(local.name)).hexdigest()[:16]}.partial")
+    partial = partial_path(local)
     try:
         local.parent.mkdir(parents=True, exist_ok=True)
         received_md5 = await get(key, partial, expected.size if expected else None)
@@ -167,6 +165,13 @@ async def download_verified(key: str, local: Path, expected: BlobInfo | None, ge
     return BlobInfo(key, size, expected.md5 if expected else None)
 
 
+def partial_path(local: Path) -> Path:
+    """Where a download into ``local`` is written before it is verified and renamed into place: a short
+    name of its own beside it. ``.{name}.partial`` would not fit beside a name of 250 bytes or more (a
+    segment is at most 255), and could be another input's name."""
+    return local.with_name(f".{hashlib.md5(os.fsencode(local.name)).hexdigest()[:16]}.partial")
+
+
 # Errors that only a local file system gives (a full or read-only volume, refused permissions, a
 # file where a folder should be): without a file name they still mean the module's volume.
 LOCAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
@@ -185,7 +190,7 @@ def local_error(exc: BaseException, local: Path) -> VolumeError | None:
     names = [Path(os.path.abspath(n)) for n in (exc.filename, exc.filename2) if isinstance(n, (str, os.PathLike))]
     target = Path(os.path.abspath(local))
     if names:
-        mine = {target, target.with_name(f".{target.name}.partial"), *target.parents}
+        mine = {target, partial_path(target), *target.parents}
         hit = next((n for n in names if n in mine), None)
         return VolumeError(str(hit), exc) if hit is not None else None
     return VolumeError(str(target), exc) if exc.errno in LOCAL_ERRNOS else None
