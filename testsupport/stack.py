@@ -100,21 +100,23 @@ def run_stack(root: Path) -> Iterator[Stack]:
     """
     mongo = NxServer(root)
     mongo.start()
-    peer = AmqpPeer(free_port()).start()
     try:
-        with run_azurite() as azurite:
-            proxies = [FaultProxy(azurite.port), FaultProxy(mongo.port), FaultProxy(peer.port)]
-            topic = peer.create_topic(unique("ion-events"), ["next-module"]).name
-            stack = Stack(azurite, mongo, peer, *proxies, container=unique("ion").lower().replace("_", "-"),
-                          collection=collection_name("prod"), topic=topic)
-            try:
-                yield stack
-            finally:
-                for proxy in proxies:
-                    proxy.close()
+        peer = AmqpPeer(free_port()).start()
+        try:
+            with run_azurite() as azurite:
+                proxies = [FaultProxy(azurite.port), FaultProxy(mongo.port), FaultProxy(peer.port)]
+                topic = peer.create_topic(unique("ion-events"), ["next-module"]).name
+                stack = Stack(azurite, mongo, peer, *proxies, container=unique("ion").lower().replace("_", "-"),
+                              collection=collection_name("prod"), topic=topic)
+                try:
+                    yield stack
+                finally:
+                    for proxy in proxies:
+                        proxy.close()
+        finally:
+            peer.stop()
     finally:
-        peer.stop()
-        mongo.stop()
+        mongo.stop()  # also when the peer or Azurite could not start
 
 
 def seed_args(stack: Stack, event_id: str, correlation_id: str, name: str, parent: str = "") -> list[str]:
