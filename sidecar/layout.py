@@ -346,6 +346,8 @@ def plan_outputs(layout: ModuleLayout, valid_event_types: list[str], max_event_b
             if text_problem(entry.name):
                 raise InputError(where, "the file name is not valid UTF-8")
             _check_inside_out(layout, entry, where)
+            if not entry.is_file():  # a link inside out/ to a folder (read: a 500) or a FIFO (read: a hang)
+                raise InputError(where, "is not an event file: it links to something that is not a file")
             pairs = read_pairs(entry, where, max_event_bytes, empty_ok=False)
             events.append(_plan_event(entry.name, where, pairs, valid_event_types, by_path))
     return DonePlan(files=files, insight=insight, events=events)

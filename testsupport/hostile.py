@@ -135,6 +135,8 @@ DONE_CASES: list[DoneCase] = [
              "out/events/e1.txt", "is not an event file"),
     DoneCase("event-folder", lambda out: (out / "events" / "sub.json").mkdir(),
              "out/events/sub.json", "is not an event file"),
+    DoneCase("event-link-to-folder", lambda out: os.symlink("../data", out / "events" / "sub.json"),
+             "out/events/sub.json", "is not an event file"),
     DoneCase("out-data-is-a-file", lambda out: (shutil.rmtree(out / "data"), (out / "data").write_text("x")),
              "out/data", "is not a folder"),
     DoneCase("out-events-is-a-file", lambda out: (shutil.rmtree(out / "events"), (out / "events").write_text("x")),
