@@ -203,7 +203,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     async def run_step(step: Phase, flow: Callable[[Runtime], Awaitable[Any]]) -> Any:
         async def start() -> Any:
-            with tagged(cfg.context):  # the flow run (and its task runs) carry the run's ids
+            with tagged(cfg.context):  # the flow run carries the run's ids (its task runs none: flows/history.py)
                 return await prefect_api.run(flow, runtime)
 
         return await state.run(step, start)
