@@ -11,9 +11,28 @@ from __future__ import annotations
 
 import errno
 import traceback
+from typing import Any, Awaitable, Callable
 
+from sidecar.dataplane import DataPlane
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable, is_transient, timed_out
 from testsupport.providers import Subject, chain
+
+
+async def failure_of(subject: Subject, flags: list[str], act: Callable[[DataPlane], Awaitable[Any]]) -> Exception:
+    """What ``act`` raised on a data plane opened on ``flags`` (one of ``subject``'s flag sets, e.g.
+    ``subject.unreachable``); the data plane is closed either way.
+
+    Raises:
+        AssertionError: ``act`` succeeded against a service that should have failed it.
+    """
+    dataplane = subject.dataplane(flags)
+    try:
+        await act(dataplane)
+    except Exception as exc:  # noqa: BLE001 - the caller asserts what it is
+        return exc
+    finally:
+        await dataplane.close()
+    raise AssertionError("the call succeeded against a service that should have failed it")
 
 
 def connection_refused(exc: BaseException) -> bool:

@@ -17,7 +17,7 @@ import pytest
 
 from sidecar.errors import DataPlaneError
 from sidecar.paths import shown
-from testsupport.contract import assert_no_secret, assert_refused, assert_unavailable
+from testsupport.contract import assert_no_secret, assert_refused, assert_unavailable, failure_of
 from testsupport.hostile import ODD_NAMES, READY_CASES, REFUSED_NAMES, UNLISTABLE_NAMES
 from testsupport.providers import Subject
 
@@ -33,19 +33,12 @@ BAD_KEYS = [(f"evt/mod/{name}", detail) for name, _, detail in REFUSED_NAMES if 
 
 async def attempt(subject: Subject, flags: list[str], tmp_path: Path, action: str) -> BaseException:
     """Upload or download one blob with a provider opened on ``flags``; returns what it raised."""
-    dataplane = subject.dataplane(flags)
     source = tmp_path / "f.txt"
     source.write_bytes(b"hello")
-    try:
-        if action == "upload":
-            await dataplane.blobs.upload(source, "evt/mod/f.txt")
-        else:
-            await dataplane.blobs.download("evt/mod/f.txt", tmp_path / "in" / "f.txt")
-    except Exception as exc:  # noqa: BLE001 - the test asserts what it is
-        return exc
-    finally:
-        await dataplane.close()
-    raise AssertionError(f"{action} succeeded against a service that should have failed it")
+    if action == "upload":
+        return await failure_of(subject, flags, lambda plane: plane.blobs.upload(source, "evt/mod/f.txt"))
+    return await failure_of(subject, flags,
+                            lambda plane: plane.blobs.download("evt/mod/f.txt", tmp_path / "in" / "f.txt"))
 
 
 @pytest.mark.parametrize("action", ["upload", "download"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.paths import segment_problem
-from testsupport.contract import assert_no_secret, assert_refused, assert_unavailable
+from testsupport.contract import assert_no_secret, assert_refused, assert_unavailable, failure_of
 from testsupport.hostile import ODD_NAMES, ODD_VALUES, UNLISTABLE_NAMES
 from testsupport.providers import DocumentSubject, insight, meta
 
@@ -32,17 +32,10 @@ HOSTILE_IDS = [i for i in HOSTILE_IDS if segment_problem(i) is None]
 
 
 async def attempt(subject: DocumentSubject, flags: list[str], action: str) -> BaseException:
-    dataplane = subject.dataplane(flags)
-    try:
-        if action == "read":
-            await dataplane.documents.get_event_meta("evt-x")
-        else:
-            await dataplane.documents.upsert_event_metas([meta("evt-x")])
-    except Exception as exc:  # noqa: BLE001 - the test asserts what it is
-        return exc
-    finally:
-        await dataplane.close()
-    raise AssertionError(f"{action} succeeded against a server that should have failed it")
+    """Read or write the event meta of ``evt-x`` with a provider opened on ``flags``; what it raised."""
+    if action == "read":
+        return await failure_of(subject, flags, lambda plane: plane.documents.get_event_meta("evt-x"))
+    return await failure_of(subject, flags, lambda plane: plane.documents.upsert_event_metas([meta("evt-x")]))
 
 
 @pytest.mark.parametrize("action", ["read", "write"])

@@ -15,7 +15,7 @@ import pytest
 
 from sidecar.errors import DataPlaneError, is_transient
 from sidecar.models import Event, EventContext, KeyValuePair
-from testsupport.contract import assert_no_secret, assert_refused, assert_unavailable
+from testsupport.contract import assert_no_secret, assert_refused, assert_unavailable, failure_of
 from testsupport.hostile import ODD_VALUES
 from testsupport.providers import EventSubject
 from testsupport.servicebus import make_events, unique
@@ -24,18 +24,8 @@ STORE = "event bus"
 
 
 def attempt(subject: EventSubject, flags: list[str], events: list[Event]) -> BaseException:
-    async def run() -> None:
-        dataplane = subject.dataplane(flags)
-        try:
-            await dataplane.events.publish(events)
-        finally:
-            await dataplane.close()
-
-    try:
-        asyncio.run(run())
-    except Exception as exc:  # noqa: BLE001 - the test asserts what it is
-        return exc
-    raise AssertionError("the publish succeeded against a bus that should have failed it")
+    """Publish ``events`` with a provider opened on ``flags``; returns what it raised."""
+    return asyncio.run(failure_of(subject, flags, lambda plane: plane.events.publish(events)))
 
 
 def test_unreachable_bus_is_retryable_and_shows_no_secret(remote_event_subject: EventSubject,
