@@ -30,10 +30,15 @@ class DataPlane:
     dumps: "DebugDumps"
 
     async def close(self) -> None:
-        """Close every provider's connections."""
-        await self.blobs.close()
-        await self.documents.close()
-        await self.events.close()
+        """Close every provider's connections, each one even when closing another failed (an error is
+        raised once all were tried, chained to any earlier one)."""
+        try:
+            await self.blobs.close()
+        finally:
+            try:
+                await self.documents.close()
+            finally:
+                await self.events.close()
 
 
 def build_dataplane(cfg: "SidecarConfig") -> DataPlane:
