@@ -98,10 +98,16 @@ def run_wave(cwd: Path, api_url: str, n: int, *, prefix: str, parents: list[tupl
                 return None
 
             go_ready.wait()
-            if call("/ready") is None:
-                go_done.abort()
+            try:
+                if call("/ready") is None:
+                    go_done.abort()
+                    return
+                _module_outputs(sidecar.basedir, i)
+            except Exception as exc:  # noqa: BLE001 - a failure of this run, not a wave that waits for ever
+                with lock:
+                    wave.failures.append(f"{sidecar.basedir.name} before /done: {type(exc).__name__}: {exc}")
+                go_done.abort()  # the others would wait at the barrier for this thread
                 return
-            _module_outputs(sidecar.basedir, i)
             try:
                 go_done.wait()
             except threading.BrokenBarrierError:
