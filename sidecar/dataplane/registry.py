@@ -117,17 +117,22 @@ def enabled(cfg: Any) -> list[Provider]:
 
 
 def check(cfg: Any) -> None:
-    """Run the validation of every enabled provider of the typed ``cfg`` (its ``Config.check``).
+    """Run the validation of every enabled provider of the typed ``cfg``: its numeric settings against
+    their ``BOUNDS`` (``sidecar.bounds``), then its ``Config.check``.
 
     Raises:
         SettingsError: the first problem, naming the flag; or two enabled providers of one block.
     """
+    from sidecar.bounds import check_bounds
+
     on = enabled(cfg)
     for p in on:
         other = next((q for q in on if q.block == p.block and q is not p), None)
         if other is not None:
             raise SettingsError(f"--{p.flag}=true contradicts --{other.flag}=true: both provide the {p.block}")
-        getattr(cfg, p.flag).check()
+        settings = getattr(cfg, p.flag)
+        check_bounds(settings, f"{p.flag}.")
+        settings.check()
 
 
 def create(cfg: Any, block: str, devdir: Path) -> Any:

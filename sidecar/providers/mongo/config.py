@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from sidecar.bounds import Bounds, check_bounds
+from sidecar.bounds import Bounds
 from sidecar.errors import SettingsError
 
 
@@ -47,12 +47,12 @@ class MongoConfig:
     sockettimeoutseconds: float = 30.0
 
     def check(self) -> None:
-        """Refuse settings that cannot connect (called only when the provider is on).
+        """Refuse settings that cannot connect (called only when the provider is on, after its numbers
+        were checked against ``BOUNDS`` by ``sidecar.dataplane.registry.check``).
 
         Raises:
-            SettingsError: naming the flags to set, or a number out of its range (``BOUNDS``).
+            SettingsError: naming the flags to set, or a URI or collection name pymongo refuses.
         """
-        check_bounds(self, "mongodbdocprovider.")
         if not self.uri and not (self.name and self.password):
             raise SettingsError("--mongodbdocprovider=true needs --mongodbdocprovider.name and .password, "
                                 "or --mongodbdocprovider.uri")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from sidecar.bounds import Bounds, check_bounds
+from sidecar.bounds import Bounds
 from sidecar.dataplane.credentials import CredentialKind, check_token_settings
 from sidecar.errors import SettingsError
 
@@ -40,14 +40,14 @@ class ServiceBusConfig:
     clientid: str = ""
 
     def check(self) -> None:
-        """Refuse settings that cannot sign in (called only when the provider is on).
+        """Refuse settings that cannot sign in (called only when the provider is on, after its numbers
+        were checked against ``BOUNDS`` by ``sidecar.dataplane.registry.check``).
 
         Raises:
             SettingsError: naming the flags (a token credential mixed with a key, workload identity
-                without its environment, a client id without a token credential, no way to sign in,
-                a number out of its range (``BOUNDS``)).
+                without its environment, a client id without a token credential, no way to sign in, a
+                connection string azure-servicebus refuses).
         """
-        check_bounds(self, "servicebuseventprovider.")
         if self.credential is not CredentialKind.key:
             check_token_settings("servicebuseventprovider", self.credential, self.clientid,
                                  {"connectionstring": self.connectionstring, "key": self.key})
