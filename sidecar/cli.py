@@ -333,6 +333,7 @@ def literal(value: str) -> str:
 def _set(cfg: DictConfig, key: str, value: str) -> None:
     """Set ``key`` to the literal ``value`` of ``--key=value`` (typed and checked by the schema)."""
     node_value: object = literal(value)
+    shown_value = "***" if key in SECRET_KEYS else value  # as messages show it
     if key == "valideventtypes":
         node_value = [literal(v.strip()) for v in value.split(",") if v.strip()]
     elif "${" in value:
@@ -340,7 +341,6 @@ def _set(cfg: DictConfig, key: str, value: str) -> None:
         # resolves it; a number, a switch or a level never holds "${", so say so here, naming the flag.
         current = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
         if current is not None and type(current) is not str:
-            shown_value = "***" if key in SECRET_KEYS else value
             raise UsageError(f"--{key}={shown_value}: Value '{shown_value}' could not be converted to "
                              f"{type(current).__name__}")
     try:
@@ -348,8 +348,7 @@ def _set(cfg: DictConfig, key: str, value: str) -> None:
     except OmegaConfBaseException as exc:
         if "not in struct" in str(exc) or "Key '" in str(exc) and "not" in str(exc):
             raise UsageError(f"unknown flag --{key}") from None
-        shown = "***" if key in SECRET_KEYS else value
-        raise UsageError(f"--{key}={shown}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"--{key}={shown_value}: {str(exc).splitlines()[0]}") from None
 
 
 def check(cfg: SidecarConfig) -> None:
