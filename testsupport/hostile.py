@@ -56,8 +56,6 @@ def pairs(*kv: tuple[str, str]) -> str:
     return json.dumps([{"key": k, "value": v} for k, v in kv])
 
 
-
-
 # Every name a refused_name case below refuses: (name, shown, detail). The blob store refuses the
 # same names as keys (tests/conformance), so one list serves both.
 REFUSED_NAMES: list[tuple[str | bytes, str, str]] = []

@@ -68,8 +68,9 @@ class Layout:
 
 def secret_problem(secret: str) -> str | None:
     """Why ``secret`` cannot travel in the ``secret`` header unchanged (a phrase that never quotes it),
-    or None. The sidecar applies this function at start-up (``sidecar/sharedsecret.py``): HTTP strips blanks at either end of a header value and forbids control characters,
-    and the value travels as the secret's UTF-8 bytes."""
+    or None. The sidecar applies this function at start-up (``sidecar/sharedsecret.py``): HTTP strips
+    blanks at either end of a header value and forbids control characters, and the value travels as
+    the secret's UTF-8 bytes."""
     if not secret:
         return "is empty"
     if secret != secret.strip(" \t"):
