@@ -39,12 +39,15 @@ def data(out: Path, name: str | bytes, content: bytes = b"x" * 100) -> None:
 
 
 def link(out: Path, name: str, target: str | Path) -> None:
+    """Make ``out/data/{name}`` a symlink to ``target`` (as given: relative targets stay relative)."""
     path = out / "data" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     os.symlink(target, path)
 
 
 def event(out: Path, name: str | bytes, raw: str | bytes) -> None:
+    """Write the event file ``out/events/{name}`` (``bytes``: a name that need not be UTF-8) holding
+    ``raw`` (text is written as UTF-8)."""
     folder = os.fsencode(out / "events")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, name if isinstance(name, bytes) else os.fsencode(name)), "wb") as f:
@@ -62,6 +65,8 @@ REFUSED_NAMES: list[tuple[str | bytes, str, str]] = []
 
 
 def refused_name(case_id: str, name: str | bytes, shown: str, detail: str) -> DoneCase:
+    """The case of an output file named ``name`` that /done refuses (``shown`` as the message shows
+    it, with ``detail``); the name is also listed in :data:`REFUSED_NAMES` for the blob store's keys."""
     REFUSED_NAMES.append((name, shown, detail))
     return DoneCase(case_id, lambda out: data(out, name), f"out/data/{shown}", detail)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 
 def pairs(**kv: str) -> list[dict]:
+    """``kv`` as a KeyValuePairs array (JSON-able), in argument order."""
     return [{"key": k, "value": v} for k, v in kv.items()]
 
 
