@@ -13,8 +13,9 @@ correlation tag shows a whole graph run. Each run leaves artifacts keyed per ste
   :data:`PROGRESS_AFTER_SECONDS` (see :class:`TransferProgress`).
 
 Lists are capped (:data:`MAX_ROWS`) with a last row counting what was left out, so 100,000 files make
-a table of ``MAX_ROWS + 1`` rows. History never fails a run: an artifact that cannot be written is
-logged as a warning and the run goes on. Source: Prefect 3 artifacts
+a table of ``MAX_ROWS + 1`` rows. History never fails or delays a run: an artifact that cannot be
+written within :data:`WRITE_SECONDS`, or while the Prefect API is down, is logged as a warning and
+left out (``sidecar.orchestration.while_api_answers``), and the run goes on. Source: Prefect 3 artifacts
 (https://docs.prefect.io/v3/concepts/artifacts), ``prefect.tags``.
 """
 
@@ -45,6 +46,7 @@ from sidecar.dataplane.blobs import BlobInfo
 from sidecar.errors import InputError, SidecarError
 from sidecar.layout import DonePlan
 from sidecar.models import BlobFile, Event, EventMeta, Insight, KeyValuePair
+from sidecar.orchestration import while_api_answers
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,9 @@ MAX_CELL_CHARS = 200
 MAX_EVENT_FILES = 10
 # Files a markdown report lists (its table artifact lists up to MAX_ROWS).
 MAX_REPORT_FILES = 20
+# A history write gives up after this long, seconds (sooner when the API is found down): the writes
+# run after the commit, and a committed call's answer must not wait for Prefect's minute of retries.
+WRITE_SECONDS = 20.0
 # A transfer gets a progress artifact once it has lasted this long, seconds...
 PROGRESS_AFTER_SECONDS = 1.5
 # ...and the artifact is updated at most this often, seconds.
@@ -209,7 +214,7 @@ def _header(step: str, runtime: Runtime) -> str:
 
 async def _quietly(what: str, work: Awaitable[Any]) -> None:
     try:
-        await work
+        await while_api_answers(work, WRITE_SECONDS)
     except Exception as exc:  # noqa: BLE001 - history never fails a run
         log.warning("could not record %s in the run history: %s: %s", what, type(exc).__name__, exc)
 

@@ -40,7 +40,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 import httpx
 from prefect import Flow
@@ -48,6 +48,8 @@ from prefect import Flow
 from sidecar.errors import SidecarError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # How often an answering API is probed again, seconds (what /healthz may lag behind).
 CHECK_SECONDS = 3.0
@@ -133,6 +135,9 @@ class _Outcome:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     result: Any = None
     error: BaseException | None = None
+    api: "PrefectApi | None" = None
+    # Set once a bounded write of this run (history) found the API gone: the run's later writes skip.
+    api_lost: bool = False
 
 
 _OUTCOME: contextvars.ContextVar[_Outcome | None] = contextvars.ContextVar("sidecar_flow_outcome", default=None)
@@ -193,6 +198,7 @@ class PrefectApi:
         self.reason = "starting"
         self.ever_available = False
         self._available = asyncio.Event()
+        self._lost = asyncio.Event()  # set while the last probe found the API unavailable
         self._wake = asyncio.Event()
         self._devserver = None
         self._task: asyncio.Task | None = None
@@ -305,6 +311,7 @@ class PrefectApi:
             self.ever_available = True
             self.reason = "ok"
             self._available.set()
+            self._lost.clear()
         else:
             if was or reason != self.reason:
                 # Before the first answer this is the normal start-up wait (a development server takes
@@ -315,6 +322,8 @@ class PrefectApi:
                     log.info("waiting for the Prefect API: %s", reason)
             self.reason = reason
             self._available.clear()
+            if self.ever_available:
+                self._lost.set()
 
     async def _sleep(self, seconds: float) -> None:
         try:
@@ -362,7 +371,7 @@ class PrefectApi:
             SidecarError: whatever the body raised (its final state is reported, later if need be).
         """
         await self.wait()
-        outcome = _Outcome(on_start=self._started)
+        outcome = _Outcome(on_start=self._started, api=self)
         token = _OUTCOME.set(outcome)
         try:
             engine = asyncio.create_task(self.flows.get(flow, flow)(*args))
@@ -573,6 +582,51 @@ class PrefectApi:
                 await asyncio.wait_for(worker.drain_all(timeout=self.timeout), self.timeout)
             except Exception as exc:  # noqa: BLE001 - shutting down; report, never block the exit
                 log.warning("could not send the remaining %s items to the Prefect API: %s", worker.__name__, exc)
+
+
+async def while_api_answers(work: Awaitable[T], seconds: float) -> T:
+    """Await ``work`` (a write to the Prefect API made inside a flow run's body, e.g. an artifact)
+    while the API answers, for at most ``seconds``.
+
+    Prefect's client retries a failed request for about a minute (module docstring), and a body's
+    writes run after its commit, so an outage would hold a committed ``/done``'s answer that long.
+    Instead the write is abandoned as soon as the API watcher finds the API gone (or the deadline
+    passes), and the flow run's later bounded writes are skipped at once. Outside a tracked flow run
+    only the deadline applies.
+
+    Raises:
+        PrefectUnavailable: the API was or went unavailable, or ``seconds`` passed; ``work`` was cancelled.
+        Exception: whatever ``work`` raised otherwise.
+    """
+    outcome = _OUTCOME.get()
+    api = outcome.api if outcome is not None else None
+    if outcome is not None and (outcome.api_lost or (api is not None and api._lost.is_set())):
+        if asyncio.iscoroutine(work):
+            work.close()
+        raise PrefectUnavailable(f"Prefect API unavailable: {api.reason if api else 'lost earlier in this run'}")
+    job = asyncio.ensure_future(work)
+    lost = asyncio.ensure_future(api._lost.wait()) if api is not None else None
+    try:
+        await asyncio.wait([job, lost] if lost else [job], timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if lost is not None:
+            lost.cancel()
+    if job.done():
+        exc = job.exception()
+        if exc is not None and is_outage(exc) and outcome is not None:
+            outcome.api_lost = True
+            if api is not None:
+                api.check_soon()
+        return job.result()
+    job.cancel()
+    await asyncio.gather(job, return_exceptions=True)
+    if outcome is not None:
+        outcome.api_lost = True
+    if api is not None:
+        api.check_soon()
+        if api._lost.is_set():
+            raise PrefectUnavailable(f"Prefect API unavailable: {api.reason}")
+    raise PrefectUnavailable(f"Prefect API unavailable: no answer in {seconds:g} s")
 
 
 def fleet_slot(name: str):

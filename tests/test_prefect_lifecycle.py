@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import psutil
@@ -36,6 +39,40 @@ def _wait_status(sidecar: SidecarProcess, status: int, timeout: float) -> httpx.
     raise AssertionError(f"/healthz never answered {status}; last {response.status_code} {response.text}")
 
 
+@contextmanager
+def _health_watched(sidecar: SidecarProcess) -> Iterator[list[httpx.Response]]:
+    """Poll ``sidecar``'s /healthz every 0.1 s from before a fault on, so a short 503 window is seen even
+    while the test itself waits for processes to exit; yields the answers so far."""
+    seen: list[httpx.Response] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(httpx.get(f"{sidecar.url}/healthz", timeout=5))
+            except httpx.HTTPError:
+                pass
+            stop.wait(0.1)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        poller.join(10)
+
+
+def _first(seen: list[httpx.Response], status: int, timeout: float) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for response in list(seen):
+            if response.status_code == status:
+                return response
+        time.sleep(0.1)
+    raise AssertionError(f"/healthz never answered {status}: {[r.status_code for r in seen][-20:]}")
+
+
 def test_one_supervised_dev_server_per_working_directory(tmp_path: Path) -> None:
     env = {"PREFECT_API_URL": "", "PREFECT_HOME": str(tmp_path / "home")}
     state_dir = tmp_path / ".dev" / "prefect"
@@ -61,9 +98,10 @@ def test_one_supervised_dev_server_per_working_directory(tmp_path: Path) -> None
         assert sidecars[0].get("/ready").status_code == 200
 
         # The server dies: health says so, the supervisor restarts it on the same port, calls work.
-        server.kill()
-        server.wait(10)
-        down = _wait_status(sidecars[1], 503, 10)
+        with _health_watched(sidecars[1]) as seen:
+            server.kill()
+            server.wait(10)
+            down = _first(seen, 503, 15)
         assert "Prefect API unavailable" in down.json()["message"]
         _wait_status(sidecars[1], 200, 120)
         assert json.loads((state_dir / "server.json").read_text())["url"] == info["url"]
@@ -72,10 +110,11 @@ def test_one_supervised_dev_server_per_working_directory(tmp_path: Path) -> None
 
         # The supervisor itself is killed: its server goes with it, and the sidecars start a new one.
         server = psutil.Process(int((state_dir / "server.pid").read_text()))
-        supervisors[0].kill()
-        psutil.wait_procs([supervisors[0], server], timeout=10)
-        assert not server.is_running(), "the server outlived its supervisor"
-        _wait_status(sidecars[2], 503, 15)
+        with _health_watched(sidecars[2]) as seen:
+            supervisors[0].kill()
+            psutil.wait_procs([supervisors[0], server], timeout=10)
+            assert not server.is_running(), "the server outlived its supervisor"
+            _first(seen, 503, 15)
         _wait_status(sidecars[2], 200, 180)
         supervisors = _supervisors(state_dir)
         assert len(supervisors) == 1, [p.cmdline() for p in supervisors]

@@ -146,6 +146,7 @@ def test_sidecar_rides_out_prefect_outages(tmp_path: Path) -> None:
         def call_done() -> None:
             answer["response"] = second.get("/done", timeout=300)
             answer["at"] = time.monotonic()
+            answer["wall"] = time.time()
 
         caller = threading.Thread(target=call_done)
         caller.start()
@@ -162,6 +163,12 @@ def test_sidecar_rides_out_prefect_outages(tmp_path: Path) -> None:
         assert server.proc.poll() is not None and answer["at"] > killed_at, "/done answered before the outage"
         assert len(list(blobs.iterdir())) == 1200
         assert len(response.json()["events"]) == 1
+        # The commit's last step (the child event) is answered promptly, not after the Prefect client's
+        # minute of retries of the run-history writes that follow it.
+        published = [p for p in (tmp_path / "b" / ".dev" / "events").rglob("*") if p.is_file()]
+        assert published, "no child event was published"
+        late = answer["wall"] - max(p.stat().st_mtime for p in published)
+        assert late < 30, f"/done answered {late:.1f} s after its commit"
         flow_run_id = response.json()["flowRunId"]
         server.start()
         wait_state(server.url, flow_run_id, "COMPLETED", 120)
