@@ -11,6 +11,7 @@ and translate the rest with the provider's ``translate`` (``sidecar.dataplane.er
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import os
@@ -136,7 +137,7 @@ async def download_verified(key: str, local: Path, expected: BlobInfo | None, ge
         local.parent.mkdir(parents=True, exist_ok=True)
         received_md5 = await get(key, partial, expected.size if expected else None)
     except Exception as exc:  # noqa: BLE001
-        partial.unlink(missing_ok=True)
+        _discard(partial)
         if isinstance(exc, (DataPlaneError, DataPlaneUnavailable)):
             raise
         volume = local_error(exc, partial)
@@ -146,23 +147,30 @@ async def download_verified(key: str, local: Path, expected: BlobInfo | None, ge
             raise DataPlaneError(STORE, f"blob '{key}' does not exist") from None
         raise translate(exc, key) from exc
     except BaseException:  # cancelled (a sibling failed): leave nothing behind in in/data
-        partial.unlink(missing_ok=True)
+        _discard(partial)
         raise
     size = partial.stat().st_size
     if expected is not None and expected.size != size:
-        partial.unlink(missing_ok=True)
+        _discard(partial)
         raise BlobVerificationError(key, f"received {size}, expected {expected.size} bytes")
     if expected is not None and expected.md5:
         received_md5 = received_md5 or await asyncio.to_thread(file_md5, partial)
         if received_md5 != expected.md5:
-            partial.unlink(missing_ok=True)
+            _discard(partial)
             raise BlobVerificationError(key, f"received MD5 {received_md5}, expected {expected.md5}")
     try:
         os.replace(partial, local)
     except OSError as exc:
-        partial.unlink(missing_ok=True)
+        _discard(partial)
         raise (local_error(exc, local) or exc) from exc
     return BlobInfo(key, size, expected.md5 if expected else None)
+
+
+def _discard(partial: Path) -> None:
+    """Remove a failed download's partial file, if any; a cleanup that fails (e.g. a folder at that
+    name) must not hide the error being raised."""
+    with contextlib.suppress(OSError):
+        partial.unlink(missing_ok=True)
 
 
 def partial_path(local: Path) -> Path:

@@ -7,6 +7,7 @@ status codes (to see 5xx, MD5 mismatches and that the SDK sends each request onl
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -27,8 +28,8 @@ from azure.storage.blob.aio import BlobServiceClient
 
 from sidecar.cli import UsageError, compose_config
 from sidecar.providers.azureblob.store import azure_blob_store, env_proxy
-from sidecar.dataplane.blobs import BlobVerificationError
-from sidecar.errors import DataPlaneError, DataPlaneUnavailable, is_transient
+from sidecar.dataplane.blobs import BlobVerificationError, partial_path
+from sidecar.errors import DataPlaneError, DataPlaneUnavailable, VolumeError, is_transient
 from testsupport.azurite import ACCOUNT, TEST_CHUNK_BYTES, Azurite, azure_config, peak_requests_in_flight
 from testsupport.processes import ROOT, free_port, python_env
 
@@ -247,3 +248,32 @@ async def test_large_files_move_several_blocks_at_once_within_one_shared_budget(
     data = {name: os.urandom(20 * chunk - 5) for name in ("a", "b")}
     up, peak = await peak_requests_in_flight(store, tmp_path, data, 0.02, monkeypatch.setattr)
     assert 1 < up <= 4 and 1 < peak <= 4, (up, peak)
+
+
+@pytest.mark.parametrize("chunks", [1, 3], ids=["one-request", "ranges"])
+async def test_a_download_that_cannot_open_its_file_gives_its_budget_back(
+        azurite: Azurite, tmp_path: Path, chunks: int) -> None:
+    """A download whose partial file cannot be opened (here a folder sits at its name) fails, and gives
+    back the budget its first request held: more such failures than the budget holds chunks leave a
+    later download free to run (it would wait for ever on leaked budget)."""
+    chunk = TEST_CHUNK_BYTES
+    store = azure_blob_store(azure_config(azurite, inflightbytes=2 * chunk))
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(chunks * chunk - 7))
+    try:
+        await store.upload(source, "e/m/blob")
+        blocked, fine = tmp_path / "blocked", tmp_path / "fine"
+        partial_path(blocked).mkdir()
+
+        async def fail_then_succeed() -> None:
+            for _ in range(5):
+                with pytest.raises(VolumeError) as caught:
+                    await store.download("e/m/blob", blocked)
+                assert isinstance(caught.value.__cause__, IsADirectoryError), caught.value
+            await store.download("e/m/blob", fine)
+
+        # Leaked budget makes a download wait for ever: the deadline turns that into a failure.
+        await asyncio.wait_for(fail_then_succeed(), 60)
+        assert fine.read_bytes() == source.read_bytes()
+    finally:
+        await store.close()

@@ -285,7 +285,12 @@ class AzureBlobStore:
             raise
         recorded = _hex(stream.properties.content_settings.content_md5)
         digest = hashlib.md5()
-        with open(local, "wb") as f:
+        try:
+            f = open(local, "wb")
+        except BaseException:
+            self._budget.release(held)  # a file that cannot be opened must not keep the budget
+            raise
+        with f:
             if len(first) >= size:
                 try:
                     await _offload(len(first), _write_md5, f, first, digest)
@@ -306,7 +311,11 @@ class AzureBlobStore:
         flight under the byte budget and all from one version of the blob (``If-Match: etag``). Each
         range is written at its offset as it arrives and added to ``digest`` in file order by one
         hashing task; its budget is released once it is hashed."""
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except BaseException:
+            self._budget.release(held)
+            raise
 
         async def fetch(offset: int, length: int) -> bytes:
             part = await blob.download_blob(offset=offset, length=length, max_concurrency=1, etag=etag,
