@@ -492,12 +492,19 @@ class PrefectApi:
             log.error("could not read the run record for unreported flow runs: %s", exc.message)
             return
         for flow_run_id, known in unreported.items():
-            if known is None:
+            try:
+                known_type = None if known is None else StateType(known["type"])
+            except (KeyError, TypeError, ValueError):
+                # A record this version cannot read must not stop start-up: the run is still not Running.
+                log.warning("flow run %s: the run record's state %r is not a Prefect state; reporting Crashed",
+                            flow_run_id, known)
+                known_type = None
+            if known_type is None:
                 state = Crashed(message="the sidecar running this flow run stopped before its call finished "
                                         "(killed: SIGKILL, out of memory, eviction); reported by its successor")
             else:
-                state = State(type=StateType(known["type"]), message=f"{known['message']} (reported by the "
-                                                                     "sidecar's successor)")
+                state = State(type=known_type, message=f"{known.get('message', '')} (reported by the "
+                                                       "sidecar's successor)")
             self._inherited[flow_run_id] = state
             log.info("flow run %s was left unreported by a previous sidecar on this volume: reporting %s",
                      flow_run_id, state.type.value)

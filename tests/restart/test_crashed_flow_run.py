@@ -152,3 +152,20 @@ def test_committed_done_is_reported_completed_by_the_restarted_sidecar(tmp_path:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(10)
+
+
+def test_an_unreadable_state_in_the_run_record_is_reported_crashed(tmp_path: Path) -> None:
+    """A run record whose flow run carries a state this version does not know (another version wrote
+    it, or it was damaged) does not stop start-up: that flow run is reported Crashed."""
+    from prefect.states import StateType
+
+    from sidecar.orchestration import PrefectApi
+    from sidecar.runstate import RunStore
+
+    store = RunStore(tmp_path, "evt-u", "mod")
+    store.save(unreported={"run-a": {"type": "NOT_A_STATE", "message": "m"}, "run-b": {"message": "no type"},
+                           "run-c": {"type": "COMPLETED", "message": "done"}})
+    api = PrefectApi(timeout=1, ledger=store)
+    api._inherit()
+    assert {run: state.type for run, state in api._inherited.items()} == {
+        "run-a": StateType.CRASHED, "run-b": StateType.CRASHED, "run-c": StateType.COMPLETED}
