@@ -94,6 +94,9 @@ def main() -> None:
     for arg in [a for a in args if a.startswith("--databases=")]:
         databases = arg.split("=", 1)[1].split(",")
         args.remove(arg)
+        unknown = [d for d in databases if d not in ("sqlite", "postgresql")]
+        if unknown:
+            sys.exit(f"bench/fleet.py: --databases takes sqlite and/or postgresql, not {', '.join(unknown)}")
     sizes = [int(a) for a in args] or [1, 10, 30, 60]
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", flush=True)
     rows = []

@@ -34,9 +34,7 @@ from prefect.cache_policies import NO_CACHE
 from dispatcher.graph import Graph, as_dict
 from dispatcher.launchers import Launcher
 from dispatcher.processes import ModuleRun, ModuleRunFailed, Outcome
-from sidecar.providers.localblob import LocalBlobStore
-from sidecar.providers.jsonfiles import JsonFileDocumentStore
-from sidecar.providers.eventfiles import FileEventPublisher
+from sidecar.providers import eventfiles, jsonfiles, localblob
 from sidecar.layout import write_json_atomic
 from sidecar.models import BlobFile, Event, EventContext, EventMeta, KeyValuePair
 
@@ -112,7 +110,8 @@ class Dispatcher:
             data: pairs the first module finds in ``in/meta.json``.
         """
         seed_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"ion-offline/{self.correlationid}/seed"))
-        blobs = LocalBlobStore(self.devdir / "blobs")
+        # The development providers' own factories: the folders under devdir are theirs to name.
+        blobs = localblob.create(None, self.devdir)
         carried: list[BlobFile] = []
         if files is not None:
             for path in sorted(p for p in files.rglob("*") if p.is_file()):
@@ -124,10 +123,10 @@ class Dispatcher:
         event_type = self.graph.config.initial.type
         meta = EventMeta(id=seed_id, eventId=seed_id, correlationId=self.correlationid, parentEventId="",
                          eventType=event_type, producer="ion-offline", files=carried, data=pairs)
-        await JsonFileDocumentStore(self.devdir / "documents").upsert_event_metas([meta])
+        await jsonfiles.create(None, self.devdir).upsert_event_metas([meta])
         event = Event(context=EventContext(eventId=seed_id, correlationId=self.correlationid), type=event_type,
                       data=pairs)
-        await FileEventPublisher(self.events_dir).publish([event])
+        await eventfiles.create(None, self.devdir).publish([event])
         return event
 
     async def run(self) -> list[RunRecord]:
