@@ -1,12 +1,18 @@
-"""A fault-injecting TCP proxy for tests: stands between the sidecar and one data-plane service.
+"""A fault-injecting TCP proxy for tests: stands between the sidecar and one service.
 
 The sidecar connects to the proxy's port; the proxy forwards to the real service (Azurite, nx-27017,
-the AMQP 1.0 test peer) until a test tells it to fail:
+the AMQP 1.0 test peer, a Prefect server) until a test tells it to fail:
 
 - ``down()``: cut every open connection and refuse new ones (a service that went away);
 - ``up()``: forward again (the service is back);
 - ``down_after(n)``: forward ``n`` more bytes from the sidecar, then go down (a failure *during* a step);
-- ``blackhole()``: accept connections but never answer (a peer that hangs).
+- ``blackhole()``: accept connections but never answer (a peer that hangs);
+- ``hang()`` / ``hang_when(pattern)``: stop moving bytes on every connection, open or new, now or once
+  the sidecar has sent ``pattern`` (a regular expression over one connection's recent bytes): what a
+  SIGSTOPped server looks like, at a chosen request. ``up()`` moves the held bytes on (SIGCONT) or
+  ``up(resume=False)`` cuts those connections;
+- ``answer(status, headers, body)``: answer every HTTP request itself with that response (a server
+  failing with 5xx/429, a load balancer's error page, something that is not the service at all).
 
 It runs its own asyncio loop in a daemon thread, so tests stay synchronous.
 """
@@ -14,7 +20,9 @@ It runs its own asyncio loop in a daemon thread, so tests stay synchronous.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
+from http import HTTPStatus
 
 from testsupport.processes import free_port
 
@@ -28,6 +36,11 @@ class FaultProxy:
         self.mode = "up"
         self.budget: int | None = None  # bytes still forwarded upstream before going down
         self.forwarded = 0  # bytes forwarded sidecar -> service, in total
+        self.answered = 0  # HTTP requests answered by answer()
+        self.held = 0  # connections that had bytes held by hang()
+        self.triggered = threading.Event()  # hang_when's pattern was seen
+        self.response: tuple[int, dict[str, str], bytes] = (503, {}, b"")
+        self._trigger: tuple[re.Pattern[bytes], bool] | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
@@ -38,6 +51,8 @@ class FaultProxy:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port))
         self._started.set()
         self._loop.run_forever()
@@ -50,6 +65,15 @@ class FaultProxy:
             self._writers.add(writer)
             await reader.read()  # hold the connection open, answer nothing
             return
+        if self.mode == "answer":
+            await self._answer(reader, writer)
+            return
+        if not self._flowing.is_set():  # hung: accepted, nothing reaches the service until up()
+            self.held += 1
+            self._writers.add(writer)
+            await self._flowing.wait()
+            if self.mode != "up":
+                return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream)
         except OSError:
@@ -62,11 +86,54 @@ class FaultProxy:
             self._writers.discard(w)
             w.transport.abort()
 
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer each HTTP/1.1 request on this connection with ``self.response`` (keep-alive)."""
+        self._writers.add(writer)
+        try:
+            while self.mode == "answer":
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                if length:
+                    await reader.readexactly(length)
+                status, headers, body = self.response
+                lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"content-length: {len(body)}",
+                         *(f"{k}: {v}" for k, v in headers.items())]
+                writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+                await writer.drain()
+                self.answered += 1
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.transport.abort()
+
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool) -> None:
+        recent = b""
         while True:
             data = await reader.read(65536)
             if not data or self.mode != "up":
                 break
+            if count and self._trigger is not None:
+                recent = (recent + data)[-65536:]
+                pattern, forward = self._trigger
+                if pattern.search(recent):
+                    self._trigger = None
+                    if forward:
+                        writer.write(data)
+                        await writer.drain()
+                        self.forwarded += len(data)
+                        data = b""
+                    self._flowing.clear()
+                    self.triggered.set()
+            if not self._flowing.is_set():
+                self.held += 1
+                await self._flowing.wait()
+                if self.mode != "up":
+                    break
             if count and self.budget is not None:
                 if len(data) >= self.budget:
                     data = data[: self.budget]
@@ -106,10 +173,35 @@ class FaultProxy:
         """Cut every connection; accept new ones but never answer."""
         self._call(self._cut, "blackhole")
 
-    def up(self) -> None:
-        """Forward again."""
+    def up(self, resume: bool = True) -> None:
+        """Forward again. Bytes held by :meth:`hang` move on (``resume``) or their connections are cut."""
         def go() -> None:
-            self.mode, self.budget = "up", None
+            if self.mode in ("answer", "blackhole") or not resume:
+                self._cut("up")
+            self.mode, self.budget, self._trigger = "up", None, None
+            self._flowing.set()
+        self._call(go)
+
+    def hang(self) -> None:
+        """Hold every byte from now on, on open and new connections (connections stay open)."""
+        self._call(self._flowing.clear)
+
+    def hang_when(self, pattern: bytes, forward: bool = True) -> None:
+        """Hang (see :meth:`hang`) once the sidecar has sent bytes matching the regular expression
+        ``pattern`` on one connection; the matching chunk reaches the service first when ``forward``.
+        :attr:`triggered` is set then."""
+        def arm() -> None:
+            self.triggered.clear()
+            self._trigger = (re.compile(pattern, re.DOTALL), forward)
+        self._call(arm)
+
+    def answer(self, status: int, headers: dict[str, str] | None = None, body: bytes = b"") -> None:
+        """Cut every connection; answer each HTTP request from now on with ``status``, ``headers`` and
+        ``body`` (nothing reaches the service). :attr:`answered` counts them."""
+        def go() -> None:
+            self.response = (status, dict(headers or {}), body)
+            self._cut("answer")
+            self._flowing.set()
         self._call(go)
 
     def down_after(self, nbytes: int) -> None:

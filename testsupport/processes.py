@@ -170,9 +170,17 @@ class Postgres:
                 if not mode & 0o001:
                     os.chmod(parent, mode | 0o001)
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-        argv = [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(root),
+        self.user = user
+        self.start()
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "prefect")
+
+    def start(self) -> None:
+        """Start the postmaster on the cluster (again, after :meth:`stop`: same port, same data) and
+        wait until it accepts connections."""
+        argv = [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port), "-k", str(self.root),
                 "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=300", "-c", "fsync=off",
                 "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        user = self.user
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, user=user, group=user,
                                          extra_groups=[] if user else None, start_new_session=True,
@@ -183,7 +191,6 @@ class Postgres:
                 self.proc.kill()
                 raise RuntimeError(f"postgres did not start ({self.proc.poll()}):\n{self.log.read_text()}")
             time.sleep(0.2)
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "prefect")
 
     @property
     def url(self) -> str:
