@@ -454,4 +454,4 @@ def serve(cfg: SidecarConfig) -> None:
 
     configure_logging(cfg)
     app = create_app(Runtime.for_config(cfg))
-    run_server(app, cfg.host, cfg.serverport, on_stop=app.state.stop)
+    run_server(app, cfg.host, cfg.serverport, on_stop=app.state.stop, keep_running=app.state.prefect.reporting)

@@ -6,21 +6,27 @@ shared by every sidecar started there, UI on), unless ``--requireprefectapi=true
 
 What the sidecar does with it:
 
-- It probes ``{api}/health`` in the background, with back-off while the API is unreachable (0.5 s
-  doubling to 5 s) and every :data:`CHECK_SECONDS` while it answers, and becomes usable as soon as it
-  answers, without a restart. ``/healthz`` reports the last probe: 200 only when a flow can start now.
+- It probes ``{api}/ready`` (Prefect's readiness check: the server reaches its database; ``/health``
+  answers 200 while PostgreSQL is down) in the background, with back-off while the API is unavailable
+  (0.5 s doubling to 5 s) and every :data:`CHECK_SECONDS` while it answers, and becomes usable as soon
+  as it answers, without a restart. ``/healthz`` reports the last probe: 200 only when a flow can start
+  now. An answer that is not a Prefect API's (an HTML page, a 404 of a wrong path) counts as unavailable.
 - A call (``/ready``, ``/done``) waits for the API up to ``--prefectstartuptimeoutseconds``, then
   answers 503 "Prefect API unavailable" (retryable). A Prefect failure outside the flow's body (creating
-  the flow run, proposing its states) is a 503 too, never a 500.
+  the flow run, proposing its states) is a 503 too, never a 500. Before the body starts, a call gives up
+  (503) after :data:`ABANDON_AFTER_FAILURES` failed probes in a row, whatever Prefect's client is doing:
+  it retries a hanging API for 6 x 60 s, 502/503/429 for ~62 s, a ``Retry-After`` for as long as it
+  says and a ``Prefect-Maintenance`` answer for ever.
 - Commit and report are decoupled: once the flow's body has returned (the data plane has committed), the
   call answers with its result even if Prefect's engine cannot report the final state; the state is then
   reported by this class when the API answers again (forced Completed, or Failed with the body's error),
   so no flow run stays Running after its call has answered while the sidecar lives.
 - Past the sidecar's life: each flow run is recorded in the run record on the volume
-  (``sidecar.runstate``, ``unreported``) when its body starts and forgotten once its final state is
-  reported. A restarted sidecar (after SIGKILL, OOM, eviction) reports what it finds there before it
+  (``sidecar.runstate``, ``unreported``) as soon as the API has created it (before it is proposed
+  Running) and forgotten once its final state is reported. A restarted sidecar (after SIGKILL, OOM, eviction) reports what it finds there before it
   calls itself healthy: Crashed for a flow run left mid-call, or the final state the dead process knew
-  but could not report; a flow run whose final state the API already holds is left alone.
+  but could not report; a flow run whose final state the API already holds is left alone, unless that
+  state is Crashed and the record knows how the body ended.
 
 Prefect 3.9 facts this relies on (``prefect/client/base.py``, ``prefect/flow_engine.py``): the client
 retries 408/429/502/503 and, once it has connected, connection errors, 5 times with exponential back-off
@@ -64,6 +70,15 @@ REPORT_WAIT_SECONDS = 30.0
 SHUTDOWN_REPORT_SECONDS = 10.0
 # How long a cancelled call (SIGTERM) waits for its flow run's engine to end its transfers, seconds.
 STOP_ENGINE_SECONDS = 20.0
+# How long shutdown waits for Prefect's log and event workers to send what they hold, seconds.
+DRAIN_SECONDS = 5.0
+# Failed probes in a row that make a call abandon a flow run whose body has not started (the API hangs,
+# answers 5xx/429, or is gone): one failed probe may be a busy server, two are an outage.
+ABANDON_AFTER_FAILURES = 2
+# The longest a call waits for its flow run's body to start once the API answered its probe, seconds: a
+# backstop for an API whose probe answers while its writes hang (Prefect's client would wait
+# PREFECT_API_REQUEST_TIMEOUT, 60 s, per attempt, 6 attempts).
+START_DEADLINE_SECONDS = 90.0
 
 
 class PrefectUnavailable(SidecarError):
@@ -130,8 +145,9 @@ class Ledger(Protocol):
 class _Outcome:
     """What the flow's body did, independent of what Prefect's engine managed to report."""
 
-    flow_run_id: str | None = None
-    on_start: Callable[[str], None] | None = None
+    flow_run_id: str | None = None  # known once the API created the flow run
+    on_created: Callable[[str], None] | None = None
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # the body runs
     finished: asyncio.Event = field(default_factory=asyncio.Event)
     result: Any = None
     error: BaseException | None = None
@@ -154,9 +170,8 @@ def tracked(flow: Flow) -> Flow:
     async def body(*args: Any, **kwargs: Any) -> Any:
         outcome = _OUTCOME.get()
         if outcome is not None:
-            outcome.flow_run_id = str(flow_run.get_id())
-            if outcome.on_start is not None:
-                outcome.on_start(outcome.flow_run_id)
+            _created(outcome, str(flow_run.get_id()))
+            outcome.started.set()
         try:
             result = await original(*args, **kwargs)
         except BaseException as exc:
@@ -172,6 +187,40 @@ def tracked(flow: Flow) -> Flow:
     copy = flow.with_options()
     copy.fn = body
     return copy
+
+
+def _created(outcome: _Outcome, flow_run_id: str) -> None:
+    if outcome.flow_run_id is None:
+        outcome.flow_run_id = flow_run_id
+        if outcome.on_created is not None:
+            outcome.on_created(flow_run_id)
+
+
+def _record_created_flow_runs() -> None:
+    """Make ``PrefectClient.create_flow_run`` hand the new flow run's id to the calling flow's
+    :class:`_Outcome` as soon as the API answers, before the engine proposes Running.
+
+    Prefect's engine creates the flow run (Pending), names it and proposes Running before the body
+    starts; a call abandoned in between (the API hangs, answers 5xx, the process is killed) used to
+    leave a flow run nobody knew the id of, Running for ever once the API processed the proposal.
+    With the id known, the run record holds it from creation on and it is reported Crashed.
+    """
+    from prefect.client.orchestration import PrefectClient
+
+    original = PrefectClient.create_flow_run
+    if getattr(original, "_sidecar_records", False):
+        return
+
+    @functools.wraps(original)
+    async def create_flow_run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        run = await original(self, *args, **kwargs)
+        outcome = _OUTCOME.get()
+        if outcome is not None and not kwargs.get("parent_task_run_id"):
+            _created(outcome, str(run.id))
+        return run
+
+    create_flow_run._sidecar_records = True  # type: ignore[attr-defined]
+    PrefectClient.create_flow_run = create_flow_run  # type: ignore[method-assign]
 
 
 class PrefectApi:
@@ -199,6 +248,8 @@ class PrefectApi:
         self.ever_available = False
         self._available = asyncio.Event()
         self._lost = asyncio.Event()  # set while the last probe found the API unavailable
+        self._failures = 0  # failed probes in a row
+        self._outage = asyncio.Event()  # set after ABANDON_AFTER_FAILURES failed probes in a row
         self._wake = asyncio.Event()
         self._devserver = None
         self._task: asyncio.Task | None = None
@@ -207,7 +258,10 @@ class PrefectApi:
         # flow run id -> state to report unless the API already holds a final one (a predecessor's)
         self._inherited: dict[str, Any] = {}
         self.ledger = ledger
-        self._engines: set[asyncio.Task] = set()
+        self._engines: dict[asyncio.Task, _Outcome] = {}  # the running flow engines and their bodies' outcomes
+        self._abandoned: set[asyncio.Task] = set()  # engines of calls answered 503 before their body ran
+        self._flushing = asyncio.Lock()
+        _record_created_flow_runs()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -274,13 +328,21 @@ class PrefectApi:
             log.info("Prefect UI: %s (a new development server)", self.ui_url)
 
     async def _probe(self) -> str | None:
-        """None when ``{api}/health`` answers 200 and the flows are registered; else the reason."""
+        """None when the API's readiness check answers 200 and the flows are registered; else the reason.
+
+        ``{api}/ready`` (Prefect 3's readiness check: 503 "Database is not available" unless the
+        server can connect to its database) rather than ``{api}/health``, which answers 200 while
+        every write fails (PostgreSQL stopped). An API without ``/ready`` (404) is asked ``/health``.
+        """
         assert self.url is not None
         try:
             async with httpx.AsyncClient(timeout=PROBE_TIMEOUT, headers=_auth_headers()) as client:
-                response = await client.get(f"{self.url}/health")
-            if response.status_code != 200:
-                return f"{_shown(self.url)}/health answered {response.status_code}"
+                response = await client.get(f"{self.url}/ready")
+                if response.status_code == 404:
+                    response = await client.get(f"{self.url}/health")
+            problem = _not_prefect(response)
+            if problem:
+                return f"{_shown(str(response.request.url))} {problem}"
         except httpx.HTTPError as exc:
             return f"{_shown(self.url)} unreachable ({type(exc).__name__}: {exc or 'no answer'})"
         if not self._registered:
@@ -310,9 +372,14 @@ class PrefectApi:
                          f"; UI at {self.ui_url}" if self.ui_url and not self.ever_available else "")
             self.ever_available = True
             self.reason = "ok"
+            self._failures = 0
+            self._outage.clear()
             self._available.set()
             self._lost.clear()
         else:
+            self._failures += 1
+            if self._failures >= ABANDON_AFTER_FAILURES:
+                self._outage.set()
             if was or reason != self.reason:
                 # Before the first answer this is the normal start-up wait (a development server takes
                 # up to a minute or two the first time), not an outage worth a WARNING.
@@ -366,19 +433,39 @@ class PrefectApi:
     async def run(self, flow: Flow, *args: Any) -> Any:
         """Run ``flow(*args)`` as one flow run and return its body's result.
 
+        Before the body starts, the call is abandoned (503) as soon as the API fails
+        :data:`ABANDON_AFTER_FAILURES` probes in a row, or after :data:`START_DEADLINE_SECONDS`: Prefect's
+        client would otherwise retry a hanging or failing API for minutes. Its flow run, if the API
+        created one, is reported Crashed when the API answers again.
+
         Raises:
             PrefectUnavailable: the API is down and the body did not run (HTTP 503; nothing was done).
             SidecarError: whatever the body raised (its final state is reported, later if need be).
         """
         await self.wait()
-        outcome = _Outcome(on_start=self._started, api=self)
+        outcome = _Outcome(on_created=self._created, api=self)
         token = _OUTCOME.set(outcome)
         try:
             engine = asyncio.create_task(self.flows.get(flow, flow)(*args))
         finally:
             _OUTCOME.reset(token)
-        self._engines.add(engine)
-        engine.add_done_callback(self._engines.discard)
+        self._engines[engine] = outcome
+        engine.add_done_callback(lambda task: self._engines.pop(task, None))
+        try:
+            why = await self._body_started(engine, outcome)
+        except asyncio.CancelledError:
+            engine.cancel()
+            if outcome.started.is_set():  # its transfers end before the caller is answered
+                await asyncio.wait([engine], timeout=STOP_ENGINE_SECONDS)
+            else:  # the body has not run: nothing to wait for (SIGTERM answers at once)
+                self._abandon(engine, outcome)
+            raise
+        if why is not None:
+            engine.cancel()
+            self._abandon(engine, outcome)
+            log.warning("abandoned flow run %s before its body started: Prefect API unavailable (%s)",
+                        outcome.flow_run_id or "(not created yet)", why)
+            raise PrefectUnavailable(f"Prefect API unavailable: {why}")
         finished = asyncio.create_task(outcome.finished.wait())
         try:
             await asyncio.wait([engine, finished], return_when=asyncio.FIRST_COMPLETED)
@@ -403,6 +490,13 @@ class PrefectApi:
             if is_outage(exc):
                 self.check_soon()
                 raise PrefectUnavailable(f"Prefect API unavailable: {type(exc).__name__}: {exc}") from exc
+            if not outcome.started.is_set():
+                # Something that is not the Prefect API answered (a 404 page of a proxy in a rollout,
+                # HTML, a wrong path): the API is unavailable if the probe says so now.
+                reason = await self._probe()
+                if reason is not None:
+                    self._set_available(reason)
+                    raise PrefectUnavailable(f"Prefect API unavailable: {reason}") from exc
             raise exc
         await self._await_report(engine)
         if engine.done() and not engine.cancelled() and engine.exception() is None:
@@ -427,6 +521,37 @@ class PrefectApi:
         if outcome.error is not None:
             raise outcome.error
         return outcome.result
+
+    async def _body_started(self, engine: asyncio.Task, outcome: _Outcome) -> str | None:
+        """Wait until the flow's body starts or the engine ends first (None: the caller looks at it).
+        Returns why to give up instead: the API failed :data:`ABANDON_AFTER_FAILURES` probes in a row
+        meanwhile, or the body did not start within :data:`START_DEADLINE_SECONDS`."""
+        started = asyncio.create_task(outcome.started.wait())
+        outage = asyncio.create_task(self._outage.wait())
+        deadline = time.monotonic() + START_DEADLINE_SECONDS
+        try:
+            done, _ = await asyncio.wait([engine, started, outage], timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                self.check_soon()  # slow to start: find out now whether the API still answers
+                done, _ = await asyncio.wait([engine, started, outage], timeout=max(0.0, deadline - time.monotonic()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            started.cancel()
+            outage.cancel()
+        if outcome.started.is_set() or engine.done():
+            return None
+        if not done:
+            return f"no flow run started within {START_DEADLINE_SECONDS:g} s ({_shown(self.url or '')} does not answer in time)"
+        return self.reason
+
+    def _abandon(self, engine: asyncio.Task, outcome: _Outcome) -> None:
+        """A call gave up on ``engine`` before its body ran: report its flow run (if the API created
+        one) Crashed when the API answers, and do not wait for the engine at shutdown (Prefect's crash
+        handling shields its own report from cancellation and may retry a hanging API for minutes)."""
+        self._engines.pop(engine, None)
+        self._abandoned.add(engine)
+        engine.add_done_callback(self._abandoned.discard)
+        self._report_later(outcome)
 
     async def _await_report(self, engine: asyncio.Task) -> None:
         """Give the engine time to report the final state while the API is believed up."""
@@ -464,9 +589,11 @@ class PrefectApi:
         self._record(lambda ledger: ledger.flow_pending(outcome.flow_run_id, state.type.value, state.message or ""))
         self.check_soon()
 
-    def _started(self, flow_run_id: str) -> None:
+    def _created(self, flow_run_id: str) -> None:
         if self.ledger is not None:
-            self.ledger.flow_started(flow_run_id)  # a full volume fails the flow's body: nothing was done
+            # Recorded before the flow run is proposed Running: a successor reports it if this process
+            # dies. A full volume fails the flow run before its body: nothing was done.
+            self.ledger.flow_started(flow_run_id)
 
     def _reported(self, flow_run_id: str | None) -> None:
         if flow_run_id is not None:
@@ -514,13 +641,20 @@ class PrefectApi:
         process left (unless the API already holds a final state for them)."""
         if not self._pending and not self._inherited:
             return
+        async with self._flushing:  # the watcher and shutdown must not report one flow run twice at once
+            await self._flush_reports_now()
+
+    async def _flush_reports_now(self) -> None:
         from prefect.client.orchestration import get_client
 
         async with get_client() as client:
             for flow_run_id, state in list(self._inherited.items()):
                 try:
                     run = await asyncio.wait_for(client.read_flow_run(flow_run_id), PROBE_TIMEOUT * 3)
-                    if run.state is None or not run.state.is_final():
+                    # Crashed is what Prefect's engine reports when it does not know how the body
+                    # ended (cancelled at a process's exit); the run record knows better.
+                    if (run.state is None or not run.state.is_final()
+                            or (run.state.is_crashed() and not state.is_crashed())):
                         await asyncio.wait_for(client.set_flow_run_state(flow_run_id, state, force=True),
                                                PROBE_TIMEOUT * 3)
                         log.warning("flow run %s, left %s by a previous sidecar: reported %s", flow_run_id,
@@ -549,21 +683,34 @@ class PrefectApi:
         call's own task woke up; a flow whose steps no longer wait on the API (development providers,
         untagged task runs) went on to store its metas and publish its events in between.
         """
-        for engine in list(self._engines):
-            engine.cancel()
+        for engine, outcome in list(self._engines.items()):
+            # An engine whose body has finished only reports its final state: cancelled, Prefect would
+            # report the committed flow run Crashed instead.
+            if not outcome.finished.is_set():
+                engine.cancel()
+
+    def reporting(self) -> bool:
+        """True while a flow engine still reports the final state of a flow run whose body has
+        finished (after :meth:`stop`: the API did not answer in time). Cancelled, Prefect's engine
+        would report that flow run Crashed; its state is in the run record instead."""
+        return any(outcome.finished.is_set() for outcome in self._engines.values())
 
     async def stop(self) -> None:
         """Report what is still pending (bounded), send Prefect's queued logs and events, stop
         watching and leave the development server."""
-        if self._engines:
-            await asyncio.wait(list(self._engines), timeout=SHUTDOWN_REPORT_SECONDS)
+        # One budget for the engines still reporting and the reports still pending: a hanging API must
+        # not hold the exit past a container's grace period (Kubernetes: 30 s by default).
         deadline = time.monotonic() + SHUTDOWN_REPORT_SECONDS
-        while self._pending and time.monotonic() < deadline:
-            if self.ready:
-                await self._flush_reports()
-            if self._pending:
-                self.check_soon()
-                await asyncio.sleep(0.5)
+        if self._engines and self.ready:  # an unavailable API: their final states are in the run record
+            await asyncio.wait(list(self._engines), timeout=SHUTDOWN_REPORT_SECONDS)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(asyncio.get_running_loop().time() + max(0.0, deadline - time.monotonic())):
+                while self._pending:
+                    if self.ready:
+                        await self._flush_reports()
+                    if self._pending:
+                        self.check_soon()
+                        await asyncio.sleep(0.5)
         if self._pending:
             log.error("Prefect API unavailable at shutdown: flow runs %s keep their last reported state until "
                       "a sidecar restarted on this volume reports them (they are in the run record)",
@@ -586,7 +733,7 @@ class PrefectApi:
 
         for worker in (APILogWorker, EventsWorker):
             try:
-                await asyncio.wait_for(worker.drain_all(timeout=self.timeout), self.timeout)
+                await asyncio.wait_for(worker.drain_all(timeout=DRAIN_SECONDS), DRAIN_SECONDS)
             except Exception as exc:  # noqa: BLE001 - shutting down; report, never block the exit
                 log.warning("could not send the remaining %s items to the Prefect API: %s", worker.__name__, exc)
 
@@ -649,6 +796,25 @@ def fleet_slot(name: str):
     from prefect.concurrency.asyncio import concurrency
 
     return concurrency(name, occupy=1, strict=True, raise_on_lease_renewal_failure=False)
+
+
+def _not_prefect(response: httpx.Response) -> str | None:
+    """Why ``response`` to a readiness probe is not "ready", or None: it must be 200 with JSON
+    (a Prefect API answers ``{"message": "OK"}`` or ``true``), not a web page."""
+    if response.status_code != 200:
+        detail = ""
+        if "json" in response.headers.get("content-type", ""):
+            with contextlib.suppress(ValueError, AttributeError):
+                body = response.json()
+                detail = body.get("message") or body.get("exception_message") or body.get("detail") or ""
+        return f"answered {response.status_code}" + (f" ({str(detail)[:200]})" if detail else "")
+    try:
+        response.json()
+    except ValueError:
+        kind = response.headers.get("content-type", "no content type").split(";")[0]
+        return (f"answered 200 with {kind}, not JSON: not a Prefect API (PREFECT_API_URL is the API's "
+                "address, e.g. http://prefect:4200/api)")
+    return None
 
 
 def _is_missing(exc: BaseException) -> bool:

@@ -9,8 +9,8 @@ It holds the run's identity (event id, module name), its phase (new, ready, done
 step that succeeded, the ids of the child events the event bus accepted (recorded batch by batch, right
 after the broker accepted each), ``closed``: set when the sidecar stopped gracefully after ``/done``
 succeeded, and ``unreported``: the flow runs this volume's sidecar started whose final state the Prefect
-API has not recorded yet (recorded when the flow's body starts, removed once the final state is
-reported). A sidecar that finds some at start-up reports them as soon as the API answers
+API has not recorded yet (recorded as soon as the API created the flow run, before it is proposed Running,
+removed once the final state is reported). A sidecar that finds some at start-up reports them as soon as the API answers
 (``sidecar.orchestration``): Crashed for a flow run whose process was killed mid-call, or the final state
 the dead process knew but could not report. Unlike the rest of the record, they outlive a fresh run.
 
@@ -62,7 +62,7 @@ class RunRecord(BaseModel):
     published: list[str] = Field(default_factory=list)  # child event ids the event bus accepted
     closed: bool = False  # the sidecar stopped gracefully after /done succeeded
     # flow run id -> the final state to report ({"type": "COMPLETED"|"FAILED"|..., "message": ...}),
-    # or None while its body runs (a flow run left so by a dead process is reported Crashed).
+    # or None until its body ends (a flow run left so by a dead process is reported Crashed).
     unreported: dict[str, dict[str, str] | None] = Field(default_factory=dict)
 
 
@@ -129,7 +129,7 @@ class RunStore:
             self.save(published=[*self.record.published, *added])
 
     def flow_started(self, flow_run_id: str) -> None:
-        """Record that the flow run ``flow_run_id`` started here (its body runs; nothing reported yet)."""
+        """Record that the API created the flow run ``flow_run_id`` for this process (no final state yet)."""
         self.save(unreported={**self.record.unreported, flow_run_id: None})
 
     def flow_pending(self, flow_run_id: str, state_type: str, message: str) -> None:

@@ -15,6 +15,16 @@ Facts from uvicorn 0.54 (``uvicorn/protocols/http/h11_impl.py``, ``server.py``) 
   (exit status 143 or 130). :class:`SidecarServer` exits 0 after a graceful stop instead, and calls
   ``on_stop`` as the signal arrives, so the running call is cancelled and answered 503 right away
   rather than after uvicorn waited for it.
+- Prefect's log and event workers drain their queues at interpreter exit with no time limit
+  (``prefect/_internal/concurrency/services.py``: ``threading._register_atexit``); against a Prefect
+  API that hangs, each queued request waits ``PREFECT_API_REQUEST_TIMEOUT`` (60 s) per attempt, 6
+  attempts, so a stopped sidecar did not exit for minutes. The graceful shutdown drains them while the
+  API answers (bounded); the rest of the exit then gets ``EXIT_SECONDS``.
+- After the lifespan's shutdown, ``asyncio.run`` cancels every task still running and waits for them.
+  A flow engine still reporting a committed run's final state (the API hangs) would then report the
+  flow run Crashed (Prefect's crash handling, shielded from cancellation, itself waiting on the API):
+  while ``keep_running()`` says such tasks are left, the process exits without cancelling them (their
+  final states are in the run record for the sidecar's successor).
 """
 
 from __future__ import annotations
@@ -22,8 +32,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import signal
+import sys
+import threading
 import time
 from types import FrameType
 from typing import Any, Callable, Generator
@@ -39,6 +52,8 @@ IDLE_SECONDS = 5
 RESERVED_FDS = 256
 # At most one log line about descriptor exhaustion per this many seconds.
 EXHAUSTION_LOG_SECONDS = 60.0
+# How long the interpreter's exit may take after the server stopped, seconds (see the module docstring).
+EXIT_SECONDS = 5.0
 
 
 class IdleClosingH11Protocol(H11Protocol):
@@ -93,13 +108,21 @@ def _quiet_exhaustion(interval: float) -> Callable[[asyncio.AbstractEventLoop, d
 class SidecarServer(uvicorn.Server):
     """``uvicorn.Server`` that calls ``on_stop`` on SIGTERM/SIGINT and exits 0 after a graceful stop."""
 
-    def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]):
+    def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None],
+                 keep_running: Callable[[], bool] | None = None):
         super().__init__(config)
         self.on_stop = on_stop
+        self.keep_running = keep_running
 
     async def serve(self, sockets: Any = None) -> None:
         asyncio.get_running_loop().set_exception_handler(_quiet_exhaustion(EXHAUSTION_LOG_SECONDS))
         await super().serve(sockets)
+        # The lifespan has shut down; what follows (cancelling the tasks left, atexit hooks) is bounded.
+        code = 0 if self.started else 1
+        exit_within(EXIT_SECONDS, code)
+        if self.keep_running is not None and self.keep_running():
+            log.warning("exiting without cancelling the flow engines still reporting final states to the Prefect API")
+            _exit_now(code)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
@@ -133,11 +156,31 @@ def keep_sigterm_with_the_server() -> None:
     prefect.flow_engine.capture_sigterm = contextlib.nullcontext
 
 
-def run_server(app: Any, host: str, port: int, on_stop: Callable[[], None]) -> None:
-    """Serve ``app`` on ``host:port`` until SIGTERM/SIGINT (see the module docstring)."""
+def run_server(app: Any, host: str, port: int, on_stop: Callable[[], None],
+               keep_running: Callable[[], bool] | None = None) -> None:
+    """Serve ``app`` on ``host:port`` until SIGTERM/SIGINT (see the module docstring). ``keep_running``:
+    True when tasks are left that must not be cancelled at exit."""
     keep_sigterm_with_the_server()
     fd_limit = raise_fd_limit()
     config = uvicorn.Config(app, host=host, port=port, log_config=None, lifespan="on",
                             http=IdleClosingH11Protocol, timeout_keep_alive=IDLE_SECONDS,
                             limit_concurrency=connection_limit(fd_limit))
-    SidecarServer(config, on_stop).run()
+    SidecarServer(config, on_stop, keep_running).run()
+
+
+def exit_within(seconds: float, code: int) -> None:
+    """End the process with ``code`` if its normal exit (atexit hooks, thread joins) has not ended it
+    within ``seconds``: a daemon thread that outlives the main thread until the interpreter finishes."""
+    def stop() -> None:
+        time.sleep(seconds)
+        log.warning("exiting without waiting any longer for Prefect's workers: the Prefect API does not answer")
+        _exit_now(code)
+
+    threading.Thread(target=stop, name="exit-within", daemon=True).start()
+
+
+def _exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
