@@ -6,7 +6,8 @@ how to reach its local peer (``service``: the name of the session fixture that r
 development provider that needs none) and how to open a :class:`Subject` on it: the flags of a healthy
 provider, of one whose endpoint nobody listens on, of one with refused credentials, the secrets that
 must never show, and how to read back what the provider stored (from the service itself, not
-through the provider under test).
+through the provider under test: ``BlobSubject.stored_keys``, ``DocumentSubject.copies``,
+``EventSubject.published``).
 
 Adding a provider: its class here (a few lines: its flags, its secret, how to read back) and one line in
 the building block's matrix in ``tests/conformance/conftest.py``.
@@ -100,13 +101,26 @@ class Provider:
 
 # --- blob store ----------------------------------------------------------------------------------
 
+@dataclass
+class BlobSubject(Subject):
+    """A blob store subject that can also list the keys stored, read from the storage itself."""
+
+    def stored_keys(self) -> set[str]:
+        """Every blob key the storage holds now (partial downloads are not blobs)."""
+        return self.provider.stored_keys(self)  # type: ignore[attr-defined]
+
+
 class LocalBlobs(Provider):
     """Development blob store: files under ``{devdir}/blobs``."""
 
     name = "local"
 
-    def open(self, service: None, tmp_path: Path) -> Subject:
-        return Subject(self, service, tmp_path / ".dev", [])
+    def open(self, service: None, tmp_path: Path) -> BlobSubject:
+        return BlobSubject(self, service, tmp_path / ".dev", [])
+
+    def stored_keys(self, subject: Subject) -> set[str]:
+        root = subject.devdir / "blobs"
+        return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} if root.exists() else set()
 
 
 class AzureBlobs(Provider):
@@ -116,7 +130,7 @@ class AzureBlobs(Provider):
     name = "azure"
     service = "azurite"
 
-    def open(self, azurite: Azurite, tmp_path: Path) -> Subject:
+    def open(self, azurite: Azurite, tmp_path: Path) -> BlobSubject:
         container = f"c{uuid.uuid4().hex[:20]}"
 
         def flags(connection_string: str) -> list[str]:
@@ -126,10 +140,20 @@ class AzureBlobs(Provider):
                     "--azureblobprovider.readtimeoutseconds=10"]
 
         nobody = azurite.connection_string().replace(f":{azurite.port}/", f":{free_port()}/")
-        return Subject(self, azurite, tmp_path / ".dev", flags(azurite.connection_string()),
-                       unreachable=flags(nobody), refused=flags(azurite.connection_string(WRONG_ACCOUNT_KEY)),
-                       secrets=(azurite.connection_string(), _account_key(azurite.connection_string()),
-                                WRONG_ACCOUNT_KEY))
+        subject = BlobSubject(self, azurite, tmp_path / ".dev", flags(azurite.connection_string()),
+                              unreachable=flags(nobody), refused=flags(azurite.connection_string(WRONG_ACCOUNT_KEY)),
+                              secrets=(azurite.connection_string(), _account_key(azurite.connection_string()),
+                                       WRONG_ACCOUNT_KEY))
+        subject.container = container  # type: ignore[attr-defined]
+        return subject
+
+    def stored_keys(self, subject: Subject) -> set[str]:
+        # The service's own List Blobs, through a plain SDK client of its own (not the provider's).
+        from azure.storage.blob import BlobServiceClient
+
+        with BlobServiceClient.from_connection_string(subject.service.connection_string()) as service:
+            container = service.get_container_client(subject.container)  # type: ignore[attr-defined]
+            return set(container.list_blob_names()) if container.exists() else set()
 
     def refusal_seen(self, subject: Subject, exc: BaseException) -> bool:
         # Azurite answered 403 (AuthorizationFailure: the signature does not match the account key).

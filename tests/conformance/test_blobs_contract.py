@@ -91,6 +91,8 @@ async def test_hostile_names_are_kept_apart_byte_for_byte(blob_subject: Subject,
             source.write_bytes(data)
             infos[name] = await dataplane.blobs.upload(source, f"evt/mod/{name}")
             assert infos[name].key == f"evt/mod/{name}"
+        # The service holds each name under exactly its key: none rewritten, none merged with another.
+        assert blob_subject.stored_keys() == {f"evt/mod/{name}" for name in names}
         for i, (name, data) in enumerate(contents.items()):
             target = tmp_path / "in" / str(i)
             await dataplane.blobs.download(f"evt/mod/{name}", target, infos[name])
