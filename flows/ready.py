@@ -19,7 +19,7 @@ from sidecar.dataplane.blobs import BlobInfo, gather_all, gather_bounded
 from sidecar.errors import DataPlaneError
 from sidecar.models import BlobFile, EventMeta, ReadySummary
 from sidecar.orchestration import fleet_slot
-from sidecar.paths import collisions, confine, name_problem, shown
+from sidecar.paths import Confinement, collisions, name_problem, shown
 
 
 @task(name="get-event-meta", task_run_name="get-event-meta", **TASK_OPTIONS)
@@ -55,9 +55,10 @@ def _check_paths(meta: EventMeta, in_data: Path) -> None:
         return DataPlaneError("document store", f"event meta '{shown(meta.id)}' lists {what} '{shown(value)}', "
                                                 f"which {problem}; nothing was staged")
 
+    confine = Confinement(in_data)
     for f in meta.files:
         try:
-            confine(in_data, f.path)
+            confine(f.path)
         except ValueError as exc:
             raise refuse("path", f.path, str(exc)) from None
         problem = name_problem(f.key)

@@ -15,7 +15,7 @@ from sidecar.cli import UsageError, compose_config, redacted_yaml
 from sidecar.errors import DataPlaneError, InputError
 from sidecar.layout import ModuleLayout, check_event_meta_sizes, plan_outputs
 from sidecar.models import BlobFile, EventMeta
-from sidecar.paths import collisions, confine, name_problem, shown, text_problem
+from sidecar.paths import Confinement, collisions, confine, inside, name_problem, shown, text_problem
 from sidecar.sharedsecret import matches, secret_problem
 from testsupport.hostile import DONE_CASES, READY_CASES, reset_outputs
 from testsupport.processes import python_env
@@ -67,6 +67,29 @@ def test_confine_keeps_names_inside_the_folder(tmp_path: Path) -> None:
     os.symlink(tmp_path, tmp_path / "in" / "up")
     with pytest.raises(ValueError, match="leaves the folder"):
         confine(tmp_path / "in", "up/x")
+
+
+def test_confinement_of_many_names_agrees_with_realpath_of_each(tmp_path: Path) -> None:
+    """One Confinement resolves each folder once; its verdicts must be realpath's, links of every kind
+    included (inside and out, relative, chained, to files, dangling, looping)."""
+    root = tmp_path / "in"
+    (root / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    links = {"up": tmp_path, "away": tmp_path / "outside", "alias": root / "real", "rel": "real/deep",
+             "real/back": "../..", "real/home": "..", "real/deep/file.txt": "/etc/passwd", "chain": "alias",
+             "chain2": "chain/deep", "dangling": "nowhere/at/all", "loop": "loop", "real/out": "../../outside/x"}
+    for name, target in links.items():
+        os.symlink(target, root / name)
+    names = [f"{a}/{b}".strip("/") for a in ["", *links] for b in ["x", "deep/y", "back/z", "home/w", "out"]]
+    names += list(links) + ["real/deep/file.txt", "fresh/new/file"]
+    confined = Confinement(root)
+    for name in names * 2:  # the second pass answers from the remembered folders
+        want = inside(os.path.realpath(root), os.path.realpath(root / name))
+        if want:
+            assert confined(name) == root / name, name
+        else:
+            with pytest.raises(ValueError, match="leaves the folder"):
+                confined(name)
 
 
 def test_text_problem_is_only_lone_surrogates() -> None:
