@@ -19,8 +19,8 @@ Verification (issue 3: "size, and MD5 where the service records one"):
   not hash to it (``Md5Mismatch``, retried) and records it as the blob's MD5. A larger file goes as Put
   Block (each block with its own transactional MD5) and Put Block List recording the whole file's MD5;
   the blob's properties are then read back and their size and MD5 compared with what was sent.
-- download: the ranges of one version of the blob (``If-Match`` its ETag) are written at their offsets
-  as they arrive and hashed in file order in a worker thread; the MD5 is compared with the one the
+- download: the ranges of one version of the blob (``If-Match`` its ETag), several in flight, are
+  written at their offsets and hashed in file order, one worker-thread call per range; the MD5 is compared with the one the
   service returns with the blob (``x-ms-blob-content-md5``) and with the size and MD5 in the event meta.
 
 Prefect's task retries are the only retry layer, so the SDK's retry policy is set to zero retries.
@@ -148,6 +148,7 @@ class AzureBlobStore:
         self.chunkbytes = chunkbytes
         self.credential = credential
         self._budget = ByteBudget(max(chunkbytes, inflightbytes), MAX_REQUESTS_IN_FLIGHT)
+        self._buffers = BlockBuffers(chunkbytes, max(chunkbytes, inflightbytes) // chunkbytes)
         self._client = fs.service_client.get_container_client(container)
         self._container_ready = False
         self._container_lock = asyncio.Lock()
@@ -244,11 +245,14 @@ class AzureBlobStore:
         whole = hashlib.md5()
         blocks: list[BlobBlock] = []
 
-        async def stage(block_id: str, data: bytes, length: int) -> None:
+        async def stage(block_id: str, data: bytes | bytearray, length: int) -> None:
             try:
                 # The block's own MD5 in another thread than the reader's whole-file MD5: two cores.
                 digest = await asyncio.to_thread(_md5, data)
-                await blob.stage_block(block_id, data, length=len(data), transactional_content_md5=digest)
+                await blob.stage_block(block_id, _pieces(data), length=len(data), transactional_content_md5=digest)
+                # Sent and acknowledged (the service checked its MD5): the buffer can take the next block.
+                # After a failure it is dropped instead, in case the connection still holds it.
+                self._buffers.give(data)
             finally:
                 self._budget.release(length)
 
@@ -257,10 +261,13 @@ class AzureBlobStore:
                 length = min(block_size, size - offset)
                 await self._budget.acquire(length)
                 try:
-                    data = await asyncio.to_thread(_read_into_md5, f, length, whole)
-                    if len(data) != length:
-                        raise BlobVerificationError(blob.blob_name, f"the file changed while read: {offset + len(data)} "
+                    buffer = self._buffers.take(length)
+                    got = await asyncio.to_thread(_read_into_md5, f, buffer, whole)
+                    if got != length:
+                        raise BlobVerificationError(blob.blob_name, f"the file changed while read: {offset + got} "
                                                                     f"of {size} bytes")
+                    data = buffer
+                    del buffer
                 except BaseException:
                     self._budget.release(length)
                     raise
@@ -308,9 +315,13 @@ class AzureBlobStore:
     async def _get_ranges(self, blob: BlobClient, fd: int, first: bytes, held: int, size: int, etag: str,
                           digest: Any) -> None:
         """Fetch the rest of a blob after its ``first`` bytes as ranges of ``chunkbytes``, several in
-        flight under the byte budget and all from one version of the blob (``If-Match: etag``). Each
-        range is written at its offset as it arrives and added to ``digest`` in file order by one
-        hashing task; its budget is released once it is hashed."""
+        flight under the byte budget and all from one version of the blob (``If-Match: etag``). One task
+        takes the ranges in file order and, in one worker-thread call per range, writes it at its offset
+        and adds it to ``digest``; a range's budget is released once it is written and hashed.
+
+        One call per range, not a write as each range arrives and a hash later: under load every worker
+        thread hop waited about as long as the request itself (8 x 64 MiB at load 8: 115 ms per hop,
+        360 ms per 4 MiB request), and the range held its budget through both hops."""
         try:
             os.ftruncate(fd, size)
         except BaseException:
@@ -323,44 +334,42 @@ class AzureBlobStore:
             data = await _content(part, length)
             if len(data) != length:
                 raise BlobVerificationError(blob.blob_name, f"range at {offset}: received {len(data)} of {length} bytes")
-            await asyncio.to_thread(os.pwrite, fd, data, offset)
             return data
 
         async def fetched(data: bytes) -> bytes:
-            await asyncio.to_thread(os.pwrite, fd, data, 0)
             return data
 
-        # (range being fetched, bytes of budget it holds) in file order; None ends the hashing.
-        order: asyncio.Queue[tuple[asyncio.Task[bytes], int] | None] = asyncio.Queue()
+        # (offset, range being fetched, bytes of budget it holds) in file order; None ends the writing.
+        order: asyncio.Queue[tuple[int, asyncio.Task[bytes], int] | None] = asyncio.Queue()
 
-        async def hash_in_order() -> None:
+        async def write_in_order() -> None:
             while (item := await order.get()) is not None:
-                task, length = item
+                offset, task, length = item
                 try:
-                    await asyncio.to_thread(digest.update, await task)
+                    await asyncio.to_thread(_pwrite_md5, fd, await task, offset, digest)
                 finally:
                     self._budget.release(length)
                 del task, item
 
         try:
             async with _first_error_group() as group:
-                group.create_task(hash_in_order())
-                order.put_nowait((group.create_task(fetched(first)), held))
+                group.create_task(write_in_order())
+                order.put_nowait((0, group.create_task(fetched(first)), held))
                 offset = len(first)
                 del first
                 try:
                     while offset < size:
                         length = min(self.chunkbytes, size - offset)
                         await self._budget.acquire(length)
-                        order.put_nowait((group.create_task(fetch(offset, length)), length))
+                        order.put_nowait((offset, group.create_task(fetch(offset, length)), length))
                         offset += length
                 finally:
                     order.put_nowait(None)
         finally:
-            # After a failure: give back the budget of ranges the hashing task never took.
+            # After a failure: give back the budget of ranges the writing task never took.
             while not order.empty():
                 if (item := order.get_nowait()) is not None:
-                    self._budget.release(item[1])
+                    self._budget.release(item[2])
 
     def _where(self, key: str) -> str:
         return f"blob '{key}' in container '{self.container}'"
@@ -650,6 +659,34 @@ class ByteBudget:
             self.release(nbytes)
 
 
+class BlockBuffers:
+    """Buffers of ``size`` bytes for the blocks of uploads, reused: at most ``keep`` are kept (what the
+    byte budget lets be in flight at once, so the kept ones stay within the budget's memory).
+
+    Each large buffer is its own mmap (``_MMAP_THRESHOLD``): a block read into a fresh ``bytes`` cost
+    1,024 page faults to fill and an munmap to free, and the transport's copies of a whole block as many
+    again (:func:`_pieces`). Both together: a 256 MiB upload went from 139,000-190,000 minor faults
+    and 0.45-0.55 s of system CPU to none and 0.12 s, and the user CPU dropped a little too.
+    Used from the event loop's thread only.
+    """
+
+    def __init__(self, size: int, keep: int):
+        self.size = size
+        self.keep = keep
+        self._free: list[bytearray] = []
+
+    def take(self, length: int) -> bytearray:
+        """A buffer of exactly ``length`` bytes: a kept one when ``length`` is ``size``, else a new one."""
+        if length == self.size and self._free:
+            return self._free.pop()
+        return bytearray(length)
+
+    def give(self, buffer: bytes | bytearray) -> None:
+        """Keep ``buffer`` for a later :meth:`take` if it is a full-size buffer and fewer than ``keep`` are kept."""
+        if isinstance(buffer, bytearray) and len(buffer) == self.size and len(self._free) < self.keep:
+            self._free.append(buffer)
+
+
 @contextlib.asynccontextmanager
 async def _first_error_group() -> AsyncIterator[asyncio.TaskGroup]:
     """An ``asyncio.TaskGroup`` that raises its first error itself rather than an ExceptionGroup, so the
@@ -671,6 +708,24 @@ class _Sink:
     def write(self, data: bytes) -> int:
         self.parts.append(data)
         return len(data)
+
+
+# The pieces a block is handed to aiohttp in (:func:`_pieces`): under glibc's mmap threshold, so the
+# transport's copies of what the socket did not take at once come from the heap and are reused.
+_PIECE_BYTES = 256 * 1024
+
+
+async def _pieces(block: bytes | bytearray) -> AsyncIterator[memoryview]:
+    """``block`` as views of ``_PIECE_BYTES``, for a request body (azure-core and aiohttp accept an async
+    iterable; the request's Content-Length comes from the length given with it).
+
+    A block passed whole is joined with the request's headers into one new buffer and, when the socket
+    takes only part of it, copied again (Python 3.11's ``WriteTransport.writelines`` and
+    ``_SelectorSocketTransport.write``): two fresh 4 MiB allocations per block. Pieces are sent one by
+    one with aiohttp's flow control between them."""
+    view = memoryview(block)
+    for start in range(0, len(view), _PIECE_BYTES):
+        yield view[start:start + _PIECE_BYTES]
 
 
 async def _content(stream: StorageStreamDownloader, buffered: int) -> bytes:
@@ -702,15 +757,28 @@ def _md5(data: bytes) -> bytes:
     return hashlib.md5(data).digest()
 
 
-def _read_into_md5(f: IO[bytes], size: int, whole: Any) -> bytes:
-    """Read up to ``size`` bytes and add them to ``whole``."""
-    data = f.read(size)
-    whole.update(data)
-    return data
+def _read_into_md5(f: IO[bytes], buffer: bytearray, whole: Any) -> int:
+    """Fill ``buffer`` from ``f`` (short only at the end of the file) and add what was read to
+    ``whole``; returns the number of bytes read."""
+    view = memoryview(buffer)
+    got = 0
+    while got < len(buffer) and (n := f.readinto(view[got:])):
+        got += n
+    whole.update(view[:got])
+    return got
 
 
 def _write_md5(f: IO[bytes], data: bytes, digest: Any) -> None:
     f.write(data)
+    digest.update(data)
+
+
+def _pwrite_md5(fd: int, data: bytes, offset: int, digest: Any) -> None:
+    """Write all of ``data`` at ``offset`` of file ``fd`` and add it to ``digest``."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
     digest.update(data)
 
 
