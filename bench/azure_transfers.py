@@ -22,7 +22,10 @@ because Azurite computes a CRC64 in JavaScript for every Put Block that comes wi
 (``BlockBlobHandler.stageBlock``), which costs it more than the client's MD5. The plain client checks
 nothing else: the strongest client does the least work; the bench checks its files' MD5s afterwards.
 The CPU seconds of each process during its transfer are printed beside the wall times: on a loaded
-machine they say where a gap comes from (own work or waiting) better than the wall times do.
+machine they say where a gap comes from (own work or waiting) better than the wall times do. So are
+Azurite's CPU seconds meanwhile (on 2 cores the service competes with the client: 4 MiB ranges cost
+Azurite about three times the CPU of 8 MiB ranges for the same bytes) and, for the sidecar, the
+seconds of the flow's body from its summary (the rest of the call is the flow run's overhead).
 
 It prints medians, spreads (min-max) and the ratios sidecar / plain per direction, the CPU seconds and
 peak RSS of each process, then moves one 1 GiB file of random bytes both ways (sidecar and plain) and
@@ -30,7 +33,8 @@ prints the RSS rise of each sidecar above its idle RSS; the MD5s of the sources,
 recorded and of what the child staged must agree (else the bench fails).
 
 Run: ``scripts/setup test && .venv/bin/python bench/azure_transfers.py [--rounds 3]`` (10-30 min);
-``--tune`` for the plain client's grid; ``--profile DIR`` records each sidecar call with py-spy.
+``--tune`` for the plain client's grid; ``--profile DIR`` records each sidecar call with py-spy
+(``uv pip install py-spy``; not a dependency) and prints where the samples went (``PROFILE_GROUPS``).
 ``--variant NAME=SRC[,FLAG...]`` (repeatable) adds a sidecar that imports its code from the checkout
 ``SRC`` (e.g. a git worktree of another commit; ``.`` for this one) with extra seed flags, as one more
 approach in the same rotation, so two versions or settings are compared side by side in one run.
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import hashlib
 import json
 import os
@@ -195,6 +200,52 @@ class Profiler:
             self.proc.wait(60)
 
 
+# Where a sidecar's samples go (``--profile``; py-spy names frames "function (package/module.py:line)"): a
+# sample counts for every group one of its frames matches. A worker thread's C call (an MD5 update, a
+# pwrite, a read) shows as the thread pool's frame.
+PROFILE_GROUPS = {
+    "worker threads (MD5, file reads and writes)": r"\(concurrent/futures/thread\.py",
+    "Azure SDK (azure.core, azure.storage.blob)": r"\((core|blob)/",
+    "aiohttp": r"\(aiohttp/",
+    "the blob provider (sidecar/providers/azureblob)": r"\(sidecar/providers/azureblob/",
+    "Prefect (all)": r"\(prefect/",
+    "Prefect flow engine": r"\(prefect/flow_engine\.py",
+    "Prefect task engine": r"\(prefect/task_engine\.py",
+    "Prefect client (httpx)": r"\((httpx|httpcore)/",
+    "TLS contexts": r"create_default_context|load_verify_locations|_build_ssl_config|create_ssl_context",
+    "uvicorn, starlette, fastapi": r"\((uvicorn|starlette|fastapi)/",
+    "pydantic": r"\(pydantic",
+    "run history (flows.history reports)": r"(report_ready|report_done|_publish|record_failure) \(flows/history",
+    "path checks (sidecar.paths)": r"\(sidecar/paths\.py",
+    "logging": r"\(logging/",
+    "event loop waiting (epoll)": r"EpollSelector\.select",
+}
+
+
+def profile_summary(paths: list[Path], top: int = 12) -> list[str]:
+    """Lines summarising ``py-spy record --format raw`` files: the share of samples per
+    ``PROFILE_GROUPS`` group and the functions most often on top of the stack (self time)."""
+    import re
+
+    total, groups, leaves = 0, collections.Counter(), collections.Counter()
+    for path in paths:
+        if not path.exists():
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            total += int(count)
+            groups.update({name: int(count) for name, pattern in PROFILE_GROUPS.items() if re.search(pattern, stack)})
+            leaves[stack.split(";")[-1]] += int(count)
+    if not total:
+        return ["    (no samples)"]
+    lines = [f"    {total} samples (250 Hz, all threads, idle excluded)"]
+    lines += [f"    {100 * n / total:5.1f}%  {name}" for name, n in groups.most_common()]
+    lines += ["    on top of the stack:"] + [f"    {100 * n / total:5.1f}%  {name[:100]}" for name, n in leaves.most_common(top)]
+    return lines
+
+
 @dataclass
 class Sample:
     """One measured transfer: ``seconds``, the process's CPU seconds meanwhile (user + system, all
@@ -204,6 +255,8 @@ class Sample:
     cpu: float
     idle: int
     peak: int
+    azurite_cpu: float = 0.0  # Azurite's CPU seconds meanwhile: on 2 cores, the service's share of the machine
+    body: float | None = None  # sidecar only: the flow body's seconds (the summary's), the rest is call overhead
 
 
 @dataclass
@@ -214,6 +267,14 @@ class Results:
 
     def add(self, approach: str, direction: str, sample: Sample) -> None:
         self.samples.setdefault((approach, direction), []).append(sample)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system, all threads) process ``pid`` has used so far."""
+    import psutil
+
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
 
 
 def make_files(root: Path, count: int, size: int) -> dict[str, str]:
@@ -254,12 +315,14 @@ def plain_round(azurite, src: Path, digests: dict[str, str], work: Path, tag: st
         argv = [sys.executable, __file__, "plain", direction, str(src), str(dst), tag, *settings[direction].argv()]
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
                                 env=python_env(BENCH_CONNECTION_STRING=azurite.connection_string()))
+        served = cpu_seconds(azurite.proc.pid)
         with RssSampler(proc.pid) as rss:
             stdout, _ = proc.communicate(timeout=900)
+        served = cpu_seconds(azurite.proc.pid) - served
         if proc.returncode != 0:
             raise RuntimeError(f"plain client failed ({proc.returncode})")
         got = json.loads(stdout.decode().strip().splitlines()[-1])
-        out[direction] = Sample(got["seconds"], got["cpu"], got["idle"], rss.peak)
+        out[direction] = Sample(got["seconds"], got["cpu"], got["idle"], rss.peak, served)
     if verify and md5_tree(dst) != digests:
         raise RuntimeError(f"plain {tag}: the downloaded files differ from the sources")
     shutil.rmtree(dst, ignore_errors=True)
@@ -318,18 +381,20 @@ def sidecar_round(azurite, src: Path, digests: dict[str, str], work: Path, tag: 
         pairs = [{"key": "eventType", "value": EVENT_TYPE}, {"key": "files", "value": ",".join(rels)}]
         (out / "events" / "batch.json").write_text(json.dumps(pairs))
         with Profiler(parent.proc.pid, profile and profile / f"{tag}-done.txt"), RssSampler(parent.proc.pid) as rss:
-            started = time.perf_counter()
+            started, served = time.perf_counter(), cpu_seconds(azurite.proc.pid)
             done = parent.get("/done", timeout=900)
-            up = Sample(time.perf_counter() - started, rss.cpu(), rss.idle, 0)
+            up = Sample(time.perf_counter() - started, rss.cpu(), rss.idle, 0, cpu_seconds(azurite.proc.pid) - served)
         up.peak = rss.peak
         assert done.status_code == 200, done.text
         assert done.json()["events"][0]["eventId"] == child_id
+        up.body = done.json()["seconds"]
         with Profiler(child.proc.pid, profile and profile / f"{tag}-ready.txt"), RssSampler(child.proc.pid) as rss:
-            started = time.perf_counter()
+            started, served = time.perf_counter(), cpu_seconds(azurite.proc.pid)
             ready = child.get("/ready", timeout=900)
-            down = Sample(time.perf_counter() - started, rss.cpu(), rss.idle, 0)
+            down = Sample(time.perf_counter() - started, rss.cpu(), rss.idle, 0, cpu_seconds(azurite.proc.pid) - served)
         down.peak = rss.peak
         assert ready.status_code == 200 and ready.json()["files"] == len(rels), ready.text
+        down.body = ready.json()["seconds"]
         meta = asyncio.run(JsonFileDocumentStore(devdir / "documents").get_event_meta(child_id))
         recorded = {f.path: f.md5 for f in meta.files}
         if recorded != digests or md5_tree(child.basedir / "in" / "data") != digests:
@@ -385,9 +450,10 @@ def run(argv: argparse.Namespace) -> None:
                             got = plain_round(azurite, src, digests, work, tag, PLAIN[name])
                         for direction, sample in got.items():
                             results[name].add(approach, direction, sample)
-                        print(f"round {r + 1} {name:>13} {approach:>8}: up {got['up'].seconds:6.2f} s "
-                              f"({got['up'].cpu:5.2f} s CPU), down {got['down'].seconds:6.2f} s "
-                              f"({got['down'].cpu:5.2f} s CPU), load average {os.getloadavg()[0]:.1f}", flush=True)
+                        print(f"round {r + 1} {name:>13} {approach:>8}: " + ", ".join(
+                            f"{d} {got[d].seconds:6.2f} s ({got[d].cpu:5.2f} s CPU, Azurite {got[d].azurite_cpu:5.2f} s"
+                            + (f", flow body {got[d].body:.2f} s" if got[d].body is not None else "") + ")"
+                            for d in ("up", "down")) + f", load average {os.getloadavg()[0]:.1f}", flush=True)
             if not argv.skip_1gib:
                 shutil.rmtree(work / "src-1000", ignore_errors=True)
                 big = work / "src-1g"
@@ -403,6 +469,14 @@ def run(argv: argparse.Namespace) -> None:
         stop_process_group(server)
         shutil.rmtree(work, ignore_errors=True)
     report(results, one_gib, argv.rounds, load_before, time.perf_counter() - began, list(variants))
+    if argv.profile:
+        for approach in variants:
+            for call in ("done", "ready"):
+                for name, w in [*((n, str(w)) for w, n in enumerate(workloads)), ("1 x 1 GiB", "1g")]:
+                    pattern = f"1g-{approach}-{call}.txt" if w == "1g" else f"*-{w}-{approach}-{call}.txt"
+                    if files := sorted(argv.profile.glob(pattern)):
+                        print(f"\nprofile of {approach} /{call}, {name} ({len(files)} calls):")
+                        print("\n".join(profile_summary(files)))
 
 
 def report(results: dict[str, Results], one_gib: dict[str, dict[str, Sample]], rounds: int,
@@ -412,7 +486,8 @@ def report(results: dict[str, Results], one_gib: dict[str, dict[str, Sample]], r
           f"{os.cpu_count()} CPUs, load average {load_before[0]:.1f} before, {load_after[0]:.1f} after "
           f"({seconds:.0f} s)")
     print(f"{'workload':>13} | {'dir':>4} | {'plain s':>19} | {'sidecar s':>19} | {'sidecar/plain':>13} | "
-          f"{'CPU s plain, sidecar':>20} | peak RSS MiB plain, sidecar (sidecar rise)")
+          f"{'CPU s plain, sidecar':>20} | {'Azurite CPU s':>13} | {'flow body s':>11} | "
+          "peak RSS MiB plain, sidecar (sidecar rise)")
     for name, res in results.items():
         if not res.samples:
             continue
@@ -420,16 +495,21 @@ def report(results: dict[str, Results], one_gib: dict[str, dict[str, Sample]], r
             plain, side = res.samples["plain", direction], res.samples[sidecar, direction]
             ratio = statistics.median(s.seconds for s in side) / statistics.median(s.seconds for s in plain)
             cpu = f"{statistics.median(s.cpu for s in plain):.2f}, {statistics.median(s.cpu for s in side):.2f}"
+            served = (f"{statistics.median(s.azurite_cpu for s in plain):.2f}, "
+                      f"{statistics.median(s.azurite_cpu for s in side):.2f}")
+            body = statistics.median(s.body or 0.0 for s in side)
             label = name if sidecar == "sidecar" else f"{sidecar}: {name}"
             print(f"{label:>13} | {direction:>4} | {spread([s.seconds for s in plain])} | "
-                  f"{spread([s.seconds for s in side])} | {ratio:12.2f}x | {cpu:>20} | {mib(max(s.peak for s in plain))}, "
+                  f"{spread([s.seconds for s in side])} | {ratio:12.2f}x | {cpu:>20} | {served:>13} | {body:11.2f} | "
+                  f"{mib(max(s.peak for s in plain))}, "
                   f"{mib(max(s.peak for s in side))} ({mib(max(s.peak - s.idle for s in side))})")
     if one_gib:
         for direction, call, sidecar in ((d, c, v) for d, c in (("up", "/done"), ("down", "/ready")) for v in sidecars):
             side, plain = one_gib[sidecar][direction], one_gib["plain"][direction]
-            print(f"    1 x 1 GiB | {direction:>4} | {sidecar} {call} {side.seconds:.1f} s ({side.cpu:.1f} s CPU), RSS idle "
+            print(f"    1 x 1 GiB | {direction:>4} | {sidecar} {call} {side.seconds:.1f} s ({side.cpu:.1f} s CPU, "
+                  f"Azurite {side.azurite_cpu:.1f} s, flow body {side.body or 0:.1f} s), RSS idle "
                   f"{mib(side.idle)} MiB, peak {mib(side.peak)} MiB, rise {mib(side.peak - side.idle)} MiB; plain "
-                  f"{plain.seconds:.1f} s ({plain.cpu:.1f} s CPU), peak RSS {mib(plain.peak)} MiB; sidecar/plain "
+                  f"{plain.seconds:.1f} s ({plain.cpu:.1f} s CPU, Azurite {plain.azurite_cpu:.1f} s), peak RSS {mib(plain.peak)} MiB; sidecar/plain "
                   f"{side.seconds / plain.seconds:.2f}x")
         print("    1 x 1 GiB: MD5 of source, event meta and staged file agree")
     print("goals: sidecar/plain <= 1.10x each way for both workloads; sidecar RSS rise <= 128 MiB for 1 GiB")
