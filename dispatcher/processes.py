@@ -4,6 +4,9 @@ Both are started in process groups of their own (``start_new_session``), so stop
 whatever the module or the sidecar started (a shell's children, a temporary Prefect server), and a
 Ctrl-C in the terminal reaches the dispatcher only, which then stops each group itself. Every group
 still running is also in :data:`GROUPS`, which the command line stops on its way out whatever happened.
+If the dispatcher itself is killed (SIGKILL, out of memory), the kernel stops the sidecar (SIGTERM: it
+ends its call and reports its flow run) and the module (SIGKILL) it started
+(``sidecar.childprocess.dies_with_parent``); processes the module started itself are its own to stop.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+
+from sidecar.childprocess import dies_with_parent
 
 # Every process group started and not yet stopped, by process group id.
 GROUPS: dict[int, asyncio.subprocess.Process] = {}
@@ -113,10 +118,12 @@ def _python(argv: list[str]) -> list[str]:
     return [sys.executable, *argv[1:]] if argv and argv[0] == "python" else list(argv)
 
 
-async def _start(argv: list[str], cwd: str, env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
+async def _start(argv: list[str], cwd: str, env: dict[str, str], log: Path,
+                 on_our_death: int) -> asyncio.subprocess.Process:
     with open(log, "ab") as out:
         proc = await asyncio.create_subprocess_exec(*argv, cwd=cwd, env=env, stdout=out, stderr=out,
-                                                    stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+                                                    stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
+                                                    preexec_fn=dies_with_parent(on_our_death))
     GROUPS[proc.pid] = proc
     return proc
 
@@ -190,12 +197,12 @@ async def run_attempt(run: ModuleRun, sidecar_grace: float = 15.0) -> Outcome:
     started = time.monotonic()
     sidecar = module = None
     try:
-        sidecar = await _start(sidecar_argv, run.rundir, base_env, run.sidecar_log)
+        sidecar = await _start(sidecar_argv, run.rundir, base_env, run.sidecar_log, signal.SIGTERM)
         problem = await _wait_healthy(sidecar, port, run.startupseconds)
         if problem:
             outcome = Outcome(False, problem, log=tail(run.sidecar_log))
         else:
-            module = await _start(_python(run.command), run.cwd, module_env, run.module_log)
+            module = await _start(_python(run.command), run.cwd, module_env, run.module_log, signal.SIGKILL)
             outcome = await _watch(run, sidecar, module, port)
     finally:
         # Shielded: a Ctrl-C (cancellation) must not cut the clean-up short.

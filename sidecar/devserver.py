@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from sidecar.childprocess import dies_with_parent
+
 log = logging.getLogger(__name__)
 
 # How long the server outlives the last sidecar, seconds: a parent's sidecar stopping and its child's
@@ -79,15 +81,6 @@ def server_env(state_dir: Path, port: int, base: dict[str, str] | None = None) -
     for service in IDLE_SERVICES:
         env[f"PREFECT_SERVER_SERVICES_{service}_ENABLED"] = "false"
     return env
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _free_port(preferred: int | None) -> int:
@@ -289,7 +282,7 @@ class Supervisor:
         with open(self.state_dir / "server.log", "ab") as out:
             self.server = subprocess.Popen(argv, env=server_env(self.state_dir, port), stdin=subprocess.DEVNULL,
                                            stdout=out, stderr=subprocess.STDOUT, cwd=self.state_dir,
-                                           preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                           preexec_fn=dies_with_parent())
         (self.state_dir / "server.pid").write_text(str(self.server.pid))
         log.info("started the Prefect server (pid %s) on port %s", self.server.pid, port)
 

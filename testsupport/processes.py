@@ -4,7 +4,6 @@ stopping process groups, the Prefect server (SQLite, or PostgreSQL in a temporar
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import resource
@@ -13,17 +12,16 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import httpx
+
+from sidecar.childprocess import dies_with_parent
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 SECRET = "test-secret-Zq9"
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def free_port() -> int:
@@ -51,32 +49,6 @@ def wait_http(url: str, timeout: float, ok=(200,), proc: subprocess.Popen | None
             last = exc
         time.sleep(0.1)
     raise TimeoutError(f"{url} not ready after {timeout}s (last: {last})")
-
-
-def dies_with_parent(sig: int = signal.SIGKILL, then: Callable[[], None] | None = None) -> Callable[[], None] | None:
-    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets ``sig`` when its parent dies, so a
-    service a test started does not outlive a SIGKILLed pytest (or bench) as an orphan. Linux's
-    ``prctl(PR_SET_PDEATHSIG)`` (``man 2 PR_SET_PDEATHSIG``): it survives ``exec`` and is set after
-    ``Popen``'s ``user=`` change (which would clear it); a child of that child is not covered, so
-    services are started in the foreground (no daemonising). ``then``: another ``preexec_fn`` to run after.
-
-    The signal comes when the *thread* that started the child ends, so it is set only from the main
-    thread (elsewhere: ``then`` alone). Returns ``then`` unchanged on other systems.
-    """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return then
-    parent = os.getpid()
-
-    def arm() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent:  # the parent died before prctl: nothing will signal this child
-            os.kill(os.getpid(), sig)
-        if then is not None:
-            then()
-
-    return arm
 
 
 def python_env(**extra: str) -> dict[str, str]:

@@ -15,6 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dispatcher.graph import GraphError, load_graph
@@ -158,6 +159,40 @@ def test_ctrl_c_mid_graph_stops_every_process(tmp_path: Path) -> None:
             proc.kill()
     assert not pid_alive(module_pid) and not pid_alive(child_pid)
     assert leftovers(cid) == []
+
+
+def test_a_killed_dispatcher_leaves_no_sidecar_or_module_running(tmp_path: Path) -> None:
+    """SIGKILL, not Ctrl-C: the dispatcher cannot stop anything itself. The kernel stops the sidecar and
+    the module it started (parent-death signal), the development Prefect server's supervisor then stops
+    with its last sidecar; only what the module started itself is left, and the test stops it."""
+    cid = f"corr-killed-{int(time.time())}"
+    pids = tmp_path / "pids.txt"
+    argv = offline_argv(HERE / "graph.yaml", f"modules.hang.env.PIDS={pids}", "modules.hang.timeoutseconds=600",
+                        "~modules.source", "~modules.broken", "~modules.worker", "~modules.lazy", "--correlationid", cid,
+                        "--rundir", str(tmp_path / "run"))
+    with open(tmp_path / "offline.log", "wb") as out:
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=python_env(), stdout=out, stderr=subprocess.STDOUT)
+    grandchild = None
+    try:
+        wait_for(lambda: pids.exists() and pids.read_text().strip() != "" or proc.poll() is not None, 300,
+                 "the hanging module to start")
+        assert proc.poll() is None, (tmp_path / "offline.log").read_text()
+        module_pid, child_pid = map(int, pids.read_text().split())
+        grandchild = psutil.Process(child_pid)
+        sidecars = [p for p in leftovers(cid) if "sidecar" in " ".join(p.cmdline()) and p.pid != module_pid]
+        assert sidecars, [p.cmdline() for p in leftovers(cid)]
+        proc.kill()
+        proc.wait(30)
+        wait_for(lambda: [p.pid for p in leftovers(cid)] == [child_pid], 120,
+                 "only the module's own child to be left")
+        assert not pid_alive(module_pid) and not any(pid_alive(p.pid) for p in sidecars)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if grandchild is not None and grandchild.is_running():
+            grandchild.kill()
+        for left in leftovers(cid):
+            left.kill()
 
 
 def test_a_graph_file_error_names_the_file_and_key(tmp_path: Path) -> None:
