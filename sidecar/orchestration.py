@@ -262,6 +262,10 @@ class PrefectApi:
         self._abandoned: set[asyncio.Task] = set()  # engines of calls answered 503 before their body ran
         self._flushing = asyncio.Lock()
         _record_created_flow_runs()
+        # The probe's HTTP client, kept for the sidecar's life: a client per probe built a TLS context
+        # (reading the CA bundle) every CHECK_SECONDS, a visible share of a loaded sidecar's CPU. It keeps
+        # no connection alive, so every probe still opens a new one, as the flows' clients would.
+        self._http: httpx.AsyncClient | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -335,11 +339,12 @@ class PrefectApi:
         every write fails (PostgreSQL stopped). An API without ``/ready`` (404) is asked ``/health``.
         """
         assert self.url is not None
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=PROBE_TIMEOUT, limits=httpx.Limits(max_keepalive_connections=0))
         try:
-            async with httpx.AsyncClient(timeout=PROBE_TIMEOUT, headers=_auth_headers()) as client:
-                response = await client.get(f"{self.url}/ready")
-                if response.status_code == 404:
-                    response = await client.get(f"{self.url}/health")
+            response = await self._http.get(f"{self.url}/ready", headers=_auth_headers())
+            if response.status_code == 404:
+                response = await self._http.get(f"{self.url}/health", headers=_auth_headers())
             problem = _not_prefect(response)
             if problem:
                 return f"{_shown(str(response.request.url))} {problem}"
@@ -720,6 +725,9 @@ class PrefectApi:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
         if self._devserver is not None:
             self._devserver.detach()
             self._devserver = None
