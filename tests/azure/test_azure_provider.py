@@ -239,6 +239,40 @@ def test_memory_stays_bounded_by_the_budget_for_several_large_files(azurite: Azu
     assert rise < 128 * MiB, f"peak RSS rose {rise / MiB:.0f} MiB moving {files} files of {size // MiB} MiB at once"
 
 
+async def test_block_buffers_are_reused_during_uploads_and_freed_after_them(
+        azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two files of many blocks at once: their blocks are read into buffers taken again once a block
+    is acknowledged (at most what the budget lets be in flight), the blobs hold the files' bytes, and
+    when the last upload ends no buffer is kept (kept ones would add to the downloads' memory)."""
+    chunk = TEST_CHUNK_BYTES
+    store = azure_blob_store(azure_config(azurite, inflightbytes=4 * chunk))
+    buffers = store._buffers
+    made: list[int] = []
+    take = type(buffers).take
+
+    def counting_take(self, length: int) -> bytearray:
+        fresh = not (length == self.size and self._free)
+        buffer = take(self, length)
+        if fresh:
+            made.append(id(buffer))
+        return buffer
+
+    monkeypatch.setattr(type(buffers), "take", counting_take)
+    data = {name: os.urandom(12 * chunk + 7) for name in ("a", "b")}
+    for name, content in data.items():
+        (tmp_path / name).write_bytes(content)
+    try:
+        infos = await asyncio.gather(*(store.upload(tmp_path / name, f"buffers/{name}") for name in data))
+        assert buffers._free == [], "buffers kept after the last upload ended"
+        # 26 blocks (24 full ones, 2 tails): only up to the budget's 4 full buffers and the 2 tails are new.
+        assert len(made) <= 4 + 2, len(made)
+        for (name, content), info in zip(data.items(), infos):
+            await store.download(info.key, tmp_path / f"{name}.in", info)
+            assert (tmp_path / f"{name}.in").read_bytes() == content, name
+    finally:
+        await store.close()
+
+
 async def test_large_files_move_several_blocks_at_once_within_one_shared_budget(
         azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two files of 20 chunks at once, a budget of 4 chunks: several requests of each file overlap, and
