@@ -815,7 +815,10 @@ def _not_prefect(response: httpx.Response) -> str | None:
             with contextlib.suppress(ValueError, AttributeError):
                 body = response.json()
                 detail = body.get("message") or body.get("exception_message") or body.get("detail") or ""
-        return f"answered {response.status_code}" + (f" ({str(detail)[:200]})" if detail else "")
+        shown = f"answered {response.status_code}" + (f" ({str(detail)[:200]})" if detail else "")
+        if response.status_code == 404:
+            shown += ": no Prefect API at this address (PREFECT_API_URL is the API's, e.g. http://prefect:4200/api)"
+        return shown
     try:
         response.json()
     except ValueError:

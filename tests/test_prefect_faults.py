@@ -16,12 +16,14 @@ lost or published twice. Each test asserts that its fault really happened.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +186,8 @@ def test_server_hangs_after_running_was_proposed(api: Api, sidecar: SidecarProce
     (503, {"Prefect-Maintenance": "true"}, b'{"exception_message": "Service Unavailable"}', "answered 503"),
     (429, {"Retry-After": "3600", "content-type": "application/json"}, b'{"detail": "slow down"}', "answered 429"),
     (200, {"content-type": "text/html"}, b"<html><body>Welcome to nginx!</body></html>", "not a Prefect API"),
-], ids=["maintenance-503", "429-retry-after-an-hour", "html-not-prefect"])
+    (404, {"content-type": "application/json"}, b'{"detail": "Not Found"}', "no Prefect API at this address"),
+], ids=["maintenance-503", "429-retry-after-an-hour", "html-not-prefect", "404-wrong-path"])
 def test_api_answering_errors(api: Api, sidecar: SidecarProcess, status: int, headers: dict, body: bytes,
                               why: str) -> None:
     fresh_run(sidecar)
@@ -284,3 +287,40 @@ def test_unresolvable_api_host(tmp_path: Path) -> None:
         assert seconds < ANSWER_WITHIN
     finally:
         sidecar.stop()
+
+
+def test_sigkill_while_the_api_hangs_at_running(api: Api, tmp_path: Path) -> None:
+    """The API recorded the flow run Running and hangs; the sidecar is SIGKILLed before it gave up.
+    The run record names the flow run from its creation on, so the successor reports it Crashed."""
+    sidecar = SidecarProcess(tmp_path, sidecar_args(), env={"PREFECT_API_URL": api.proxied})
+    successor = None
+    try:
+        sidecar.wait_healthy(300)
+        before = {run["id"] for run in api.flow_runs()}
+        api.proxy.hang_when(PROPOSES_RUNNING, forward=True)
+        def call_ready() -> None:
+            with contextlib.suppress(httpx.HTTPError):  # the sidecar is killed mid-call
+                sidecar.get("/ready", timeout=60)
+
+        caller = threading.Thread(target=call_ready, daemon=True)
+        caller.start()
+        assert api.proxy.triggered.wait(60), "the API never hung at the Running proposal"
+        sidecar.proc.kill()
+        sidecar.proc.wait(10)
+        created = [run for run in api.flow_runs() if run["id"] not in before]
+        assert [run["state_type"] for run in created] == ["RUNNING"], created
+        record = json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
+        assert record["unreported"] == {created[0]["id"]: None}, record
+        api.proxy.up(resume=False)
+        successor = SidecarProcess(tmp_path, sidecar_args(), env={"PREFECT_API_URL": api.proxied},
+                                   basedir=sidecar.basedir)
+        successor.wait_healthy(300)
+        wait_state(api.url, created[0]["id"], "CRASHED", 60)
+        response, _ = get(successor, "/ready")
+        assert response.status_code == 200, response.text
+    finally:
+        api.proxy.up()
+        for process in (sidecar, successor):
+            if process is not None:
+                process.stop()
+    no_flow_run_running(api)
