@@ -24,12 +24,15 @@ So the server belongs to a small supervisor process instead, one per state folde
 The server is ``uvicorn prefect.server.api.server:create_app`` (what ``SubprocessASGIServer`` runs, but
 with the UI on and not ephemeral, so Prefect's task-run recorder writes task runs), its database
 ``{devdir}/prefect/prefect.db``. The supervisor restarts it when it dies (back-off 1 s doubling to 10
-s) and, on Linux, the server dies with the supervisor (``PR_SET_PDEATHSIG``), so nothing is orphaned.
+s) or hangs (it answered ``/api/health`` once, then not for :data:`HUNG_SECONDS`: stopped, deadlocked,
+swapping; it is killed and started again) and, on Linux, the server dies with the supervisor
+(``PR_SET_PDEATHSIG``), so nothing is orphaned.
 """
 
 from __future__ import annotations
 
 import fcntl
+import http.client
 import json
 import logging
 import os
@@ -51,6 +54,12 @@ LINGER_SECONDS = 5.0
 POLL_SECONDS = 0.5
 # How long a server gets to stop on SIGTERM before SIGKILL, seconds.
 STOP_SECONDS = 10.0
+# How often the supervisor asks its server's /api/health, and how long it waits for an answer, seconds.
+HEALTH_EVERY_SECONDS = 5.0
+HEALTH_TIMEOUT_SECONDS = 5.0
+# A server that answered once and then not for this long is hung: killed and started again, seconds
+# (tests shorten it through the environment).
+HUNG_SECONDS = float(os.environ.get("SIDECAR_DEVSERVER_HUNG_SECONDS", "30"))
 
 # Prefect services that schedule or police runs; the sidecar creates its runs itself, so they only
 # add writes to SQLite. The task-run recorder and the event services stay on (task runs are recorded
@@ -134,6 +143,18 @@ def _try_lock(fd: int, kind: int) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def _answers(port: int) -> bool:
+    """True when the server on ``127.0.0.1:port`` answers ``/api/health`` with 200 in time."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=HEALTH_TIMEOUT_SECONDS)
+    try:
+        connection.request("GET", "/api/health")
+        return connection.getresponse().status == 200
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
 
 
 class DevServerClient:
@@ -234,9 +255,21 @@ class Supervisor:
         backoff = 1.0
         next_start = started = 0.0
         idle_since: float | None = None
+        answered: float | None = None  # when the running server last answered /api/health
+        asked = 0.0
         try:
             while not self.stopping:
+                if self.server is not None and self.server.poll() is None and time.monotonic() - asked >= HEALTH_EVERY_SECONDS:
+                    asked = time.monotonic()
+                    if _answers(port):
+                        answered = time.monotonic()
+                    elif answered is not None and time.monotonic() - answered >= HUNG_SECONDS:
+                        log.warning("Prefect server (pid %s) has not answered for %.0f s: killing it", self.server.pid,
+                                    time.monotonic() - answered)
+                        self.server.kill()
+                        self.server.wait()
                 if self.server is None or self.server.poll() is not None:
+                    answered = None
                     if self.server is not None:
                         log.warning("Prefect server exited with %s; restarting in %.0fs", self.server.returncode, backoff)
                         self.server = None
