@@ -336,15 +336,26 @@ class PrefectApi:
 
         ``{api}/ready`` (Prefect 3's readiness check: 503 "Database is not available" unless the
         server can connect to its database) rather than ``{api}/health``, which answers 200 while
-        every write fails (PostgreSQL stopped). An API without ``/ready`` (404) is asked ``/health``.
+        every write fails (PostgreSQL stopped). An API without ``/ready`` (404), or too busy to answer
+        it in time, is asked ``/health``; a database that hangs rather than refuses is therefore not
+        seen here, and a call's wait for its flow run is bounded by :data:`START_DEADLINE_SECONDS`.
         """
         assert self.url is not None
         if self._http is None:
             self._http = httpx.AsyncClient(timeout=PROBE_TIMEOUT, limits=httpx.Limits(max_keepalive_connections=0))
         try:
-            response = await self._http.get(f"{self.url}/ready", headers=_auth_headers())
-            if response.status_code == 404:
-                response = await self._http.get(f"{self.url}/health", headers=_auth_headers())
+            # Both at once, so a hanging server costs one PROBE_TIMEOUT. /ready decides, unless it is
+            # missing (404) or too slow: a server whose database connections a fleet's writes hold
+            # all (pool exhausted) is busy, not down, and /health needs no database.
+            ready, health = await asyncio.gather(self._http.get(f"{self.url}/ready", headers=_auth_headers()),
+                                                 self._http.get(f"{self.url}/health", headers=_auth_headers()),
+                                                 return_exceptions=True)
+            slow = isinstance(ready, httpx.TimeoutException) or (
+                isinstance(ready, httpx.Response) and ready.status_code == 404)
+            answer = health if slow else ready
+            if isinstance(answer, BaseException):
+                raise answer
+            response = answer
             problem = _not_prefect(response)
             if problem:
                 return f"{_shown(str(response.request.url))} {problem}"
