@@ -24,8 +24,8 @@ So the server belongs to a small supervisor process instead, one per state folde
 The server is ``uvicorn prefect.server.api.server:create_app`` (what ``SubprocessASGIServer`` runs, but
 with the UI on and not ephemeral, so Prefect's task-run recorder writes task runs), its database
 ``{devdir}/prefect/prefect.db``. The supervisor restarts it when it dies (back-off 1 s doubling to 10
-s) or hangs (it answered ``/api/health`` once, then not for :data:`HUNG_SECONDS`: stopped, deadlocked,
-swapping; it is killed and started again) and, on Linux, the server dies with the supervisor
+s) or hangs (it answered ``/api/health`` once, then not for :data:`HUNG_SECONDS`, or never within
+:data:`STARTUP_SECONDS`: stopped, deadlocked; it is killed and started again) and, on Linux, the server dies with the supervisor
 (``PR_SET_PDEATHSIG``), so nothing is orphaned.
 """
 
@@ -58,8 +58,10 @@ STOP_SECONDS = 10.0
 HEALTH_EVERY_SECONDS = 5.0
 HEALTH_TIMEOUT_SECONDS = 5.0
 # A server that answered once and then not for this long is hung: killed and started again, seconds
-# (tests shorten it through the environment).
+# (tests shorten it through the environment). One that never answered gets STARTUP_SECONDS (its first
+# start creates and migrates the database: a minute or two on a loaded machine).
 HUNG_SECONDS = float(os.environ.get("SIDECAR_DEVSERVER_HUNG_SECONDS", "30"))
+STARTUP_SECONDS = 300.0
 
 # Prefect services that schedule or police runs; the sidecar creates its runs itself, so they only
 # add writes to SQLite. The task-run recorder and the event services stay on (task runs are recorded
@@ -259,13 +261,17 @@ class Supervisor:
         asked = 0.0
         try:
             while not self.stopping:
-                if self.server is not None and self.server.poll() is None and time.monotonic() - asked >= HEALTH_EVERY_SECONDS:
+                # Asked every second until its first answer, then every HEALTH_EVERY_SECONDS.
+                every = HEALTH_EVERY_SECONDS if answered is not None else 1.0
+                if self.server is not None and self.server.poll() is None and time.monotonic() - asked >= every:
                     asked = time.monotonic()
                     if _answers(port):
+                        if answered is None:
+                            log.info("the Prefect server (pid %s) answers on port %s", self.server.pid, port)
                         answered = time.monotonic()
-                    elif answered is not None and time.monotonic() - answered >= HUNG_SECONDS:
-                        log.warning("Prefect server (pid %s) has not answered for %.0f s: killing it", self.server.pid,
-                                    time.monotonic() - answered)
+                    elif time.monotonic() - (answered or started) >= (HUNG_SECONDS if answered else STARTUP_SECONDS):
+                        log.warning("the Prefect server (pid %s) has not answered for %.0f s: killing it",
+                                    self.server.pid, time.monotonic() - (answered or started))
                         self.server.kill()
                         self.server.wait()
                 if self.server is None or self.server.poll() is not None:

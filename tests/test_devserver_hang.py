@@ -23,6 +23,10 @@ def test_a_hung_development_server_is_restarted(tmp_path: Path) -> None:
     server = None
     try:
         sidecar.wait_healthy(timeout=240)
+        deadline = time.monotonic() + 30  # the supervisor, too, has seen its server answer
+        while "answers on port" not in (state_dir / "supervisor.log").read_text():
+            assert time.monotonic() < deadline, (state_dir / "supervisor.log").read_text()
+            time.sleep(0.2)
         server = psutil.Process(int((state_dir / "server.pid").read_text()))
         server.suspend()  # SIGSTOP: the kernel still accepts its connections; nothing answers
         deadline = time.monotonic() + 10  # a signal is delivered asynchronously
