@@ -661,6 +661,9 @@ class PrefectApi:
             await self._flush_reports_now()
 
     async def _flush_reports_now(self) -> None:
+        """One round of reports. A flow run the API does not know (another server's, or its database
+        was reset) is dropped; one whose report fails otherwise is kept for the next round without
+        holding back the others; the round ends when the API fails (unavailable again)."""
         from prefect.client.orchestration import get_client
 
         async with get_client() as client:
@@ -676,21 +679,33 @@ class PrefectApi:
                         log.warning("flow run %s, left %s by a previous sidecar: reported %s", flow_run_id,
                                     run.state.type.value if run.state else "without a state", state.type.value)
                 except Exception as exc:  # noqa: BLE001 - kept for the next round
-                    if not _is_missing(exc):
-                        log.warning("flow run %s: reporting a previous sidecar's flow run failed: %s", flow_run_id, exc)
-                        return
-                    # Not in this API (another server's, or deleted): nothing to report.
+                    if not self._report_failed(flow_run_id, "reporting a previous sidecar's flow run", exc):
+                        if is_outage(exc):
+                            return
+                        continue
                 self._inherited.pop(flow_run_id, None)
                 self._reported(flow_run_id)
             for flow_run_id, state in list(self._pending.items()):
                 try:
                     await asyncio.wait_for(client.set_flow_run_state(flow_run_id, state, force=True), PROBE_TIMEOUT * 3)
+                    log.info("flow run %s: reported %s after the Prefect API returned", flow_run_id, state.type.value)
                 except Exception as exc:  # noqa: BLE001 - kept for the next round
-                    log.warning("flow run %s: reporting %s failed again: %s", flow_run_id, state.type.value, exc)
-                    return
+                    if not self._report_failed(flow_run_id, f"reporting {state.type.value}", exc):
+                        if is_outage(exc):
+                            return
+                        continue
                 self._pending.pop(flow_run_id, None)
                 self._reported(flow_run_id)
-                log.info("flow run %s: reported %s after the Prefect API returned", flow_run_id, state.type.value)
+
+    @staticmethod
+    def _report_failed(flow_run_id: str, what: str, exc: BaseException) -> bool:
+        """Log a failed report; True when there is nothing to report (the API does not know the flow run)."""
+        if _is_missing(exc):
+            log.warning("flow run %s: not in this Prefect API (another server's, or its database was reset); "
+                        "nothing to report", flow_run_id)
+            return True
+        log.warning("flow run %s: %s failed: %s: %s", flow_run_id, what, type(exc).__name__, exc)
+        return False
 
     def cancel_running(self) -> None:
         """Cancel every running flow engine now (SIGTERM), so each stops committing at its next await.

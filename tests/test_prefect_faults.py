@@ -94,6 +94,16 @@ def api() -> Iterator[Api]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def api_back(api: Api) -> Iterator[None]:
+    """Whatever a test did to the API (and however it ended), the next test starts with it back."""
+    yield
+    api.proxy.up(resume=False)
+    os.killpg(api.server.pid, signal.SIGCONT)
+    if api.postgres.proc.poll() is not None:
+        api.postgres.start()
+
+
 @pytest.fixture(scope="module")
 def sidecar(api: Api, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
     cwd = tmp_path_factory.mktemp("faults")
