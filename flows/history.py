@@ -34,11 +34,13 @@ from fastapi.encoders import ENCODERS_BY_TYPE
 from prefect import tags
 from prefect.context import TagsContext
 from prefect.artifacts import (
-    acreate_markdown_artifact,
+    Artifact,
+    MarkdownArtifact,
+    TableArtifact,
     acreate_progress_artifact,
-    acreate_table_artifact,
     aupdate_progress_artifact,
 )
+from prefect.client.schemas.actions import ArtifactCreate
 
 from flows.runtime import Runtime
 from sidecar.config import ContextConfig
@@ -46,7 +48,7 @@ from sidecar.dataplane.blobs import BlobInfo
 from sidecar.errors import InputError, SidecarError
 from sidecar.layout import DonePlan
 from sidecar.models import BlobFile, Event, EventMeta, Insight, KeyValuePair
-from sidecar.orchestration import while_api_answers
+from sidecar.orchestration import PrefectUnavailable, while_api_answers, write_later
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +216,30 @@ def _header(step: str, runtime: Runtime) -> str:
 
 async def _quietly(what: str, work: Awaitable[Any]) -> None:
     try:
-        await while_api_answers(work, WRITE_SECONDS)
+        await work
+    except Exception as exc:  # noqa: BLE001 - history never fails a run
+        log.warning("could not record %s in the run history: %s: %s", what, type(exc).__name__, exc)
+
+
+async def _write(artifact: Artifact, flow_run_id: Any = None) -> None:
+    """Create ``artifact`` for the current flow run (or ``flow_run_id``) within :data:`WRITE_SECONDS`;
+    during an outage of the Prefect API it is written once the API answers again
+    (``sidecar.orchestration.write_later``). Never raises: history never fails a run."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    flow_run_id = flow_run_id or (context.flow_run.id if context and context.flow_run else None)
+    what = f"artifact {artifact.key or artifact.type}"
+    try:
+        await while_api_answers(artifact.acreate(), WRITE_SECONDS)
+    except PrefectUnavailable as exc:
+        request = ArtifactCreate(type=artifact.type, key=artifact.key, description=artifact.description,
+                                 flow_run_id=flow_run_id, data=await artifact.aformat())
+        if write_later(what, lambda client: client.create_artifact(artifact=request)):
+            log.warning("could not record %s in the run history now (%s); it is written when the Prefect API "
+                        "answers again", what, exc.message)
+        else:
+            log.warning("could not record %s in the run history: %s", what, exc.message)
     except Exception as exc:  # noqa: BLE001 - history never fails a run
         log.warning("could not record %s in the run history: %s: %s", what, type(exc).__name__, exc)
 
@@ -240,12 +265,12 @@ async def _report_ready(runtime: Runtime, meta: EventMeta | None, files: int, mo
         f"### Files (`in/data`)\n\n{_files_section(staged, len(staged), artifact_key(step + '-files', module, event))}",
         f"### Passed-on pairs (`in/meta.json`)\n\n{_pairs(meta.data if meta else [], 'passed-on pairs')}",
     ]
-    work = [acreate_markdown_artifact("\n\n".join(lines), key=artifact_key(step, module, event),
-                                      description=f"/ready of {module} for event {event}")]
+    work = [MarkdownArtifact(markdown="\n\n".join(lines), key=artifact_key(step, module, event),
+                             description=f"/ready of {module} for event {event}")]
     if staged:
-        work.append(acreate_table_artifact(_file_rows(staged, len(staged)), key=artifact_key(step + "-files", module, event),
-                                           description=f"Files staged into in/data ({len(staged):,})"))
-    await asyncio.gather(*work)
+        work.append(TableArtifact(table=_file_rows(staged, len(staged)), key=artifact_key(step + "-files", module, event),
+                                  description=f"Files staged into in/data ({len(staged):,})"))
+    await asyncio.gather(*(_write(artifact) for artifact in work))
 
 
 async def report_done(runtime: Runtime, plan: DonePlan, stored: dict[str, BlobInfo], insight: Insight | None,
@@ -283,15 +308,15 @@ async def _report_done(runtime: Runtime, plan: DonePlan, stored: dict[str, BlobI
         f"### Insight (`out/meta.json`)\n\n{_pairs(insight.data if insight else [], 'insight pairs')}",
         f"### Child events\n\n{_markdown_table(event_rows) or '_No child events._'}",
     ]
-    work = [acreate_markdown_artifact("\n\n".join(lines), key=artifact_key(step, module, event),
-                                      description=f"/done of {module} for event {event}")]
+    work = [MarkdownArtifact(markdown="\n\n".join(lines), key=artifact_key(step, module, event),
+                             description=f"/done of {module} for event {event}")]
     if files:
-        work.append(acreate_table_artifact(_file_rows(files, count), key=artifact_key(step + "-files", module, event),
-                                           description=f"Files committed from out/data ({count:,})"))
+        work.append(TableArtifact(table=_file_rows(files, count), key=artifact_key(step + "-files", module, event),
+                                  description=f"Files committed from out/data ({count:,})"))
     if children:
-        work.append(acreate_table_artifact(event_rows, key=artifact_key(step + "-events", module, event),
-                                           description=f"Child events published ({len(children):,})"))
-    await asyncio.gather(*work)
+        work.append(TableArtifact(table=event_rows, key=artifact_key(step + "-events", module, event),
+                                  description=f"Child events published ({len(children):,})"))
+    await asyncio.gather(*(_write(artifact) for artifact in work))
 
 
 async def record_failure(flow: Any, flow_run: Any, state: Any) -> None:
@@ -316,8 +341,9 @@ async def _record_failure(flow: Any, flow_run: Any, state: Any) -> None:
                    "keys, document ids and message ids).")
     text = (f"## /{flow.name} failed: HTTP {status}\n\n"
             f"{_cell(exc.message if isinstance(exc, SidecarError) else state.message)}\n\n{meaning}")
-    await acreate_markdown_artifact(
-        text, key=key, description=f"/{flow.name} of {ids.get('module', '?')} for event {ids.get('event', '?')} failed")
+    await _write(MarkdownArtifact(
+        markdown=text, key=key,
+        description=f"/{flow.name} of {ids.get('module', '?')} for event {ids.get('event', '?')} failed"), flow_run.id)
 
 
 class TransferProgress:
@@ -371,13 +397,13 @@ class TransferProgress:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
         if self.artifact_id is not None:
-            await _quietly("transfer progress", self._publish())
+            await _quietly("transfer progress", while_api_answers(self._publish(), WRITE_SECONDS))
 
     async def _tick(self) -> None:
         await asyncio.sleep(self.after)
         while True:
             started = time.monotonic()
-            await _quietly("transfer progress", self._publish())
+            await _quietly("transfer progress", while_api_answers(self._publish(), WRITE_SECONDS))
             await asyncio.sleep(max(0.0, self.every - (time.monotonic() - started)))
 
     async def _publish(self) -> None:

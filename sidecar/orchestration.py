@@ -66,6 +66,8 @@ PROBE_TIMEOUT = 5.0
 # How long a call whose body has finished waits for Prefect's engine to report the final state while
 # the API is believed up, seconds; past it the call answers and the report continues in the background.
 REPORT_WAIT_SECONDS = 30.0
+# Run-history writes kept for the API's return at most (the oldest go first past it).
+DEFERRED_WRITES = 1000
 # How long shutdown waits for outstanding state reports, seconds.
 SHUTDOWN_REPORT_SECONDS = 10.0
 # How long a cancelled call (SIGTERM) waits for its flow run's engine to end its transfers, seconds.
@@ -259,6 +261,8 @@ class PrefectApi:
         self._inherited: dict[str, Any] = {}
         self.ledger = ledger
         self._engines: dict[asyncio.Task, _Outcome] = {}  # the running flow engines and their bodies' outcomes
+        # Writes flow runs' bodies could not make during an outage (run-history artifacts): (what, write).
+        self._deferred: list[tuple[str, Callable[[Any], Awaitable[Any]]]] = []
         self._abandoned: set[asyncio.Task] = set()  # engines of calls answered 503 before their body ran
         self._flushing = asyncio.Lock()
         _record_created_flow_runs()
@@ -299,6 +303,7 @@ class PrefectApi:
                 if reason is None:
                     delay = BACKOFF_SECONDS[0]
                     await self._flush_reports()
+                    await self._flush_deferred()
                     self._set_available(None)
                     await self._sleep(CHECK_SECONDS)
                 else:
@@ -707,6 +712,25 @@ class PrefectApi:
         log.warning("flow run %s: %s failed: %s: %s", flow_run_id, what, type(exc).__name__, exc)
         return False
 
+    async def _flush_deferred(self) -> None:
+        """Make the writes queued by :func:`write_later` now that the API answers; one that fails for
+        an outage waits for the next round, one the API refuses is dropped with a warning."""
+        if not self._deferred:
+            return
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            while self._deferred:
+                what, write = self._deferred[0]
+                try:
+                    await asyncio.wait_for(write(client), PROBE_TIMEOUT * 3)
+                    log.info("wrote %s after the Prefect API returned", what)
+                except Exception as exc:  # noqa: BLE001 - kept for the next round, or dropped
+                    if is_outage(exc):
+                        return
+                    log.warning("the Prefect API refused %s: %s", what, exc)
+                self._deferred.pop(0)
+
     def cancel_running(self) -> None:
         """Cancel every running flow engine now (SIGTERM), so each stops committing at its next await.
 
@@ -770,6 +794,22 @@ class PrefectApi:
                 await asyncio.wait_for(worker.drain_all(timeout=DRAIN_SECONDS), DRAIN_SECONDS)
             except Exception as exc:  # noqa: BLE001 - shutting down; report, never block the exit
                 log.warning("could not send the remaining %s items to the Prefect API: %s", worker.__name__, exc)
+
+
+def write_later(what: str, write: Callable[[Any], Awaitable[Any]]) -> bool:
+    """Queue ``write`` (called with a ``PrefectClient``; ``what`` names it in the log) to be made once the
+    Prefect API answers again, by the sidecar running the current flow run. False outside a tracked
+    flow run (nothing would make it). At most :data:`DEFERRED_WRITES` wait; past that the oldest go."""
+    outcome = _OUTCOME.get()
+    if outcome is None or outcome.api is None:
+        return False
+    deferred = outcome.api._deferred
+    deferred.append((what, write))
+    if len(deferred) > DEFERRED_WRITES:
+        dropped, _ = deferred.pop(0)
+        log.warning("dropped %s from the writes waiting for the Prefect API (more than %s wait)", dropped,
+                    DEFERRED_WRITES)
+    return True
 
 
 async def while_api_answers(work: Awaitable[T], seconds: float) -> T:

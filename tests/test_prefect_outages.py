@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from flows.history import artifact_key
 from testsupport.processes import SidecarProcess, dev_args, free_port, start_prefect_server
 
 pytestmark = pytest.mark.timeout(900)
@@ -66,6 +67,20 @@ def flow_run_state(api_url: str, flow_run_id: str) -> str:
     response = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10)
     response.raise_for_status()
     return response.json()["state"]["type"]
+
+
+def wait_for_artifacts(api_url: str, flow_run_id: str, keys: set[str], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    found: set[str] = set()
+    while time.monotonic() < deadline:
+        response = httpx.post(f"{api_url}/artifacts/filter", timeout=10,
+                              json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+        response.raise_for_status()
+        found = {artifact["key"] for artifact in response.json()}
+        if keys <= found:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"flow run {flow_run_id}: artifacts {sorted(keys - found)} missing (found {sorted(found)})")
 
 
 def wait_state(api_url: str, flow_run_id: str, expected: str, timeout: float) -> None:
@@ -172,6 +187,9 @@ def test_sidecar_rides_out_prefect_outages(tmp_path: Path) -> None:
         flow_run_id = response.json()["flowRunId"]
         server.start()
         wait_state(server.url, flow_run_id, "COMPLETED", 120)
+        # The run history the outage kept out (report, files and events tables) is written once it is over.
+        expected = {artifact_key(step, "modb", "evt-out-b") for step in ("done", "done-files", "done-events")}
+        wait_for_artifacts(server.url, flow_run_id, expected, 60)
         log = second.output()
         assert "could not be reported" in log or "answering before Prefect recorded its final state" in log, log
         assert "500" not in [line.split()[-1] for line in log.splitlines() if "HTTP/1.1" in line]
