@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -136,9 +136,19 @@ class DonePlan:
 
 def write_json_atomic(path: Path, value: object) -> None:
     """Write ``value`` as JSON to ``path`` via a temp file in the same folder and a rename, so a
-    reader or a crash never sees half a file and concurrent writers never interleave."""
+    reader or a crash never sees half a file and concurrent writers never interleave.
+
+    The file gets the mode ``open()`` would give it (0666 less the umask), not ``mkstemp``'s 0600: the
+    module reading ``in/meta.json`` may run as another user on the shared volume, as it reads ``in/data``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    while True:  # 8 random characters, as mkstemp's (sidecar.paths.MAX_ID_SEGMENT counts them)
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(value, handle, indent=2)

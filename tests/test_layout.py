@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from flows.runtime import split_batches
 from sidecar.errors import InputError
-from sidecar.layout import ModuleLayout, plan_outputs
+from sidecar.layout import ModuleLayout, plan_outputs, write_json_atomic
 from testsupport.outputs import BAD_EVENTS, pairs
 
 TYPES = ["file_discovered", "face_detected"]
@@ -106,3 +107,22 @@ def test_split_batches_balances_and_bounds() -> None:
     assert len(batches) == 3 and sorted(x for b in batches for x in b) == sorted(sizes)
     assert max(sum(b) for b in batches) == 100
     assert split_batches([], 4, len) == [] and split_batches([5], 4, lambda s: s) == [[5]]
+
+
+def test_json_written_atomically_is_readable_like_any_new_file(tmp_path: Path) -> None:
+    """in/meta.json is read by the module, which may run as another user on the shared volume: it gets
+    the mode ``open()`` gives a new file (0666 less the umask), as the staged in/data files do, not the
+    0600 of a temp file."""
+    reference = tmp_path / "reference"
+    reference.write_text("x")
+    for umask in (0o022, 0o002, 0o077):
+        previous = os.umask(umask)
+        try:
+            written = tmp_path / f"meta-{umask:o}.json"
+            write_json_atomic(written, [{"key": "k", "value": "v"}])
+            reference.unlink()
+            reference.write_text("x")
+        finally:
+            os.umask(previous)
+        assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(reference.stat().st_mode) == 0o666 & ~umask
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
