@@ -247,7 +247,9 @@ def test_health_checks_and_start_order(compose: dict) -> None:
     assert "http://servicebus:5300/health" in probe and services["servicebus"]["environment"]["EMULATOR_HTTP_PORT"] == "5300"
     assert any("sqlcmd" in part for part in services["sqlserver"]["healthcheck"]["test"])
     assert "mongosh" in services["mongo"]["healthcheck"]["test"]
-    assert any("/api/health" in part for part in services["prefect"]["healthcheck"]["test"])
+    # /api/ready, not /api/health: only the readiness check reaches the database (PostgreSQL down is unhealthy).
+    assert any("/api/ready" in part for part in services["prefect"]["healthcheck"]["test"])
+    assert services["prefect"]["environment"]["PREFECT_SERVER_DATABASE_SQLALCHEMY_POOL_SIZE"] == "20"
 
 
 def env_file_with(tmp_path: Path, **values: str | None) -> Path:
