@@ -55,6 +55,7 @@ class RunState:
         self.store = store
         self.inflight: tuple[Phase, asyncio.Task] | None = None
         self.stopping = False
+        self._resumed_logged = False  # the first call of this process says where a previous one stopped
 
     @property
     def phase(self) -> Phase:
@@ -77,9 +78,10 @@ class RunState:
             if step is Phase.ready and record.closed:
                 # A done run whose sidecar stopped gracefully: /ready starts this run afresh.
                 self.store.record = record = self.store.fresh()
-            elif record.phase != Phase.new.value:
-                log.info("resuming the run recorded in %s (phase %s, %d events published)",
+            elif record.phase != Phase.new.value and not self._resumed_logged:
+                log.info("resuming the run recorded in %s by an earlier sidecar (phase %s, %d events published)",
                          self.store.path, record.phase, len(record.published))
+            self._resumed_logged = True
         if step is Phase.ready and (self.phase is Phase.done or self._running(Phase.done)):
             raise StateError("/ready after /done: this module's run is already committed")
         if step is Phase.done and self.phase is Phase.new:
