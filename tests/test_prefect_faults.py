@@ -2,7 +2,7 @@
 PostgreSQL behind a fault proxy (``testsupport.faults.FaultProxy``), one development-mode sidecar.
 
 - the server hangs (SIGSTOP) as ``/ready`` starts, or at the moment the flow run has been proposed
-  Running, or as ``/done`` reports the final state after its commit;
+  Running, or as ``/done`` writes its run history and final state after its commit;
 - the API answers errors Prefect's client retries for minutes or for ever (503 with
   ``Prefect-Maintenance: true``, 429 with ``Retry-After: 3600``) or is not a Prefect API (HTML);
 - the server's PostgreSQL is stopped while the server stays up (its ``/health`` still answers 200);
@@ -47,7 +47,8 @@ EVENT, MODULE = "evt-faults", "modf"
 ANSWER_WITHIN = 45.0
 # /set_state requests of one flow run proposing RUNNING / COMPLETED (compact or spaced JSON).
 PROPOSES_RUNNING = rb'/set_state HTTP/1\.1\r\n(?:(?!HTTP/1\.1).)*?"type": ?"RUNNING"'
-PROPOSES_COMPLETED = rb'/set_state HTTP/1\.1\r\n(?:(?!HTTP/1\.1).)*?"type": ?"COMPLETED"'
+# The first run-history artifact /done writes, right after its commit (then its final state's report).
+WRITES_HISTORY = rb"POST /api/artifacts/ HTTP/1\.1"
 
 
 @dataclass
@@ -237,17 +238,17 @@ def test_database_stopped_while_the_server_stays_up(api: Api, sidecar: SidecarPr
 
 
 def test_hang_after_commit_then_sigterm_and_restart(api: Api, sidecar: SidecarProcess) -> None:
-    """/done commits, the API hangs as its final state is reported: /done answers 200 promptly. The
-    sidecar is stopped (SIGTERM) during the outage within a container's grace period, keeps the flow
-    run in its run record, and its successor reports it Completed once the API is back; nothing is
-    stored or published twice."""
+    """/done commits, the API hangs as the run history and the final state are written: /done answers
+    200 promptly. The sidecar is stopped (SIGTERM) during the outage within a container's grace period,
+    keeps the flow run in its run record, and its successor reports it Completed once the API is back;
+    nothing is stored or published twice."""
     fresh_run(sidecar)
     response, _ = get(sidecar, "/ready")
     assert response.status_code == 200, response.text
     write_outputs(sidecar.basedir, 3)
-    api.proxy.hang_when(PROPOSES_COMPLETED, forward=False)
+    api.proxy.hang_when(WRITES_HISTORY, forward=False)  # the commit is done; everything after it hangs
     done, seconds = get(sidecar, "/done")
-    assert api.proxy.triggered.is_set(), "the API never hung at the final state's report"
+    assert api.proxy.triggered.is_set(), "the API never hung after the commit"
     assert done.status_code == 200, done.text
     assert seconds < ANSWER_WITHIN, f"a committed /done took {seconds:.1f} s to answer"
     flow_run_id = done.json()["flowRunId"]
