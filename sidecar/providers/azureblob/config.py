@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar
 
-from sidecar.bounds import KiB, MiB, Bounds, check_bounds
+from sidecar.bounds import KiB, MiB, Bounds
 from sidecar.dataplane.credentials import USER_DELEGATION_MAX_SECONDS, CredentialKind, check_token_settings
 from sidecar.errors import SettingsError
 
@@ -69,10 +69,9 @@ class AzureBlobConfig:
         Raises:
             SettingsError: naming the flag: no way to sign in, a token credential mixed with a key or
                 missing its account, an accounturl that is not https, a SAS lifetime a user-delegation
-                key cannot cover, a container name Azure refuses, a connection string that is not one,
-                a number out of its range (``BOUNDS``).
+                key cannot cover, a container name Azure refuses, a connection string that is not one.
+                The numbers' ranges (``BOUNDS``) are checked by the registry before this is called.
         """
-        check_bounds(self, "azureblobprovider.")
         if self.credential is not CredentialKind.key:
             self._check_token_settings()
         elif self.clientid or self.accounturl:

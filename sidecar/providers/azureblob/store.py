@@ -69,7 +69,7 @@ from sidecar.dataplane.blobs import (STORE, BlobInfo, BlobVerificationError, che
                                      upload_verified)
 from sidecar.dataplane.credentials import USER_DELEGATION_MAX_SECONDS, CredentialKind, ProviderCredential, token_credential
 from sidecar.dataplane.errors import first_line, permanent, transient, translated
-from sidecar.errors import DataPlaneError, DataPlaneUnavailable
+from sidecar.errors import DataPlaneUnavailable
 from sidecar.providers.azureblob.config import AzureBlobConfig
 
 T = TypeVar("T")
@@ -761,11 +761,9 @@ async def _offload(nbytes: int, fn: Callable[..., T], *args: Any) -> T:
     return fn(*args)
 
 
-def _read_md5(f: IO[bytes], size: int, whole: Any = None) -> tuple[bytes, bytes]:
-    """Read up to ``size`` bytes; returns them and their MD5, and adds them to ``whole`` if given."""
+def _read_md5(f: IO[bytes], size: int) -> tuple[bytes, bytes]:
+    """Read up to ``size`` bytes; returns them and their MD5."""
     data = f.read(size)
-    if whole is not None:
-        whole.update(data)
     return data, hashlib.md5(data).digest()
 
 
