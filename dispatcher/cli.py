@@ -73,17 +73,27 @@ def main(argv: list[str] | None = None) -> None:
         devserver, os.environ["PREFECT_API_URL"] = _attach_dev_server(Path(".ion-offline", "prefect").resolve())
     print(f"ion-offline: graph run {correlationid} in {rundir}; Prefect API {os.environ['PREFECT_API_URL']}", flush=True)
     started = time.monotonic()
+    interrupted = False
     try:
         records = asyncio.run(_run(graph, rundir, correlationid, args, files, {**graph.config.initial.data, **data}))
     except KeyboardInterrupt:
-        print("ion-offline: interrupted; every process it started is stopped", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        interrupted = True
     finally:
         from dispatcher.processes import kill_all_groups
+        from sidecar.orchestration import drain_workers_now
 
         kill_all_groups()
+        # The run history's last log lines and events go out while the server is surely up: after the
+        # detach, a development server stops with its last user, and Prefect's exit drain has no bound.
+        drain_workers_now()
         if devserver is not None:
             devserver.detach()  # its supervisor stops the server once no sidecar uses it either
+    if interrupted:
+        from sidecar.serving import EXIT_SECONDS, exit_within
+
+        print("ion-offline: interrupted; every process it started is stopped", file=sys.stderr, flush=True)
+        exit_within(EXIT_SECONDS, EXIT_INTERRUPTED)
+        raise SystemExit(EXIT_INTERRUPTED)
     from dispatcher.dispatch import DEAD_LETTER, summary_table
 
     print(summary_table(records))

@@ -796,6 +796,20 @@ class PrefectApi:
                 log.warning("could not send the remaining %s items to the Prefect API: %s", worker.__name__, exc)
 
 
+def drain_workers_now(seconds: float = DRAIN_SECONDS) -> None:
+    """Send what Prefect's log and event workers still hold, waiting at most ``seconds`` per worker,
+    outside an event loop (a command's last step). Prefect's own atexit drain waits without a bound,
+    for as long as its client retries an API that is gone (e.g. a development server stopping)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=seconds)
+        except Exception as exc:  # noqa: BLE001 - ending; report, never block the exit
+            log.warning("could not send the remaining %s items to the Prefect API: %s", worker.__name__, exc)
+
+
 def write_later(what: str, write: Callable[[Any], Awaitable[Any]]) -> bool:
     """Queue ``write`` (called with a ``PrefectClient``; ``what`` names it in the log) to be made once the
     Prefect API answers again, by the sidecar running the current flow run. False outside a tracked

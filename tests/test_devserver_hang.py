@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.test_prefect_outages import assert_unavailable, wait_health
+from testsupport.outages import assert_unavailable, wait_health
 from testsupport.processes import SidecarProcess, dev_args
 
 

@@ -33,8 +33,8 @@ import httpx
 import psutil
 import pytest
 
-from tests.test_prefect_outages import assert_unavailable, flow_run_state, wait_health, wait_state, write_outputs
 from testsupport.faults import FaultProxy
+from testsupport.outages import assert_unavailable, flow_run_state, wait_health, wait_state, write_outputs
 from testsupport.processes import Postgres, SidecarProcess, dev_args, start_prefect_server, stop_process_group
 
 pytestmark = pytest.mark.timeout(600)
