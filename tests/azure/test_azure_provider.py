@@ -232,7 +232,7 @@ def test_memory_stays_bounded_by_the_budget_for_several_large_files(azurite: Azu
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     rise = figures["peak"] - figures["idle"]
-    # Four files at once, each with several blocks or ranges in flight, under one shared budget (32 MiB by
+    # Four files at once, each with several blocks or ranges in flight, under one shared budget (24 MiB by
     # default): the rise follows the budget, not the number or sizes of the files, and stays within the
     # issue's goal of 128 MiB above idle. Reading the files whole would rise by 256 MiB; a budget per file
     # instead of per store by up to four budgets.

@@ -48,10 +48,13 @@ class AzureBlobConfig:
     connectionstring: str = ""
     # Lifetime of the read-only SAS URL recorded in a child's event meta, seconds (0: none).
     sasexpiryseconds: int = 86400
-    # Block size of chunked uploads and range size of downloads, bytes.
-    chunkbytes: int = 4 * 1024 * 1024
-    # Most bytes of file data held in memory by all transfers at once (blocks and ranges in flight).
-    inflightbytes: int = 32 * 1024 * 1024
+    # Block size of chunked uploads and range size of downloads, bytes. 8 MiB, not 4: Azure(ite) spends
+    # its CPU per request, and on a shared machine 4 MiB ranges cost it 2.0 s per 512 MiB against 0.8 s
+    # (bench/azure_transfers_results.md).
+    chunkbytes: int = 8 * 1024 * 1024
+    # Most bytes of file data held in memory by all transfers at once (blocks and ranges in flight):
+    # three 8 MiB requests; tests/azure's memory test measures the rise it allows (109-110 MiB).
+    inflightbytes: int = 24 * 1024 * 1024
     # Deadline to open a connection to the blob service, seconds.
     connecttimeoutseconds: float = 10.0
     # Deadline between two reads of a blob service response, seconds.

@@ -140,8 +140,8 @@ class AzureBlobStore:
     """
 
     def __init__(self, fs: _AzureFileSystem, container: str, chunkbytes: int,
-                 signer: Callable[[str, int], str] | None, credential: ProviderCredential | None = None,
-                 inflightbytes: int = 32 * 1024 * 1024, sas_seconds: int = 0):
+                 signer: Callable[[str, int], str] | None, credential: ProviderCredential | None,
+                 inflightbytes: int, sas_seconds: int):
         self.fs = fs
         self.container = container
         self.sas_seconds = sas_seconds
