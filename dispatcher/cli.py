@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -41,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``ion-offline`` console script."""
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: how to see where a graph run is stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     args = parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API request otherwise

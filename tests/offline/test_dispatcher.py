@@ -153,12 +153,26 @@ def test_ctrl_c_mid_graph_stops_every_process(tmp_path: Path) -> None:
         module_pid, child_pid = map(int, pids.read_text().split())
         assert leftovers(cid)  # the sidecar, the module and its child run now
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(90) == 130, (tmp_path / "offline.log").read_text()
+        try:
+            code = proc.wait(90)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"ion-offline did not stop on SIGINT; {_stuck(proc, tmp_path / 'offline.log')}") from None
+        assert code == 130, (tmp_path / "offline.log").read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
     assert not pid_alive(module_pid) and not pid_alive(child_pid)
     assert leftovers(cid) == []
+
+
+def _stuck(proc: subprocess.Popen, log: Path) -> str:
+    """What a process that ignored a signal is doing: its signal masks and every thread's stack
+    (ion-offline prints them on SIGUSR1), then its log."""
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    masks = [line for line in status.splitlines() if line.startswith(("SigBlk", "SigIgn", "SigCgt", "State"))]
+    proc.send_signal(signal.SIGUSR1)
+    time.sleep(3)
+    return f"{masks}\n{log.read_text()}"
 
 
 def test_a_killed_dispatcher_leaves_no_sidecar_or_module_running(tmp_path: Path) -> None:
