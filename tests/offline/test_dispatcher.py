@@ -145,7 +145,8 @@ def test_ctrl_c_mid_graph_stops_every_process(tmp_path: Path) -> None:
                         "~modules.source", "~modules.broken", "~modules.worker", "~modules.lazy", "--correlationid", cid,
                         "--rundir", str(tmp_path / "run"))
     with open(tmp_path / "offline.log", "wb") as out:
-        proc = subprocess.Popen(argv, cwd=tmp_path, env=python_env(), stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, cwd=tmp_path, env=python_env(), stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_as_foreground_job)
     try:
         wait_for(lambda: pids.exists() and pids.read_text().strip() != "" or proc.poll() is not None, 300,
                  "the hanging module to start")
@@ -163,6 +164,13 @@ def test_ctrl_c_mid_graph_stops_every_process(tmp_path: Path) -> None:
             proc.kill()
     assert not pid_alive(module_pid) and not pid_alive(child_pid)
     assert leftovers(cid) == []
+
+
+def _as_foreground_job() -> None:
+    """Give the child SIGINT's default disposition, as a terminal's foreground job has it (Ctrl-C). A
+    suite started in the background (``cmd &`` in a script) runs with SIGINT ignored (POSIX), and
+    every child inherits that, so ion-offline would rightly ignore the test's SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _stuck(proc: subprocess.Popen, log: Path) -> str:
