@@ -140,18 +140,9 @@ def test_the_graph_run_is_one_flow_run_with_a_task_run_per_module_run(fault_run:
 
 def test_ctrl_c_mid_graph_stops_every_process(tmp_path: Path) -> None:
     cid = f"corr-ctrl-c-{int(time.time())}"
-    pids = tmp_path / "pids.txt"
-    argv = offline_argv(HERE / "graph.yaml", f"modules.hang.env.PIDS={pids}", "modules.hang.timeoutseconds=600",
-                        "~modules.source", "~modules.broken", "~modules.worker", "~modules.lazy", "--correlationid", cid,
-                        "--rundir", str(tmp_path / "run"))
-    with open(tmp_path / "offline.log", "wb") as out:
-        proc = subprocess.Popen(argv, cwd=tmp_path, env=python_env(), stdout=out, stderr=subprocess.STDOUT,
-                                preexec_fn=_as_foreground_job)
+    proc = _hanging_graph(tmp_path, cid)
     try:
-        wait_for(lambda: pids.exists() and pids.read_text().strip() != "" or proc.poll() is not None, 300,
-                 "the hanging module to start")
-        assert proc.poll() is None, (tmp_path / "offline.log").read_text()
-        module_pid, child_pid = map(int, pids.read_text().split())
+        module_pid, child_pid = _hanging_module(proc, tmp_path)
         assert leftovers(cid)  # the sidecar, the module and its child run now
         proc.send_signal(signal.SIGINT)
         try:
@@ -164,6 +155,26 @@ def test_ctrl_c_mid_graph_stops_every_process(tmp_path: Path) -> None:
             proc.kill()
     assert not pid_alive(module_pid) and not pid_alive(child_pid)
     assert leftovers(cid) == []
+
+
+def _hanging_graph(tmp_path: Path, cid: str) -> subprocess.Popen:
+    """ion-offline running, in ``tmp_path``, a graph of one module that hangs (with a child of its own)."""
+    argv = offline_argv(HERE / "graph.yaml", f"modules.hang.env.PIDS={tmp_path / 'pids.txt'}",
+                        "modules.hang.timeoutseconds=600", "~modules.source", "~modules.broken", "~modules.worker",
+                        "~modules.lazy", "--correlationid", cid, "--rundir", str(tmp_path / "run"))
+    with open(tmp_path / "offline.log", "wb") as out:
+        return subprocess.Popen(argv, cwd=tmp_path, env=python_env(), stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=_as_foreground_job)
+
+
+def _hanging_module(proc: subprocess.Popen, tmp_path: Path) -> tuple[int, int]:
+    """Wait until the hanging module of :func:`_hanging_graph` runs; its pid and its child's."""
+    pids = tmp_path / "pids.txt"
+    wait_for(lambda: pids.exists() and pids.read_text().strip() != "" or proc.poll() is not None, 300,
+             "the hanging module to start")
+    assert proc.poll() is None, (tmp_path / "offline.log").read_text()
+    module_pid, child_pid = map(int, pids.read_text().split())
+    return module_pid, child_pid
 
 
 def _as_foreground_job() -> None:
@@ -188,18 +199,10 @@ def test_a_killed_dispatcher_leaves_no_sidecar_or_module_running(tmp_path: Path)
     the module it started (parent-death signal), the development Prefect server's supervisor then stops
     with its last sidecar; only what the module started itself is left, and the test stops it."""
     cid = f"corr-killed-{int(time.time())}"
-    pids = tmp_path / "pids.txt"
-    argv = offline_argv(HERE / "graph.yaml", f"modules.hang.env.PIDS={pids}", "modules.hang.timeoutseconds=600",
-                        "~modules.source", "~modules.broken", "~modules.worker", "~modules.lazy", "--correlationid", cid,
-                        "--rundir", str(tmp_path / "run"))
-    with open(tmp_path / "offline.log", "wb") as out:
-        proc = subprocess.Popen(argv, cwd=tmp_path, env=python_env(), stdout=out, stderr=subprocess.STDOUT)
+    proc = _hanging_graph(tmp_path, cid)
     grandchild = None
     try:
-        wait_for(lambda: pids.exists() and pids.read_text().strip() != "" or proc.poll() is not None, 300,
-                 "the hanging module to start")
-        assert proc.poll() is None, (tmp_path / "offline.log").read_text()
-        module_pid, child_pid = map(int, pids.read_text().split())
+        module_pid, child_pid = _hanging_module(proc, tmp_path)
         grandchild = psutil.Process(child_pid)
         sidecars = [p for p in leftovers(cid) if "sidecar" in " ".join(p.cmdline()) and p.pid != module_pid]
         assert sidecars, [p.cmdline() for p in leftovers(cid)]
