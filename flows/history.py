@@ -374,6 +374,7 @@ class TransferProgress:
         self.updates = 0  # artifact writes, creation included
         self._shown: tuple[int, int] | None = None
         self._ticker: asyncio.Task | None = None
+        self._given_up = False  # a write failed: no more updates (one warning, not one per second)
 
     @classmethod
     def for_run(cls, runtime: Runtime, step: str, verb: str, sizes: Sequence[int]) -> "TransferProgress":
@@ -397,14 +398,24 @@ class TransferProgress:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
         if self.artifact_id is not None:
-            await _quietly("transfer progress", while_api_answers(self._publish(), WRITE_SECONDS))
+            await self._publish_quietly()
 
     async def _tick(self) -> None:
         await asyncio.sleep(self.after)
         while True:
             started = time.monotonic()
-            await _quietly("transfer progress", while_api_answers(self._publish(), WRITE_SECONDS))
+            await self._publish_quietly()
             await asyncio.sleep(max(0.0, self.every - (time.monotonic() - started)))
+
+    async def _publish_quietly(self) -> None:
+        if self._given_up:
+            return
+        try:
+            await while_api_answers(self._publish(), WRITE_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - history never fails a run
+            self._given_up = True
+            log.warning("could not record transfer progress in the run history (no more updates for this "
+                        "transfer): %s: %s", type(exc).__name__, exc)
 
     async def _publish(self) -> None:
         shown = (self.done_files, self.done_bytes)
