@@ -15,7 +15,8 @@ correlation tag shows a whole graph run. Each run leaves artifacts keyed per ste
 Lists are capped (:data:`MAX_ROWS`) with a last row counting what was left out, so 100,000 files make
 a table of ``MAX_ROWS + 1`` rows. History never fails or delays a run: an artifact that cannot be
 written within :data:`WRITE_SECONDS`, or while the Prefect API is down, is logged as a warning and
-left out (``sidecar.orchestration.while_api_answers``), and the run goes on. Source: Prefect 3 artifacts
+written when the API answers again (``sidecar.orchestration.while_api_answers``, ``write_later``);
+one the API refuses is left out, and the run goes on. Source: Prefect 3 artifacts
 (https://docs.prefect.io/v3/concepts/artifacts), ``prefect.tags``.
 """
 

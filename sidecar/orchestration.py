@@ -303,8 +303,8 @@ class PrefectApi:
                 if reason is None:
                     delay = BACKOFF_SECONDS[0]
                     await self._flush_reports()
-                    await self._flush_deferred()
                     self._set_available(None)
+                    await self._flush_deferred()  # history after health: it must not hold a 503
                     await self._sleep(CHECK_SECONDS)
                 else:
                     self._set_available(reason)
@@ -855,10 +855,13 @@ async def while_api_answers(work: Awaitable[T], seconds: float) -> T:
             lost.cancel()
     if job.done():
         exc = job.exception()
-        if exc is not None and is_outage(exc) and outcome is not None:
-            outcome.api_lost = True
+        if exc is not None and is_outage(exc):
+            # The client's own retries ended first: the same outage, so the caller can tell it apart.
+            if outcome is not None:
+                outcome.api_lost = True
             if api is not None:
                 api.check_soon()
+            raise PrefectUnavailable(f"Prefect API unavailable: {type(exc).__name__}: {exc}") from exc
         return job.result()
     job.cancel()
     await asyncio.gather(job, return_exceptions=True)
