@@ -224,19 +224,28 @@ async def _quietly(what: str, work: Awaitable[Any]) -> None:
 
 async def _write(artifact: Artifact, flow_run_id: Any = None) -> None:
     """Create ``artifact`` for the current flow run (or ``flow_run_id``) within :data:`WRITE_SECONDS`;
-    during an outage of the Prefect API it is written once the API answers again
+    during an outage of the Prefect API the same request is made once the API answers again
     (``sidecar.orchestration.write_later``). Never raises: history never fails a run."""
+    from prefect.client.orchestration import get_client
     from prefect.context import FlowRunContext
 
     context = FlowRunContext.get()
     flow_run_id = flow_run_id or (context.flow_run.id if context and context.flow_run else None)
     what = f"artifact {artifact.key or artifact.type}"
     try:
-        await while_api_answers(artifact.acreate(), WRITE_SECONDS)
-    except PrefectUnavailable as exc:
         request = ArtifactCreate(type=artifact.type, key=artifact.key, description=artifact.description,
                                  flow_run_id=flow_run_id, data=await artifact.aformat())
-        if write_later(what, lambda client: client.create_artifact(artifact=request)):
+
+        async def create(client: Any) -> Any:
+            return await client.create_artifact(artifact=request)
+
+        async def now() -> Any:
+            async with get_client() as client:
+                return await create(client)
+
+        await while_api_answers(now(), WRITE_SECONDS)
+    except PrefectUnavailable as exc:
+        if write_later(what, create):
             log.warning("could not record %s in the run history now (%s); it is written when the Prefect API "
                         "answers again", what, exc.message)
         else:
