@@ -13,6 +13,11 @@ in at least three rounds whose order of approaches rotates, each direction on it
   ``download_blob(max_concurrency=P).readinto(file)``, ``F`` files at once under a semaphore, chunk
   size ``C`` (``max_single_put_size``, ``max_block_size``, ``max_single_get_size``,
   ``max_chunk_get_size``), ``use_env_settings=False``, and for large uploads ``validate_content=True``.
+- plain+md5 (``--md5-baseline``): the same client, tuned the same, giving the sidecar's integrity
+  guarantee: each upload records the whole file's MD5 (``ContentSettings.content_md5``, hashed in a
+  worker thread before the upload with ``hashlib.file_digest``), and each download hashes the bytes in
+  file order as the SDK writes its chunks (:class:`HashingFile`) and compares the blob's Content-MD5.
+  The sidecar / plain+md5 ratio is the sidecar's cost beyond the MD5 work the plain client skips.
 
 How the plain client was tuned: ``--tune`` times it over a grid (``TUNE_GRID``: files at once 32/64/128
 for small files; chunk 4/8 MiB x 2/4/8 per blob x with or without MD5 for large ones) and ``PLAIN``
@@ -45,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import json
 import os
@@ -78,12 +84,17 @@ class Plain:
     per_blob: int
     files: int
     md5: bool = False
+    whole_md5: bool = False
 
     def argv(self) -> list[str]:
-        return [str(self.chunk), str(self.per_blob), str(self.files), str(int(self.md5))]
+        return [str(self.chunk), str(self.per_blob), str(self.files), str(int(self.md5)), str(int(self.whole_md5))]
 
     def __str__(self) -> str:
-        return f"chunk {self.chunk // MiB:>2} MiB, per blob {self.per_blob}, files {self.files:>3}, md5 {int(self.md5)}"
+        return (f"chunk {self.chunk // MiB:>2} MiB, per blob {self.per_blob}, files {self.files:>3}, md5 {int(self.md5)}"
+                + (", whole-file MD5" if self.whole_md5 else ""))
+
+    def with_whole_md5(self) -> "Plain":
+        return dataclasses.replace(self, whole_md5=True)
 
 
 # The fastest settings per workload and direction of `--tune` on this machine (see README, Benchmarks).
@@ -106,6 +117,7 @@ async def plain_transfer(connection_string: str, direction: str, src: Path, dst:
     seconds taken and the process's RSS (bytes) just before the clock started."""
     import psutil
     from azure.core.exceptions import ResourceExistsError
+    from azure.storage.blob import ContentSettings
     from azure.storage.blob.aio import BlobServiceClient
 
     files = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
@@ -119,8 +131,14 @@ async def plain_transfer(connection_string: str, direction: str, src: Path, dst:
         async def upload(rel: str) -> None:
             async with limit:
                 with open(src / rel, "rb") as f:
+                    settings = None
+                    if cfg.whole_md5:
+                        digest = await asyncio.to_thread(lambda: hashlib.file_digest(f, "md5").digest())
+                        f.seek(0)
+                        settings = ContentSettings(content_md5=bytearray(digest))
                     await client.get_blob_client(f"{prefix}/{rel}").upload_blob(
-                        f, overwrite=True, max_concurrency=cfg.per_blob, validate_content=cfg.md5)
+                        f, overwrite=True, max_concurrency=cfg.per_blob, validate_content=cfg.md5,
+                        content_settings=settings)
 
         async def download(rel: str) -> None:
             async with limit:
@@ -128,7 +146,14 @@ async def plain_transfer(connection_string: str, direction: str, src: Path, dst:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 stream = await client.get_blob_client(f"{prefix}/{rel}").download_blob(max_concurrency=cfg.per_blob)
                 with open(target, "wb") as f:
-                    await stream.readinto(f)
+                    if not cfg.whole_md5:
+                        await stream.readinto(f)
+                        return
+                    hashing = HashingFile(f)
+                    await stream.readinto(hashing)
+                    recorded = stream.properties.content_settings.content_md5
+                    if not recorded or bytes(recorded) != hashing.digest():
+                        raise RuntimeError(f"{rel}: MD5 {hashing.digest().hex()} differs from Content-MD5")
 
         if direction == "up":
             try:
@@ -139,6 +164,43 @@ async def plain_transfer(connection_string: str, direction: str, src: Path, dst:
         started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*((upload if direction == "up" else download)(rel) for rel in files))
         return {"seconds": time.perf_counter() - started, "cpu": time.process_time() - cpu, "idle": idle}
+
+
+class HashingFile:
+    """A seekable file for ``StorageStreamDownloader.readinto`` that writes each chunk at its offset and
+    hashes the bytes in file order: with ``max_concurrency`` > 1 the SDK seeks and writes its chunks as
+    they arrive, so a chunk ahead of the hash waits in memory (at most ``max_concurrency`` of them)."""
+
+    def __init__(self, f):
+        self.f = f
+        self.pos = 0
+        self.hashed = 0
+        self.md5 = hashlib.md5()
+        self.ahead: dict[int, bytes] = {}
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = pos
+        return pos
+
+    def write(self, data: bytes) -> int:
+        os.pwrite(self.f.fileno(), data, self.pos)
+        self.ahead[self.pos] = data
+        self.pos += len(data)
+        while (chunk := self.ahead.pop(self.hashed, None)) is not None:
+            self.md5.update(chunk)
+            self.hashed += len(chunk)
+        return len(data)
+
+    def digest(self) -> bytes:
+        if self.ahead:
+            raise RuntimeError(f"chunks past byte {self.hashed} were never joined: {sorted(self.ahead)}")
+        return self.md5.digest()
 
 
 # --- measuring ----------------------------------------------------------------------------------------
@@ -427,7 +489,10 @@ def run(argv: argparse.Namespace) -> None:
         argv.profile.mkdir(parents=True, exist_ok=True)
     workloads = {name: WORKLOADS[name] for name in (argv.only or WORKLOADS)}
     variants = {"sidecar": Variant(), **dict(Variant.parse(v) for v in argv.variant or ())}
-    approaches = ["plain", *variants]
+    plains = {"plain": lambda settings: settings}
+    if argv.md5_baseline:
+        plains["plain+md5"] = lambda settings: {d: cfg.with_whole_md5() for d, cfg in settings.items()}
+    approaches = [*plains, *variants]
     results = {name: Results() for name in workloads}
     load_before = os.getloadavg()
     began = time.perf_counter()
@@ -444,10 +509,10 @@ def run(argv: argparse.Namespace) -> None:
                     turn = (r + w) % len(approaches)
                     for approach in approaches[turn:] + approaches[:turn]:
                         tag = f"{r}-{w}-{approach}"
-                        if approach != "plain":
-                            got = sidecar_round(azurite, src, digests, work, tag, argv.profile, variants[approach])
+                        if approach in plains:
+                            got = plain_round(azurite, src, digests, work, tag, plains[approach](PLAIN[name]))
                         else:
-                            got = plain_round(azurite, src, digests, work, tag, PLAIN[name])
+                            got = sidecar_round(azurite, src, digests, work, tag, argv.profile, variants[approach])
                         for direction, sample in got.items():
                             results[name].add(approach, direction, sample)
                         print(f"round {r + 1} {name:>13} {approach:>8}: " + ", ".join(
@@ -459,8 +524,9 @@ def run(argv: argparse.Namespace) -> None:
                 big = work / "src-1g"
                 digests = make_files(big, 1, GiB)
                 for approach in approaches:
-                    one_gib[approach] = (plain_round(azurite, big, digests, work, "1g-plain", PLAIN["1 x 1 GiB"])
-                                         if approach == "plain" else
+                    one_gib[approach] = (plain_round(azurite, big, digests, work, f"1g-{approach}",
+                                                     plains[approach](PLAIN["1 x 1 GiB"]))
+                                         if approach in plains else
                                          sidecar_round(azurite, big, digests, work, f"1g-{approach}", argv.profile,
                                                        variants[approach]))
                     print(f"1 GiB {approach}: up {one_gib[approach]['up'].seconds:.2f} s, down "
@@ -503,6 +569,11 @@ def report(results: dict[str, Results], one_gib: dict[str, dict[str, Sample]], r
                   f"{spread([s.seconds for s in side])} | {ratio:12.2f}x | {cpu:>20} | {served:>13} | {body:11.2f} | "
                   f"{mib(max(s.peak for s in plain))}, "
                   f"{mib(max(s.peak for s in side))} ({mib(max(s.peak - s.idle for s in side))})")
+            if hashed := res.samples.get(("plain+md5", direction)):
+                print(f"{'':>13} | {direction:>4} | plain+md5 {spread([s.seconds for s in hashed])} s, "
+                      f"{statistics.median(s.cpu for s in hashed):.2f} s CPU, Azurite "
+                      f"{statistics.median(s.azurite_cpu for s in hashed):.2f} s: {label} / plain+md5 "
+                      f"{statistics.median(s.seconds for s in side) / statistics.median(s.seconds for s in hashed):.2f}x")
     if one_gib:
         for direction, call, sidecar in ((d, c, v) for d, c in (("up", "/done"), ("down", "/ready")) for v in sidecars):
             side, plain = one_gib[sidecar][direction], one_gib["plain"][direction]
@@ -511,6 +582,9 @@ def report(results: dict[str, Results], one_gib: dict[str, dict[str, Sample]], r
                   f"{mib(side.idle)} MiB, peak {mib(side.peak)} MiB, rise {mib(side.peak - side.idle)} MiB; plain "
                   f"{plain.seconds:.1f} s ({plain.cpu:.1f} s CPU, Azurite {plain.azurite_cpu:.1f} s), peak RSS {mib(plain.peak)} MiB; sidecar/plain "
                   f"{side.seconds / plain.seconds:.2f}x")
+            if hashed := one_gib.get("plain+md5", {}).get(direction):
+                print(f"    1 x 1 GiB | {direction:>4} | plain+md5 {hashed.seconds:.1f} s ({hashed.cpu:.1f} s CPU, Azurite "
+                      f"{hashed.azurite_cpu:.1f} s): {sidecar} / plain+md5 {side.seconds / hashed.seconds:.2f}x")
         print("    1 x 1 GiB: MD5 of source, event meta and staged file agree")
     print("goals: sidecar/plain <= 1.10x each way for both workloads; sidecar RSS rise <= 128 MiB for 1 GiB")
 
@@ -534,8 +608,8 @@ def tune(azurite, sources: dict[str, tuple[Path, dict[str, str]]], work: Path, r
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "plain":
-        _, _, direction, source, target, prefix, chunk, per_blob, files, md5 = sys.argv
-        settings = Plain(int(chunk), int(per_blob), int(files), md5 == "1")
+        _, _, direction, source, target, prefix, chunk, per_blob, files, md5, whole_md5 = sys.argv
+        settings = Plain(int(chunk), int(per_blob), int(files), md5 == "1", whole_md5 == "1")
         print(json.dumps(asyncio.run(plain_transfer(os.environ["BENCH_CONNECTION_STRING"], direction, Path(source),
                                                     Path(target), prefix, settings))))
     else:
@@ -543,6 +617,8 @@ if __name__ == "__main__":
         parser.add_argument("--rounds", type=int, default=3, help="rounds per workload and approach (medians)")
         parser.add_argument("--only", action="append", choices=list(WORKLOADS), help="run only this workload")
         parser.add_argument("--skip-1gib", action="store_true", help="leave out the 1 GiB file")
+        parser.add_argument("--md5-baseline", action="store_true",
+                            help="also time plain+md5: the plain client hashing every file as the sidecar does")
         parser.add_argument("--tune", action="store_true", help="time the plain client over its settings grid")
         parser.add_argument("--profile", type=Path, help="py-spy record each sidecar call into this folder")
         parser.add_argument("--variant", action="append", metavar="NAME=SRC[,FLAG...]",
