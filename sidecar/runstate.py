@@ -81,14 +81,13 @@ class RunStore:
         self.event_id = event_id
         self.name = name
         self.path = basedir / RECORD_DIR / RECORD_FILE
-        self.record = self.fresh()
+        self.record = self.fresh(unreported={})
 
     def fresh(self, unreported: dict[str, dict[str, str] | None] | None = None) -> RunRecord:
         """A new record of this run: phase new, nothing published. The flow runs still unreported
         (``unreported``, default those of ``record``) are kept: they are this volume's, not the run's."""
         if unreported is None:
-            known = getattr(self, "record", None)
-            unreported = dict(known.unreported) if known is not None else {}
+            unreported = dict(self.record.unreported)
         return RunRecord(eventId=self.event_id, name=self.name, unreported=unreported)
 
     def refresh(self) -> RunRecord:
