@@ -113,6 +113,7 @@ async def _run(graph, rundir: Path, correlationid: str, args: argparse.Namespace
 
     from dispatcher.dispatch import Dispatcher, graph_run
     from dispatcher.launchers import LocalLauncher
+    from sidecar.orchestration import drain_workers
 
     if args.launcher == "workpool":
         from dispatcher.workpool import WorkPoolLauncher
@@ -126,22 +127,8 @@ async def _run(graph, rundir: Path, correlationid: str, args: argparse.Namespace
         with tags(f"correlation:{correlationid}"):
             await graph_run(dispatcher, correlationid, str(files) if files else None, data)
     finally:
-        await _drain_prefect()
+        await drain_workers(15.0)  # while the server this command may have started still listens
     return list(dispatcher.records.values())
-
-
-async def _drain_prefect(timeout: float = 15.0) -> None:
-    # Prefect sends log lines and run events from background queues; send them while the server that
-    # this command may have started still listens.
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for worker in (APILogWorker, EventsWorker):
-        try:
-            await asyncio.wait_for(worker.drain_all(timeout=timeout), timeout)
-        except Exception as exc:  # noqa: BLE001 - on the way out: report, never block the exit
-            logging.getLogger("ion-offline").warning("could not send the last %s items to Prefect: %s",
-                                                     worker.__name__, exc)
 
 
 def _attach_dev_server(state_dir: Path, timeout: float = 180.0):

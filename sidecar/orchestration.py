@@ -771,7 +771,7 @@ class PrefectApi:
                       "a sidecar restarted on this volume reports them (they are in the run record)",
                       ", ".join(self._pending))
         if self.ready:
-            await self._drain()
+            await drain_workers()
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -782,32 +782,29 @@ class PrefectApi:
             self._devserver.detach()
             self._devserver = None
 
-    async def _drain(self) -> None:
-        # Prefect sends log lines and run events from background queues that it drains in an atexit
-        # hook; uvicorn re-raises SIGTERM after this shutdown, so that hook never runs and the last
-        # lines of the final /done would be lost from the run history.
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
 
-        for worker in (APILogWorker, EventsWorker):
-            try:
-                await asyncio.wait_for(worker.drain_all(timeout=DRAIN_SECONDS), DRAIN_SECONDS)
-            except Exception as exc:  # noqa: BLE001 - shutting down; report, never block the exit
-                log.warning("could not send the remaining %s items to the Prefect API: %s", worker.__name__, exc)
+async def drain_workers(seconds: float = DRAIN_SECONDS) -> None:
+    """Send what Prefect's log and event workers still hold to the Prefect API, waiting at most
+    ``seconds`` per worker; a failure is logged, never raised (callers are on their way out).
 
-
-def drain_workers_now(seconds: float = DRAIN_SECONDS) -> None:
-    """Send what Prefect's log and event workers still hold, waiting at most ``seconds`` per worker,
-    outside an event loop (a command's last step). Prefect's own atexit drain waits without a bound,
-    for as long as its client retries an API that is gone (e.g. a development server stopping)."""
+    Prefect sends log lines and run events from background queues that it drains in an atexit hook.
+    That hook never runs in the sidecar (uvicorn re-raises SIGTERM after its shutdown), so the last lines
+    of the final ``/done`` would be lost from the run history; and where it runs it waits without a bound,
+    for as long as its client retries an API that is gone (e.g. a development server stopping).
+    """
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
     for worker in (APILogWorker, EventsWorker):
         try:
-            worker.drain_all(timeout=seconds)
-        except Exception as exc:  # noqa: BLE001 - ending; report, never block the exit
+            await asyncio.wait_for(worker.drain_all(timeout=seconds), seconds)
+        except Exception as exc:  # noqa: BLE001 - shutting down; report, never block the exit
             log.warning("could not send the remaining %s items to the Prefect API: %s", worker.__name__, exc)
+
+
+def drain_workers_now(seconds: float = DRAIN_SECONDS) -> None:
+    """:func:`drain_workers` outside an event loop (a command's last step, after ``asyncio.run``)."""
+    asyncio.run(drain_workers(seconds))
 
 
 def write_later(what: str, write: Callable[[Any], Awaitable[Any]]) -> bool:
