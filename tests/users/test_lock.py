@@ -3,7 +3,8 @@
 ``uv.lock`` (``uv lock``) pins every package at an exact version with hashes; ``scripts/setup``
 installs from it, so these tests run on exactly those versions. ``requirements.lock`` is its runtime
 part exported for pip, which the Dockerfile installs. ``pyproject.toml`` keeps compatible ranges.
-After a dependency change, ``scripts/lock`` rewrites both files.
+After a dependency change, ``scripts/lock`` rewrites both files. The wheel built from pyproject.toml
+ships the sidecar's packages and nothing of the test suite.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -136,3 +138,23 @@ def test_module_client_dependencies_are_locked() -> None:
         name = canonicalize_name(requirement.name)
         assert name in locked, f"client/ needs {line}, which uv.lock does not hold: add it to pyproject.toml, {FIX}"
         assert requirement.specifier.contains(locked[name], prereleases=True), f"{line} vs locked {locked[name]}"
+
+
+def test_the_wheel_ships_the_sidecar_without_the_test_support(tmp_path: Path) -> None:
+    """``testsupport`` serves the tests and benchmarks from the checkout (pytest's ``pythonpath``, the
+    benchmarks' ``sys.path``, ``python_env`` for child processes); a user's install must not get it.
+    Built from the checkout's tracked files that can hold packages, offline (uv's cache holds setuptools since scripts/setup)."""
+    source = tmp_path / "src"
+    tracked = subprocess.run(["git", "ls-files", "-z", "pyproject.toml", "README.md", "sidecar", "flows", "dispatcher",
+                              "testsupport", "tests"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes((ROOT / name).read_bytes())
+    exe = Path(sys.executable).with_name("uv")
+    result = subprocess.run([str(exe), "build", "--wheel", "--out-dir", str(tmp_path / "dist"), str(source)],
+                            env={**os.environ, "UV_OFFLINE": "1", "UV_NO_PROGRESS": "1"}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    [wheel] = (tmp_path / "dist").glob("ion_sidecar-*.whl")
+    top = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {"sidecar", "flows", "dispatcher"} <= top and "testsupport" not in top and "tests" not in top, sorted(top)
