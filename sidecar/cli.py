@@ -23,8 +23,10 @@ logs or an unusable ``--basedir`` stops start-up with one line naming it (exit c
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -391,6 +393,39 @@ def check_startup(cfg: SidecarConfig) -> None:
                          "(the folder must be creatable and writable)") from None
 
 
+def check_port(host: str, port: int) -> None:
+    """Stop start-up when ``host:port`` cannot be listened on (another process holds the port, a port
+    below 1024 without the right, an address of another machine), before the development Prefect server
+    or anything else is started. Binds each address ``host`` resolves to as uvicorn's server will (with
+    ``SO_REUSEADDR``, as asyncio does) and closes it at once; port 0 (any free port) is not checked.
+
+    Raises:
+        UsageError: naming ``--serverport`` (or ``--host``), the address and the OS's reason, with the
+            flag that picks another port.
+    """
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise UsageError(f"--host={host} cannot be listened on: {exc.strerror}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                where = f"{host}:{port}" if family != socket.AF_INET6 else f"[{host}]:{port}"
+                if exc.errno == errno.EADDRINUSE:
+                    raise UsageError(f"--serverport={port}: another process is already listening on {where}; "
+                                     f"stop it, or pick another port with --serverport "
+                                     f"(e.g. --serverport={port + 1 if port < 65535 else 8081})") from None
+                raise UsageError(f"--host={host} --serverport={port}: cannot listen on {where}: "
+                                 f"{exc.strerror or exc}") from None
+
+
 def redacted_yaml(cfg: SidecarConfig) -> str:
     """``cfg`` as YAML with every non-empty secret shown as ``***`` (for ``--printconfig``).
 
@@ -427,6 +462,11 @@ def main(argv: list[str] | None = None) -> None:
         print(redacted_yaml(cfg), flush=True)
     try:
         check_startup(cfg)
+    except UsageError as exc:
+        print(f"sidecar: error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    try:
+        check_port(cfg.host, cfg.serverport)
     except UsageError as exc:
         print(f"sidecar: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None

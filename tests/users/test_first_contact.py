@@ -4,6 +4,7 @@ name everything at once, development mode's folders, and log masking that never 
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,21 @@ def test_unusable_basedir_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith("sidecar: error: --basedir=/proc/ion-sidecar/ion cannot be used"), \
         result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_port_another_process_holds_is_one_line_naming_the_flag_and_exit_2(tmp_path: Path) -> None:
+    """scripts/dev (or any sidecar) on a port that is taken: before it starts anything (the development
+    Prefect server takes seconds), one line naming --serverport and how to pick another port."""
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        result = run_sidecar(tmp_path, *BASE, "--development=true", f"--serverport={port}",
+                             f"--basedir={tmp_path / 'ion'}")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"sidecar: error: --serverport={port}: another process is already listening on "
+                     f"127.0.0.1:{port}; stop it, or pick another port with --serverport (e.g. --serverport={port + 1})"], \
+        result.stderr
+    assert not (tmp_path / ".dev").exists()  # nothing was started
 
 
 def test_basedir_below_a_file_is_refused_naming_it(tmp_path: Path) -> None:
