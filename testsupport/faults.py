@@ -12,7 +12,11 @@ the AMQP 1.0 test peer, a Prefect server) until a test tells it to fail:
   SIGSTOPped server looks like, at a chosen request. ``up()`` moves the held bytes on (SIGCONT) or
   ``up(resume=False)`` cuts those connections;
 - ``answer(status, headers, body)``: answer every HTTP request itself with that response (a server
-  failing with 5xx/429, a load balancer's error page, something that is not the service at all).
+  failing with 5xx/429, a load balancer's error page, something that is not the service at all);
+- ``drip(when, after, interval)``: a slow peer. On each connection whose request matches ``when``, the
+  service's answer is forwarded for ``after`` bytes (counted from the end of its HTTP head with
+  ``past_head``), then one byte every ``interval`` seconds, or none at all (``interval=None``: a stall
+  after N bytes). Each gap is shorter than any read timeout, so only a total deadline ends it.
 
 It runs its own asyncio loop in a daemon thread, so tests stay synchronous.
 """
@@ -23,6 +27,7 @@ import asyncio
 import re
 import threading
 from http import HTTPStatus
+from typing import NamedTuple
 
 from testsupport.processes import free_port
 
@@ -38,6 +43,11 @@ class FaultProxy:
         self.forwarded = 0  # bytes forwarded sidecar -> service, in total
         self.answered = 0  # HTTP requests answered by answer()
         self.held = 0  # connections that had bytes held by hang()
+        self.drips = 0  # connections whose answer drip() slowed down
+        self.dripped = 0  # bytes of answers sent one at a time by drip()
+        self.stalled = 0  # connections whose answer drip(interval=None) stopped
+        self._drip: _Drip | None = None
+        self._dripping: set[asyncio.StreamWriter] = set()
         self.triggered = threading.Event()  # hang_when's pattern was seen
         self.response: tuple[int, dict[str, str], bytes] = (503, {}, b"")
         self._trigger: tuple[re.Pattern[bytes], bool] | None = None
@@ -80,8 +90,10 @@ class FaultProxy:
             writer.transport.abort()
             return
         self._writers.update({writer, up_writer})
-        await asyncio.gather(self._pipe(reader, up_writer, count=True), self._pipe(up_reader, writer, count=False),
-                             return_exceptions=True)
+        slow = _SlowAnswer()  # armed by drip()'s pattern in this connection's requests
+        await asyncio.gather(self._pipe(reader, up_writer, count=True, slow=slow),
+                             self._pipe(up_reader, writer, count=False, slow=slow), return_exceptions=True)
+        self._dripping.discard(writer)
         for w in (writer, up_writer):
             self._writers.discard(w)
             w.transport.abort()
@@ -111,12 +123,23 @@ class FaultProxy:
             self._writers.discard(writer)
             writer.transport.abort()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, count: bool,
+                    slow: "_SlowAnswer | None" = None) -> None:
         recent = b""
         while True:
             data = await reader.read(65536)
             if not data or self.mode != "up":
                 break
+            if slow is not None and count and self._drip is not None and slow.drip is None:
+                slow.seen = (slow.seen + data)[-65536:]
+                if self._drip.when.search(slow.seen):
+                    slow.drip = self._drip
+                    self.drips += 1
+            if slow is not None and not count and slow.drip is not None:
+                self._dripping.add(writer)
+                if not await self._slowly(writer, data, slow):
+                    break
+                continue
             if count and self._trigger is not None:
                 recent = (recent + data)[-65536:]
                 pattern, forward = self._trigger
@@ -148,6 +171,43 @@ class FaultProxy:
                 self.forwarded += len(data)
         writer.transport.abort()
 
+    async def _slowly(self, writer: asyncio.StreamWriter, data: bytes, slow: "_SlowAnswer") -> bool:
+        """Send ``data`` of an answer that ``slow.drip`` slows down; False once the connection is cut."""
+        drip = slow.drip
+        assert drip is not None
+        if drip.past_head and not slow.head_done:
+            slow.head = (slow.head + data)[-65536:]
+            end = slow.head.find(b"\r\n\r\n")
+            if end < 0:
+                writer.write(data)
+                await writer.drain()
+                return True
+            slow.head_done = True
+            cut = len(data) - (len(slow.head) - end - 4)  # where the body starts in data
+            writer.write(data[:cut])
+            data = data[cut:]
+        fast = max(0, min(len(data), drip.after - slow.passed))
+        if fast:
+            writer.write(data[:fast])
+            await writer.drain()
+            slow.passed += fast
+            data = data[fast:]
+        if not data:
+            return True
+        if drip.interval is None:
+            self.stalled += 1
+            while self.mode == "up" and not writer.transport.is_closing():  # until up() or the client cuts it
+                await asyncio.sleep(0.05)
+            return False
+        for i in range(len(data)):
+            await asyncio.sleep(drip.interval)
+            if self.mode != "up" or writer.transport.is_closing():
+                return False
+            writer.write(data[i:i + 1])
+            await writer.drain()
+            self.dripped += 1
+        return True
+
     def _cut(self, mode: str) -> None:
         self.mode = mode
         self.budget = None
@@ -178,7 +238,10 @@ class FaultProxy:
         def go() -> None:
             if self.mode in ("answer", "blackhole") or not resume:
                 self._cut("up")
-            self.mode, self.budget, self._trigger = "up", None, None
+            for writer in self._dripping:  # a slowed answer is never finished: cut it
+                writer.transport.abort()
+            self._dripping.clear()
+            self.mode, self.budget, self._trigger, self._drip = "up", None, None, None
             self._flowing.set()
         self._call(go)
 
@@ -204,6 +267,17 @@ class FaultProxy:
             self._flowing.set()
         self._call(go)
 
+    def drip(self, when: bytes = b"", after: int = 0, interval: float | None = 0.25, past_head: bool = False) -> None:
+        """From now on, slow down the service's answers on each connection (open or new) whose requests
+        match the regular expression ``when`` (empty: every connection): forward ``after`` bytes of the
+        answer (after its HTTP head, ending in a blank line, when ``past_head``), then one byte every
+        ``interval`` seconds, or nothing more when ``interval`` is None (a stall). ``up()`` cuts those
+        connections. :attr:`drips` counts the connections slowed, :attr:`dripped` the bytes sent one at a
+        time, :attr:`stalled` the answers stopped."""
+        def arm() -> None:
+            self._drip = _Drip(re.compile(when, re.DOTALL), after, interval, past_head)
+        self._call(arm)
+
     def down_after(self, nbytes: int) -> None:
         """Forward ``nbytes`` more bytes towards the service, then go down."""
         def arm() -> None:
@@ -216,3 +290,24 @@ class FaultProxy:
         self._loop.call_soon_threadsafe(self._server.close)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+
+
+class _Drip(NamedTuple):
+    """What :meth:`FaultProxy.drip` does to an answer (see there)."""
+
+    when: re.Pattern[bytes]
+    after: int
+    interval: float | None
+    past_head: bool
+
+
+class _SlowAnswer:
+    """One connection's state under :meth:`FaultProxy.drip`: its recent request bytes, the drip armed
+    by them, and how much of the answer went through."""
+
+    def __init__(self) -> None:
+        self.seen = b""
+        self.drip: _Drip | None = None
+        self.head = b""
+        self.head_done = False
+        self.passed = 0

@@ -47,7 +47,7 @@ def test_client_options_timeouts_in_seconds_and_no_pymongo_retries(uri: str) -> 
         assert options.retry_writes is False and options.retry_reads is False  # Prefect's retries only
         assert options.server_selection_timeout == 1.5
         assert options.pool_options.connect_timeout == 2.5
-        assert options.pool_options.socket_timeout == 3.5
+        assert options.timeout == 3.5  # timeoutMS: the whole call, not each reply (socketTimeoutMS)
     finally:
         store.close()
     assert client_options(cfg)["serverSelectionTimeoutMS"] == 1500

@@ -35,6 +35,7 @@ class AzureBlobConfig:
         "inflightbytes": Bounds(64 * KiB, at_least="chunkbytes", unit="bytes"),
         "connecttimeoutseconds": Bounds(0, above=True, unit="s"),
         "readtimeoutseconds": Bounds(0, above=True, unit="s"),
+        "minbytespersecond": Bounds(1, unit="bytes/s"),
     }
 
     enabled: bool = False
@@ -59,6 +60,9 @@ class AzureBlobConfig:
     connecttimeoutseconds: float = 10.0
     # Deadline between two reads of a blob service response, seconds.
     readtimeoutseconds: float = 60.0
+    # Slowest speed a blob request may move its bytes at, bytes per second: each request must end within
+    # connecttimeoutseconds + readtimeoutseconds + its bytes / this (64 KiB/s: 198 s for an 8 MiB block).
+    minbytespersecond: int = 64 * 1024
     # key: account key or connection string; default, managedidentity, workloadidentity: Entra ID token.
     credential: CredentialKind = CredentialKind.key
     # Client id of the user-assigned managed identity or workload identity (token credentials only).

@@ -28,7 +28,9 @@ Prefect's task retries are the only retry layer, so the SDK's retry policy is se
 Errors: authentication failures, a missing blob or container on download and other 4xx answers are
 :class:`~sidecar.errors.DataPlaneError` (not retried); connection errors, timeouts, 408/429/5xx and
 MD5 mismatches and a blob overwritten during its download (412) are
-:class:`~sidecar.errors.DataPlaneUnavailable` (retried). Sources: Azure Storage
+:class:`~sidecar.errors.DataPlaneUnavailable` (retried). Every request has a total deadline scaled by
+the bytes it moves (:class:`RequestDeadline`); past it the request is cancelled and the call fails with
+:class:`~sidecar.errors.DataPlaneTimeout` (HTTP 503, not retried: a wait that used its bound). Sources: Azure Storage
 REST docs (Put Blob, Put Block, Put Block List, Get Blob) and azure-storage-blob 12.x.
 """
 
@@ -69,7 +71,7 @@ from sidecar.dataplane.blobs import (STORE, BlobInfo, BlobVerificationError, che
                                      upload_verified)
 from sidecar.dataplane.credentials import USER_DELEGATION_MAX_SECONDS, CredentialKind, ProviderCredential, token_credential
 from sidecar.dataplane.errors import first_line, permanent, transient, translated
-from sidecar.errors import DataPlaneUnavailable
+from sidecar.errors import DataPlaneTimeout, DataPlaneUnavailable
 from sidecar.providers.azureblob.config import AzureBlobConfig
 
 T = TypeVar("T")
@@ -98,6 +100,56 @@ class _OneTlsContextTransport(AioHttpTransport):
         if key not in cache:
             cache[key] = super()._build_ssl_config(cert, verify)
         return cache[key]
+
+
+class RequestDeadline:
+    """The total time one blob service request may take: ``floor`` seconds, plus its bytes at
+    ``bytes_per_second``; from ``--azureblobprovider.connecttimeoutseconds`` + ``.readtimeoutseconds``
+    (the floor: a connection and a first answer) and ``.minbytespersecond``.
+
+    The client's ``read_timeout`` bounds only the gap between two reads: azure-core 1.41's
+    ``AioHttpTransport.send`` builds ``aiohttp.ClientTimeout(sock_connect=..., sock_read=...)`` and no
+    ``total``, and the storage SDK's ``timeout=`` keyword is the service's server-side timeout (a URI
+    parameter the client never enforces). So a peer that sends a byte every few seconds held a request,
+    and ``/ready`` or ``/done``, for ever. The service's own limits are far looser (Get Blob: 2 minutes
+    per MiB; Put Blob and Put Block: 10 minutes per MiB; Put Block List: 60 s; Azure Storage REST docs,
+    "Setting timeouts for Blob service operations"). :meth:`bound` wraps the whole SDK call, the
+    response body included, in ``asyncio.timeout``.
+
+    Args:
+        floor: seconds every request may take whatever its size.
+        bytes_per_second: the slowest a request may move its bytes (request or response body), bytes/s.
+    """
+
+    def __init__(self, floor: float, bytes_per_second: float):
+        self.floor = floor
+        self.bytes_per_second = bytes_per_second
+
+    def seconds(self, nbytes: int) -> float:
+        """The deadline of a request moving ``nbytes`` bytes, seconds."""
+        return self.floor + nbytes / self.bytes_per_second
+
+    @contextlib.asynccontextmanager
+    async def bound(self, request: str, where: str, nbytes: int = 0) -> AsyncIterator[None]:
+        """Run the ``async with`` body (one request ``request``, e.g. ``"Put Block"``, on ``where``,
+        moving ``nbytes`` bytes) within :meth:`seconds`.
+
+        Raises:
+            DataPlaneTimeout: the deadline passed; the request was cancelled, which closes its
+                connection (aiohttp), so nothing of it is committed later by this process (a Put Block
+                List is only sent after every block was acknowledged).
+        """
+        seconds = self.seconds(nbytes)
+        timeout = asyncio.timeout(seconds)
+        try:
+            async with timeout:
+                yield
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # not this deadline's
+            raise DataPlaneTimeout(STORE, f"{where}: {request} ({nbytes} bytes) did not finish within {seconds:.1f} s "
+                                          "(--azureblobprovider.connecttimeoutseconds + .readtimeoutseconds + "
+                                          "its bytes at .minbytespersecond)") from None
 
 
 class _AzureFileSystem(AzureBlobFileSystem):
@@ -137,12 +189,14 @@ class AzureBlobStore:
         credential: the token credential to close with the store, if one was made for it.
         inflightbytes: the most bytes of file data all transfers hold at once (:class:`ByteBudget`).
         sas_seconds: the lifetime of the URLs :meth:`url` makes, seconds (0: none).
+        deadline: the total deadline of each request (:class:`RequestDeadline`).
     """
 
     def __init__(self, fs: _AzureFileSystem, container: str, chunkbytes: int,
                  signer: Callable[[str, int], str] | None, credential: ProviderCredential | None,
-                 inflightbytes: int, sas_seconds: int):
+                 inflightbytes: int, sas_seconds: int, deadline: RequestDeadline):
         self.fs = fs
+        self.deadline = deadline
         self.container = container
         self.sas_seconds = sas_seconds
         self._signer = signer
@@ -179,7 +233,8 @@ class AzureBlobStore:
         check_key(key)
         with translated(self.translate, key):
             try:
-                props = await self._client.get_blob_client(key).get_blob_properties()
+                async with self.deadline.bound("Get Blob Properties", self._where(key)):
+                    props = await self._client.get_blob_client(key).get_blob_properties()
             except ResourceNotFoundError:
                 return None
         return BlobInfo(key, int(props.size), _hex(props.content_settings.content_md5))
@@ -204,7 +259,8 @@ class AzureBlobStore:
         async with self._container_lock:
             if not self._container_ready:
                 try:
-                    await self._client.create_container()
+                    async with self.deadline.bound("Create Container", f"container '{self.container}'"):
+                        await self._client.create_container()
                 except ResourceExistsError:
                     pass
                 self._container_ready = True
@@ -218,16 +274,20 @@ class AzureBlobStore:
                 if size <= self.chunkbytes:
                     async with self._budget.hold(size):
                         data, digest = await _offload(size, _read_md5, f, size)
-                        stored = await blob.upload_blob(
-                            data, overwrite=True, length=len(data), max_concurrency=1,
-                            # Passed through to Put Blob: the service checks the body against it.
-                            transactional_content_md5=digest)
+                        async with self.deadline.bound("Put Blob", self._where(key), size):
+                            stored = await blob.upload_blob(
+                                data, overwrite=True, length=len(data), max_concurrency=1,
+                                # Passed through to Put Blob: the service checks the body against it.
+                                transactional_content_md5=digest)
                     _check_md5(key, _hex(stored.get("content_md5")), digest.hex(), "stored")
                     return BlobInfo(key, len(data), digest.hex())
                 whole, blocks = await self._put_blocks(blob, f, size)
             recorded = ContentSettings(content_md5=bytearray(whole.digest()))
-            await blob.commit_block_list(blocks, content_settings=recorded)
-            props = await blob.get_blob_properties()
+            # The request body lists each block as <Latest>base64 id</Latest>: about 32 bytes a block.
+            async with self.deadline.bound("Put Block List", self._where(key), 32 * len(blocks)):
+                await blob.commit_block_list(blocks, content_settings=recorded)
+            async with self.deadline.bound("Get Blob Properties", self._where(key)):
+                props = await blob.get_blob_properties()
         except ResourceNotFoundError:
             # The container vanished after this process created it: create it again on the retry.
             self._container_ready = False
@@ -250,7 +310,8 @@ class AzureBlobStore:
             try:
                 # The block's own MD5 in another thread than the reader's whole-file MD5: two cores.
                 digest = await asyncio.to_thread(_md5, data)
-                await blob.stage_block(block_id, _pieces(data), length=len(data), transactional_content_md5=digest)
+                async with self.deadline.bound("Put Block", self._where(blob.blob_name), len(data)):
+                    await blob.stage_block(block_id, _pieces(data), length=len(data), transactional_content_md5=digest)
                 # Sent and acknowledged (the service checked its MD5): the buffer can take the next block.
                 # After a failure it is dropped instead, in case the connection still holds it.
                 self._buffers.give(data)
@@ -286,9 +347,10 @@ class AzureBlobStore:
         held = self.chunkbytes if size_hint is None else min(size_hint, self.chunkbytes)
         await self._budget.acquire(held)
         try:
-            stream = await blob.download_blob(max_concurrency=1)
-            size = stream.size
-            first = await _content(stream, min(size, self.chunkbytes))
+            async with self.deadline.bound("Get Blob", self._where(key), held):
+                stream = await blob.download_blob(max_concurrency=1)
+                size = stream.size
+                first = await _content(stream, min(size, self.chunkbytes))
         except BaseException:
             self._budget.release(held)
             raise
@@ -331,9 +393,10 @@ class AzureBlobStore:
             raise
 
         async def fetch(offset: int, length: int) -> bytes:
-            part = await blob.download_blob(offset=offset, length=length, max_concurrency=1, etag=etag,
-                                            match_condition=MatchConditions.IfNotModified)
-            data = await _content(part, length)
+            async with self.deadline.bound(f"Get Blob (range at {offset})", self._where(blob.blob_name), length):
+                part = await blob.download_blob(offset=offset, length=length, max_concurrency=1, etag=etag,
+                                                match_condition=MatchConditions.IfNotModified)
+                data = await _content(part, length)
             if len(data) != length:
                 raise BlobVerificationError(blob.blob_name, f"range at {offset}: received {len(data)} of {length} bytes")
             return data
@@ -414,13 +477,16 @@ class UserDelegationSigner:
 
     Args:
         service: the blob service client (token credential); ``container``: the container name;
-        blob_url: ``key -> url`` of a blob; ``seconds``: the SAS lifetime the flows ask for, seconds.
+        blob_url: ``key -> url`` of a blob; ``seconds``: the SAS lifetime the flows ask for, seconds;
+        deadline: the total deadline of the key's request (:class:`RequestDeadline`).
     """
 
     MARGIN = 300  # seconds: clock skew and the time between signing and the child's download
 
-    def __init__(self, service: BlobServiceClient, container: str, blob_url: Callable[[str], str], seconds: int):
+    def __init__(self, service: BlobServiceClient, container: str, blob_url: Callable[[str], str], seconds: int,
+                 deadline: RequestDeadline):
         self.service = service
+        self.deadline = deadline
         self.container = container
         self.blob_url = blob_url
         self.seconds = seconds
@@ -447,9 +513,10 @@ class UserDelegationSigner:
                 return
             now = datetime.now(timezone.utc)
             with translated(_delegation_error, "Get User Delegation Key"):
-                self.key = await self.service.get_user_delegation_key(
-                    now - timedelta(seconds=self.MARGIN),
-                    now + timedelta(seconds=USER_DELEGATION_MAX_SECONDS - self.MARGIN))
+                async with self.deadline.bound("Get User Delegation Key", "the blob service"):
+                    self.key = await self.service.get_user_delegation_key(
+                        now - timedelta(seconds=self.MARGIN),
+                        now + timedelta(seconds=USER_DELEGATION_MAX_SECONDS - self.MARGIN))
 
     def __call__(self, key: str, seconds: int) -> str:
         """A read-only user-delegation SAS URL of blob ``key`` valid ``seconds`` seconds.
@@ -489,13 +556,15 @@ def azure_blob_store(cfg: AzureBlobConfig) -> AzureBlobStore:
             (:mod:`sidecar.dataplane.credentials`) with ``clientid`` and ``accounturl`` (default
             ``https://{blobaccountname}.blob.core.windows.net``), whose SAS URLs are user-delegation
             SAS (:class:`UserDelegationSigner`); ``containername``; ``chunkbytes`` (bytes per
-            request); ``connecttimeoutseconds``/``readtimeoutseconds``; ``sasexpiryseconds``.
+            request); ``connecttimeoutseconds``/``readtimeoutseconds`` (per phase) and with
+            ``minbytespersecond`` each request's total deadline (:class:`RequestDeadline`); ``sasexpiryseconds``.
             ``SSL_CERT_FILE``, when set, names the CA bundle the client trusts instead of the system's.
 
     Raises:
         ValueError: the connection string cannot be parsed (the message holds no secret).
     """
     chunk = max(1, int(cfg.chunkbytes))
+    deadline = RequestDeadline(cfg.connecttimeoutseconds + cfg.readtimeoutseconds, cfg.minbytespersecond)
     client_options: dict[str, Any] = {
         "retry_total": 0,
         "max_single_put_size": chunk,
@@ -556,8 +625,9 @@ def azure_blob_store(cfg: AzureBlobConfig) -> AzureBlobStore:
         signer = sign if account and account_key else None
     else:
         signer = None if cfg.sasexpiryseconds <= 0 else UserDelegationSigner(
-            fs.service_client, cfg.containername, lambda key: store.blob_url(key), cfg.sasexpiryseconds)
-    store = AzureBlobStore(fs, cfg.containername, chunk, signer, token, cfg.inflightbytes, cfg.sasexpiryseconds)
+            fs.service_client, cfg.containername, lambda key: store.blob_url(key), cfg.sasexpiryseconds, deadline)
+    store = AzureBlobStore(fs, cfg.containername, chunk, signer, token, cfg.inflightbytes, cfg.sasexpiryseconds,
+                           deadline)
     _return_large_buffers_to_the_os()
     return store
 

@@ -43,7 +43,7 @@ class MongoConfig:
     serverselectiontimeoutseconds: float = 10.0
     # How long opening a connection may take, seconds.
     connecttimeoutseconds: float = 10.0
-    # How long one call may wait for its answer, seconds.
+    # How long one call may take in all, seconds: pymongo's timeoutMS (finding a server, connecting, the whole answer).
     sockettimeoutseconds: float = 30.0
 
     def check(self) -> None:

@@ -77,11 +77,21 @@ def client_options(cfg: MongoConfig) -> dict[str, Any]:
 
     Timeouts come from ``cfg`` in seconds and go to pymongo in milliseconds; pymongo's own retries are
     off. ``AsyncMongoClient`` connects on the first request only, so start-up never needs the server.
+
+    ``sockettimeoutseconds`` is the total deadline of each call: pymongo's client-side operation
+    timeout ``timeoutMS`` (pymongo 4.2+, the "Client Side Operation Timeout" specification), which bounds
+    server selection (to the smaller of it and ``serverSelectionTimeoutMS``), checking out or opening a
+    connection, sending the command and reading its whole reply, and sends the server the time left as
+    ``maxTimeMS``. Past it pymongo raises a timeout (``NetworkTimeout``, ``ExecutionTimeout`` or
+    ``ServerSelectionTimeoutError``: HTTP 503, not retried). ``socketTimeoutMS`` would bound each
+    reply on its own, so a call of several round trips (a new connection's handshake, then the
+    command; a bulk write in several batches) could take several of them; with ``timeoutMS`` set
+    pymongo ignores it, so it is not passed.
     """
     return {
         "serverSelectionTimeoutMS": int(cfg.serverselectiontimeoutseconds * 1000),
         "connectTimeoutMS": int(cfg.connecttimeoutseconds * 1000),
-        "socketTimeoutMS": int(cfg.sockettimeoutseconds * 1000),
+        "timeoutMS": int(cfg.sockettimeoutseconds * 1000),
         "retryWrites": False,
         "retryReads": False,
     }
