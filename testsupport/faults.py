@@ -15,8 +15,9 @@ the AMQP 1.0 test peer, a Prefect server) until a test tells it to fail:
   failing with 5xx/429, a load balancer's error page, something that is not the service at all);
 - ``drip(when, after, interval)``: a slow peer. On each connection whose request matches ``when``, the
   service's answer is forwarded for ``after`` bytes (counted from the end of its HTTP head with
-  ``past_head``), then one byte every ``interval`` seconds, or none at all (``interval=None``: a stall
-  after N bytes). Each gap is shorter than any read timeout, so only a total deadline ends it.
+  ``past_head``), then one byte (or ``piece``) every ``interval`` seconds, or none at all
+  (``interval=None``: a stall after N bytes). Each gap is shorter than a read timeout, so only a total
+  deadline ends a drip; a larger ``piece`` makes a slow but steady answer instead.
 
 It runs its own asyncio loop in a daemon thread, so tests stay synchronous.
 """
@@ -199,13 +200,14 @@ class FaultProxy:
             while self.mode == "up" and not writer.transport.is_closing():  # until up() or the client cuts it
                 await asyncio.sleep(0.05)
             return False
-        for i in range(len(data)):
+        for i in range(0, len(data), drip.piece):
             await asyncio.sleep(drip.interval)
             if self.mode != "up" or writer.transport.is_closing():
                 return False
-            writer.write(data[i:i + 1])
+            piece = data[i:i + drip.piece]
+            writer.write(piece)
             await writer.drain()
-            self.dripped += 1
+            self.dripped += len(piece)
         return True
 
     def _cut(self, mode: str) -> None:
@@ -267,15 +269,16 @@ class FaultProxy:
             self._flowing.set()
         self._call(go)
 
-    def drip(self, when: bytes = b"", after: int = 0, interval: float | None = 0.25, past_head: bool = False) -> None:
+    def drip(self, when: bytes = b"", after: int = 0, interval: float | None = 0.25, past_head: bool = False,
+             piece: int = 1) -> None:
         """From now on, slow down the service's answers on each connection (open or new) whose requests
         match the regular expression ``when`` (empty: every connection): forward ``after`` bytes of the
-        answer (after its HTTP head, ending in a blank line, when ``past_head``), then one byte every
-        ``interval`` seconds, or nothing more when ``interval`` is None (a stall). ``up()`` cuts those
-        connections. :attr:`drips` counts the connections slowed, :attr:`dripped` the bytes sent one at a
-        time, :attr:`stalled` the answers stopped."""
+        answer (after its HTTP head, ending in a blank line, when ``past_head``), then ``piece`` bytes
+        every ``interval`` seconds, or nothing more when ``interval`` is None (a stall). ``up()`` cuts
+        those connections. :attr:`drips` counts the connections slowed, :attr:`dripped` the bytes sent
+        slowly, :attr:`stalled` the answers stopped."""
         def arm() -> None:
-            self._drip = _Drip(re.compile(when, re.DOTALL), after, interval, past_head)
+            self._drip = _Drip(re.compile(when, re.DOTALL), after, interval, past_head, max(1, piece))
         self._call(arm)
 
     def down_after(self, nbytes: int) -> None:
@@ -299,6 +302,7 @@ class _Drip(NamedTuple):
     after: int
     interval: float | None
     past_head: bool
+    piece: int
 
 
 class _SlowAnswer:

@@ -1,8 +1,9 @@
 """What only the Azure provider does: container creation, failure classification, SAS URLs, memory.
 
 Failures are provoked for real: a wrong account key against Azurite, a port nobody listens on, a
-server that accepts connections and never answers, and a small HTTP server answering with chosen
-status codes (to see 5xx, MD5 mismatches and that the SDK sends each request only once).
+server that accepts connections and never answers, a proxy slowing Azurite's answers (request
+deadlines), and a small HTTP server answering with chosen status codes (to see 5xx, MD5 mismatches
+and that the SDK sends each request only once).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sidecar.providers.azureblob.store import azure_blob_store, env_proxy
 from sidecar.dataplane.blobs import BlobVerificationError, partial_path
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable, VolumeError, is_transient
 from testsupport.azurite import ACCOUNT, TEST_CHUNK_BYTES, Azurite, azure_config, peak_requests_in_flight
+from testsupport.faults import FaultProxy
 from testsupport.processes import ROOT, free_port, python_env
 
 pytestmark = pytest.mark.anyio
@@ -112,6 +114,43 @@ async def test_silent_server_times_out_as_transient(small_file: Path, azurite: A
             await store.close()
     assert "e/m/f.txt" in caught.value.message
     assert time.monotonic() - started < 8
+
+
+async def test_request_deadline_scales_with_its_bytes(azurite: Azurite, tmp_path: Path) -> None:
+    """A Get Blob whose body comes slowly but steadily (longer than the deadline's floor, above the
+    minimum speed) completes; the same request dripping a byte at a time (each gap under the read
+    timeout) fails at its deadline, floor + bytes / minbytespersecond, as a timeout naming the flags."""
+    size, floor, speed = 256 * 1024, 1.0, 64 * 1024
+    deadline = floor + size / speed  # 5 s
+    proxy = FaultProxy(azurite.port)
+    cfg = azure_config(azurite, chunkbytes=size, connecttimeoutseconds=floor / 2, readtimeoutseconds=floor / 2,
+                       minbytespersecond=speed)
+    cfg.connectionstring = cfg.connectionstring.replace(f":{azurite.port}/", f":{proxy.port}/")
+    store = azure_blob_store(cfg)
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(size))
+    try:
+        await store.upload(source, "e/m/big.bin")
+        proxy.drip(when=rb"GET /", interval=0.05, piece=8192, past_head=True)  # 160 KiB/s
+        started = time.monotonic()
+        await store.download("e/m/big.bin", tmp_path / "steady.bin")
+        steady = time.monotonic() - started
+        assert (tmp_path / "steady.bin").read_bytes() == source.read_bytes()
+        assert proxy.dripped >= size - 8192 and steady > floor, "the body came slower than the floor allows alone"
+        proxy.up()
+        proxy.drip(when=rb"GET /", interval=0.3, past_head=True)  # 3 bytes/s, every gap under the read timeout
+        started = time.monotonic()
+        with pytest.raises(DataPlaneUnavailable) as caught:
+            await store.download("e/m/big.bin", tmp_path / "dripped.bin")
+        dripped = time.monotonic() - started
+    finally:
+        proxy.close()
+        await store.close()
+    print(f"\nsteady 160 KiB/s: {steady:.1f} s; dripping: failed after {dripped:.1f} s (deadline {deadline:.1f} s)")
+    assert "did not finish within 5.0 s" in caught.value.message and "minbytespersecond" in caught.value.message
+    assert not is_transient(caught.value)  # a wait that used its whole bound: 503, not retried by the task
+    assert deadline - 0.5 <= dripped <= deadline + 5
+    assert not (tmp_path / "dripped.bin").exists() and not partial_path(tmp_path / "dripped.bin").exists()
 
 
 class ScriptedStorage(BaseHTTPRequestHandler):

@@ -58,7 +58,7 @@ class AzureBlobConfig:
     inflightbytes: int = 24 * 1024 * 1024
     # Deadline to open a connection to the blob service, seconds.
     connecttimeoutseconds: float = 10.0
-    # Deadline between two reads of a blob service response, seconds.
+    # Deadline between two reads of a blob service response, seconds (the total per request: minbytespersecond).
     readtimeoutseconds: float = 60.0
     # Slowest speed a blob request may move its bytes at, bytes per second: each request must end within
     # connecttimeoutseconds + readtimeoutseconds + its bytes / this (64 KiB/s: 198 s for an 8 MiB block).
