@@ -12,6 +12,8 @@ import errno
 import os
 from pathlib import Path
 
+from sidecar.paths import shown
+
 
 class SettingsError(ValueError):
     """A setting cannot work: raised by a provider's ``Config.check`` and by ``sidecar.bounds.check_bounds``
@@ -20,11 +22,15 @@ class SettingsError(ValueError):
 
 
 class SidecarError(Exception):
-    """Base class: ``status_code`` is the HTTP status the API answers with."""
+    """Base class: ``status_code`` is the HTTP status the API answers with; ``message`` goes into the
+    JSON body and the log as it is, so it is made readable here, once for every error
+    (:func:`sidecar.paths.shown`: a name holding U+202E, U+E000 or a control character is shown
+    escaped, ``\\u202e``, never raw)."""
 
     status_code = 500
 
     def __init__(self, message: str):
+        message = shown(message)
         super().__init__(message)
         self.message = message
 
@@ -37,11 +43,28 @@ class InputError(SidecarError):
 
     status_code = 400
 
+    # At most this many (file, problem) pairs are spelt out in one message (see :meth:`listing`).
+    MAX_NAMED = 20
+
     def __init__(self, file: str, problem: str, key: str | None = None):
         where = f"{file}: key '{key}'" if key else file
         super().__init__(f"{where}: {problem}")
-        self.file = file
-        self.key = key
+        self.file = shown(file)
+        self.key = shown(key) if key is not None else None
+        self.files = [self.file]
+
+    @classmethod
+    def listing(cls, problems: list[tuple[str, str]], advice: str = "") -> "InputError":
+        """One error naming every ``(file, problem)`` pair (in the given order; past :data:`MAX_NAMED`
+        the rest are counted), then ``advice``: so a module fixes all of them before its next ``/done``.
+        ``file`` is the first file; ``files`` lists them all."""
+        (file, problem), *rest = problems
+        named = [problem] + [f"{f}: {p}" for f, p in rest[: cls.MAX_NAMED - 1]]
+        if len(problems) > cls.MAX_NAMED:
+            named.append(f"and {len(problems) - cls.MAX_NAMED} more")
+        error = cls(file, "; ".join(named) + (f". {advice}" if advice else ""))
+        error.files = [shown(f) for f, _ in problems]
+        return error
 
 
 class OutputChanged(InputError):

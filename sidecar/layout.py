@@ -8,6 +8,7 @@ bad file fails ``/done`` with :class:`~sidecar.errors.InputError` and commits no
 
 from __future__ import annotations
 
+import difflib
 import errno
 import json
 import os
@@ -22,7 +23,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from sidecar.errors import InputError, OutputChanged
 from sidecar.models import KeyValuePair
-from sidecar.paths import collisions, inside, name_problem, segment_problem, shown, text_problem
+from sidecar.paths import collisions, inside, name_problem, segment_problem, text_problem
 
 
 # Largest document stored, bytes: Cosmos DB's API for MongoDB stores documents up to 2 MiB (MongoDB
@@ -99,7 +100,7 @@ class OutputFile:
         Raises:
             OutputChanged: naming the file as the module sees it (``out/data/...``).
         """
-        where = "out/data/" + shown(self.path)
+        where = "out/data/" + self.path
         try:
             now = self.local.stat()
         except OSError as exc:
@@ -179,18 +180,64 @@ def read_pairs(path: Path, where: str, max_bytes: int, *, empty_ok: bool) -> lis
         if empty_ok:
             return []
         raise InputError(where, "the file is empty; expected a JSON array of key/value pairs")
+    encoding = json.detect_encoding(raw)  # UTF-8 (a byte-order mark allowed), or UTF-16/32 as json.loads reads
     try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = raw.decode(encoding)  # strict: json.loads(bytes) would let encoded surrogates through
+    except UnicodeDecodeError as exc:
+        raise InputError(where, f"malformed JSON: {_undecodable(raw, exc)}") from None
+    # Each object's names as written: a name given twice would otherwise keep its last value in silence.
+    repeated: dict[int, list[tuple[str, object]]] = {}
+
+    def remember_repeats(members: list[tuple[str, object]]) -> dict[str, object]:
+        obj = dict(members)
+        if len(obj) < len(members):
+            repeated[id(obj)] = members
+        return obj
+
+    try:
+        value = json.loads(text, object_pairs_hook=remember_repeats)
+    except json.JSONDecodeError as exc:
         raise InputError(where, f"malformed JSON: {exc}") from None
     except RecursionError:
         raise InputError(where, "malformed JSON: nested too deeply") from None
+    if repeated and isinstance(value, list):
+        for index, item in enumerate(value):
+            if id(item) in repeated:
+                raise InputError(where, _describe_repeats(index, repeated[id(item)]))
     try:
         pairs = _PAIRS.validate_python(value)
     except ValidationError as exc:
         raise InputError(where, _describe_pairs_error(value, exc)) from None
     _check_strings(pairs, where)
     return pairs
+
+
+def _describe_repeats(index: int, members: list[tuple[str, object]]) -> str:
+    """The message for item ``index`` whose object gives a name more than once (``members`` as written)."""
+    names = [name for name in dict(members) if sum(n == name for n, _ in members) > 1]
+    def brief(value: object) -> str:
+        text = json.dumps(value, ensure_ascii=False)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    told = "; ".join(f"\"{name}\" is given {sum(n == name for n, _ in members)} times ("
+                     + ", ".join(brief(v) for n, v in members if n == name) + ")"
+                     for name in names)
+    return (f"item {index}: {told}; a JSON reader keeps only one of them, so each item must give \"key\" "
+            f"and \"value\" once")
+
+
+def _undecodable(raw: bytes, exc: UnicodeDecodeError) -> str:
+    """What the bytes at ``exc.start`` are, for a file that is not valid in its encoding (UTF-8)."""
+    start = exc.start
+    if exc.encoding.replace("-", "").lower().startswith("utf8") and raw[start:start + 1] == b"\xed" \
+            and len(raw) > start + 2 and 0xA0 <= raw[start + 1] <= 0xBF:
+        code = ((raw[start] & 0x0F) << 12) | ((raw[start + 1] & 0x3F) << 6) | (raw[start + 2] & 0x3F)
+        return (f"not valid UTF-8: bytes {raw[start:start + 3].hex(' ').upper()} at byte {start} encode U+{code:04X}, "
+                "one half of a UTF-16 surrogate pair, as CESU-8 and Java's modified UTF-8 write characters beyond "
+                "U+FFFF; UTF-8 writes such a character as one 4-byte sequence (or write it as a JSON escape pair)")
+    bad = raw[start:max(exc.end, start + 1)]
+    return (f"not valid {exc.encoding.upper()}: {'bytes' if len(bad) > 1 else 'byte'} {bad.hex(' ').upper()} "
+            f"at byte {start} ({exc.reason})")
 
 
 def _check_strings(pairs: list[KeyValuePair], file: str) -> None:
@@ -200,7 +247,7 @@ def _check_strings(pairs: list[KeyValuePair], file: str) -> None:
             problem = text_problem(text)
             if problem:
                 where = f"item {index} field '{field_name}'"
-                raise InputError(file, f"{where} {problem}", key=shown(pair.key))
+                raise InputError(file, f"{where} {problem}", key=pair.key)
 
 
 def _describe_pairs_error(value: object, exc: ValidationError) -> str:
@@ -213,66 +260,99 @@ def _describe_pairs_error(value: object, exc: ValidationError) -> str:
     item = value[index] if index is not None else None
     where = f"item {index}"
     if isinstance(item, dict) and isinstance(item.get("key"), str):
-        where += f" (key '{shown(item['key'])}')"
-    field_name = f" field '{shown(str(loc[1]))}'" if len(loc) > 1 else ""
+        where += f" (key '{item['key']}')"
+    field_name = f" field '{loc[1]}'" if len(loc) > 1 else ""
     return f"{where}{field_name}: {first['msg']}; {expected}"
 
 
 def list_output_files(layout: ModuleLayout) -> list[OutputFile]:
-    """Every file under ``out/data`` (subfolders included), sorted by path; empty folders are ignored.
+    """Every file under ``out/data`` (subfolders included), sorted by path.
 
-    Links (the one rule, README "The folder contract"): a link whose target is inside ``out/data`` is
-    followed, a file or a folder alike, and committed under the link's own name as what it points to.
+    Nothing there is skipped in silence: each entry is committed or refused (:func:`_walk_output_files`).
 
     Raises:
-        InputError: naming the entry: a name that is not a good blob name (``paths.segment_problem``),
-            a link pointing outside ``out/data``, a link to nothing, a link loop, a folder link that
-            leads back to a folder holding it, or something that is neither a file nor a folder.
+        InputError: naming every refused entry at once.
+    """
+    files, problems = _walk_output_files(layout)
+    if problems:
+        raise InputError.listing(problems)
+    return files
+
+
+def _walk_output_files(layout: ModuleLayout) -> tuple[list[OutputFile], list[tuple[str, str]]]:
+    """The files under ``out/data``, sorted by path, and the refused entries as ``(name, problem)``,
+    sorted by name. Each entry is committed or refused, none skipped in silence. Links (the one rule,
+    README "The folder contract"): a link whose target is inside ``out/data`` is followed, a file or a
+    folder alike, and committed under the link's own name as what it points to.
+
+    Refused: a name that is not a good blob name (``paths.segment_problem``), a link pointing outside
+    ``out/data``, a link to nothing, a link loop, a folder link that leads back to a folder holding it,
+    something that is neither a file nor a folder (FIFO, socket, device), and a folder with no file
+    below it (a blob store holds files, not folders, so the child would never see it), named once at
+    its top.
     """
     root = layout.out_data
     if not root.is_dir():
-        return []
+        return [], []
     real_root = os.path.realpath(root)
     found: list[OutputFile] = []
+    problems: list[tuple[str, str]] = []
+    empty: list[str] = []  # folders (relative, ending with "/") with no file and no refused entry below
 
-    def visit(folder: Path, prefix: str, ancestors: frozenset[str]) -> None:
+    def visit(folder: Path, prefix: str, ancestors: frozenset[str]) -> int:
+        """Walk ``folder``; returns how many files and refused entries are below it."""
         with os.scandir(folder) as listing:
             entries = sorted(listing, key=lambda e: e.name)
+        below = 0
         for entry in entries:
             rel = prefix + entry.name
-            where = "out/data/" + shown(rel)
+            where = "out/data/" + rel
             problem = segment_problem(entry.name)
-            if problem:
-                raise InputError(where, problem)
             path = Path(entry.path)
-            # scandir's answers are cached from the listing; a link is resolved (and checked) first.
-            real = _link_target(path, real_root, where) if entry.is_symlink() else None
-            if entry.is_dir():
-                real = real or os.path.realpath(path)
+            if not problem and entry.is_symlink():
+                # scandir's answers are cached from the listing; a link is resolved (and checked) first.
+                problem = _link_problem(path, real_root)
+            if problem:
+                pass
+            elif entry.is_dir():
+                real = os.path.realpath(path)
                 if real in ancestors:
-                    raise InputError(where, "is a link to a folder that holds it (a cycle)")
-                visit(path, rel + "/", ancestors | {real})
+                    problem = "is a link to a folder that holds it (a cycle)"
+                else:
+                    inner = visit(path, rel + "/", ancestors | {real})
+                    if inner == 0:  # named as a whole, not by its own empty subfolders
+                        empty[:] = [e for e in empty if not e.startswith(rel + "/")] + [rel + "/"]
+                    below += inner
+                    continue
             elif entry.is_file():
                 stat = entry.stat()
                 found.append(OutputFile(rel, path, stat.st_size, stat.st_mtime_ns))
+                below += 1
+                continue
             else:
-                raise InputError(where, "is neither a file nor a folder (a FIFO, socket or device cannot be committed)")
+                problem = "is neither a file nor a folder (a FIFO, socket or device cannot be committed)"
+            problems.append((where, problem))
+            below += 1
+        return below
 
     visit(root, "", frozenset({real_root}))
-    return sorted(found, key=lambda f: f.path)
+    problems += [("out/data/" + rel, "is a folder with no file in it, which cannot be committed (a blob store "
+                  "holds files, not folders); remove it, or put a file in it") for rel in empty]
+    return sorted(found, key=lambda f: f.path), sorted(problems)
 
 
-def _link_target(path: Path, real_root: str, where: str) -> str:
-    """The real path a link under ``out/data`` leads to, if it is inside ``out/data``."""
+def _link_problem(path: Path, real_root: str) -> str | None:
+    """Why the link ``path`` under ``out/data`` cannot be followed, or None when its target is inside
+    ``out/data`` (``real_root``, links resolved)."""
     try:
         real = os.path.realpath(path, strict=True)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise InputError(where, "is a symlink loop") from None
-        raise InputError(where, "is a link to nothing (its target does not exist)") from None
+            return "is a symlink loop"
+        return "is a link to nothing (its target does not exist)"
     if not inside(real_root, real):
-        raise InputError(where, "is a link that points outside out/data")
-    return real
+        return "is a link that points outside out/data"
+    return None
 
 
 def check_blob_names(files: list[OutputFile], key_of: Callable[[str], str]) -> None:
@@ -287,11 +367,11 @@ def check_blob_names(files: list[OutputFile], key_of: Callable[[str], str]) -> N
         key = key_of(f.path)
         problem = name_problem(key)
         if problem:
-            raise InputError("out/data/" + shown(f.path), f"its blob name '{shown(key)}' {problem}")
+            raise InputError("out/data/" + f.path, f"its blob name '{key}' {problem}")
         keys[key] = f.path
     for first, second in collisions(keys):
-        raise InputError("out/data/" + shown(keys[second]),
-                         f"its blob name '{shown(second)}' collides with '{shown(first)}'")
+        raise InputError("out/data/" + keys[second],
+                         f"its blob name '{second}' collides with '{first}'")
 
 
 def _event_files(value: str, where: str, outputs: dict[str, OutputFile]) -> list[str]:
@@ -301,12 +381,12 @@ def _event_files(value: str, where: str, outputs: dict[str, OutputFile]) -> list
         if not entry:
             continue
         if entry.startswith(("/", "\\")) or (len(entry) > 1 and entry[1] == ":"):
-            raise InputError(where, f"'{shown(entry)}' is an absolute path; name files relative to out/data", key="files")
+            raise InputError(where, f"'{entry}' is an absolute path; name files relative to out/data", key="files")
         normal = os.path.normpath(entry).replace(os.sep, "/")
         if normal == ".." or normal.startswith("../"):
-            raise InputError(where, f"'{shown(entry)}' escapes out/data", key="files")
+            raise InputError(where, f"'{entry}' escapes out/data", key="files")
         if normal not in outputs:
-            raise InputError(where, f"'{shown(entry)}' is not a file under out/data", key="files")
+            raise InputError(where, f"'{entry}' is not a file under out/data", key="files")
         paths.setdefault(normal)
     return list(paths)
 
@@ -337,7 +417,10 @@ def plan_outputs(layout: ModuleLayout, valid_event_types: list[str], max_event_b
             raise InputError(layout.name(folder), "is not a folder; the folder contract needs it to be one")
     if layout.out_meta.exists() and not layout.out_meta.is_file():
         raise InputError("out/meta.json", "is not a file; insights are a JSON array of key/value pairs")
-    files = list_output_files(layout)
+    stray = _stray_out_entries(layout)
+    files, problems = _walk_output_files(layout)
+    if stray or problems:
+        raise InputError.listing(stray + problems, OUT_RULE if stray else "")
     if key_of is not None:
         check_blob_names(files, key_of)
     by_path = {f.path: f for f in files}
@@ -348,7 +431,7 @@ def plan_outputs(layout: ModuleLayout, valid_event_types: list[str], max_event_b
     events: list[PlannedEvent] = []
     if layout.out_events.is_dir():
         for entry in sorted(layout.out_events.iterdir()):
-            where = shown(layout.name(entry))
+            where = layout.name(entry)
             if entry.suffix != ".json" or not (entry.is_file() or entry.is_symlink()):
                 # Refused, not skipped: a misnamed event file dropped in silence is a child never notified.
                 raise InputError(where, "is not an event file: out/events holds only *.json files, one event each "
@@ -361,6 +444,33 @@ def plan_outputs(layout: ModuleLayout, valid_event_types: list[str], max_event_b
             pairs = read_pairs(entry, where, max_event_bytes, empty_ok=False)
             events.append(_plan_event(entry.name, where, pairs, valid_event_types, by_path))
     return DonePlan(files=files, insight=insight, events=events)
+
+
+# The entries of out/ in the folder contract (DESIGN.md, Folder contract; spec: Data Handling).
+OUT_ENTRIES = ("data", "meta.json", "events")
+OUT_RULE = ("out/ holds only data/ for output files, meta.json for insights and events/ for *.json event files "
+            "(hidden files are refused too): move each into its place or remove it, then call /done again")
+
+
+def _stray_out_entries(layout: ModuleLayout) -> list[tuple[str, str]]:
+    """Every entry directly under ``out/`` that is not in the folder contract (:data:`OUT_ENTRIES`), as
+    ``(name, problem)`` sorted by name: committed as nothing, it would be dropped behind a 200. A name
+    close to an expected one (``Events``, ``event``, ``meta.JSON``, ``meta.json.tmp``) gets a hint."""
+    try:
+        names = sorted(os.listdir(layout.basedir / "out"))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    stray = []
+    for name in names:
+        if name in OUT_ENTRIES:
+            continue
+        path = layout.basedir / "out" / name
+        folded = name.strip(". ").casefold()  # Events, .events, meta.JSON
+        guess = difflib.get_close_matches(folded, OUT_ENTRIES, n=1, cutoff=0.6)  # event, meta.json.tmp
+        hint = f" (did you mean out/{guess[0]}?)" if guess else ""
+        folder = "/" if path.is_dir() and not path.is_symlink() else ""
+        stray.append((f"out/{name}{folder}", f"is not part of the folder contract{hint}"))
+    return stray
 
 
 def check_event_meta_sizes(plan: DonePlan, key_of: Callable[[str], str]) -> None:
@@ -379,7 +489,7 @@ def check_event_meta_sizes(plan: DonePlan, key_of: Callable[[str], str]) -> None
             key = key_of(path)
             size += len(path.encode("utf-8")) + 3 * len(key.encode("utf-8")) + _FILE_ENTRY_ALLOWANCE
         if size > MAX_DOCUMENT_BYTES:
-            raise InputError(f"out/events/{shown(planned.file)}",
+            raise InputError(f"out/events/{planned.file}",
                              f"its event meta would take about {size} bytes, over the {MAX_DOCUMENT_BYTES} bytes "
                              f"a document may hold (Cosmos DB); list fewer files ({len(planned.files)} listed)",
                              key="files")
@@ -409,7 +519,7 @@ def _plan_event(
         raise InputError(where, "required key is missing", key="eventType")
     if event_type not in valid:
         allowed = ", ".join(valid) if valid else "none: --valideventtypes is empty"
-        raise InputError(where, f"event type '{shown(event_type)}' is not a valid event type ({allowed})", key="eventType")
+        raise InputError(where, f"event type '{event_type}' is not a valid event type ({allowed})", key="eventType")
     files_value = next((p.value for p in pairs if p.key == "files"), "")
     return PlannedEvent(
         file=name,

@@ -10,6 +10,7 @@ from typing import Iterable
 
 from sidecar.config import LogLevel, SidecarConfig, secret_values
 from sidecar.errors import InputError
+from sidecar.paths import shown
 
 FORMAT = (
     "%(asctime)s %(levelname)s %(name)s "
@@ -81,6 +82,13 @@ class RunFormatter(logging.Formatter):
         record.ion_run = (f"Task run '{task_run}' - " if task_run else
                           f"Flow run '{flow_run}' - " if flow_run and flow_run != "<unknown>" else "")
         return super().format(record)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        # Every line of the message readable, whatever it quotes (sidecar.paths.shown: a bidi override
+        # or a control character in a name cannot reorder or forge a log line); a message of several
+        # lines (a traceback Prefect logs as text) keeps its line breaks.
+        record.message = "\n".join(shown(line) for line in record.message.split("\n"))
+        return super().formatMessage(record)
 
 
 class BadInputFilter(logging.Filter):

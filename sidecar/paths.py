@@ -35,20 +35,29 @@ MAX_SEGMENT_BYTES = 255
 
 
 def shown(text: str) -> str:
-    """``text`` made safe to print, log and send as JSON: bytes that were not UTF-8 (surrogate escapes
-    from ``os.fsdecode``) as ``\\xe9``, lone surrogates and control characters as ``\\ud800``/``\\n``.
-    Printable text, ``/`` and non-ASCII letters are kept as they are."""
+    """``text`` made safe to print, log and send as JSON, and readable: the one rule for every name and
+    string quoted in an error message (``sidecar.errors.SidecarError`` applies it to each message) and
+    in a log line (``sidecar.logs.RunFormatter``).
+
+    Escaped: bytes that were not UTF-8 (surrogate escapes from ``os.fsdecode``) as ``\\xe9``, and every
+    character Python's ``str.isprintable`` calls unprintable, as ``repr`` escapes it (``\\n``,
+    ``\\x85``, ``\\u202e``, ``\\U000f0000``): control characters, format characters (bidi overrides
+    such as U+202E that reorder the text around them, zero-width characters, U+FEFF), lone surrogates,
+    private-use code points (U+E000), noncharacters and unassigned code points (U+FFFE, U+FFFF) and
+    separators other than the ASCII space. Printable text, ``/`` and non-ASCII letters and emoji are
+    kept as they are; a backslash too, so applying the rule twice changes nothing.
+    """
+    if text.isprintable():
+        return text
     out: list[str] = []
     for ch in text:
         code = ord(ch)
         if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's escape of an undecodable byte
             out.append(f"\\x{code - 0xDC00:02x}")
-        elif 0xD800 <= code <= 0xDFFF:
-            out.append(f"\\u{code:04x}")
-        elif code < 0x20 or 0x7F <= code <= 0x9F:
-            out.append(ch.encode("unicode_escape").decode("ascii"))
-        else:
+        elif ch.isprintable():
             out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
     return "".join(out)
 
 

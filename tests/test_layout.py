@@ -61,6 +61,17 @@ def test_bad_event_file_names_file_and_problem(layout: ModuleLayout, case: str, 
     assert str(err.value).startswith("out/events/bad.json") and expected in str(err.value)
 
 
+@pytest.mark.parametrize("value, files", [
+    ("", []), ("  ", []), ("b.bin", ["b.bin"]), ("b.bin,", ["b.bin"]), (",b.bin", ["b.bin"]),
+    ("b.bin,,sub/a.txt", ["b.bin", "sub/a.txt"]), (" b.bin , b.bin ", ["b.bin"]),
+])
+def test_files_lists_paths_and_an_empty_value_means_no_files(layout: ModuleLayout, value: str, files: list[str]) -> None:
+    """``files`` is a comma-separated list (DESIGN.md, Folder contract): "" is the list of no path, as an
+    absent key and an empty out/meta.json mean none; empty entries and repeats name nothing more."""
+    event(layout, "1.json", pairs(eventType="file_discovered", files=value))
+    assert plan_outputs(layout, TYPES, 1024).events[0].files == files
+
+
 def test_bad_insight_names_out_meta(layout: ModuleLayout) -> None:
     layout.out_meta.write_text('{"score": 1}')
     with pytest.raises(InputError, match=r"^out/meta.json: .*got dict"):
@@ -93,6 +104,97 @@ def test_anything_but_json_files_in_events_is_refused_by_name(layout: ModuleLayo
     (layout.out_events / "notes.txt").write_text("scratch")
     with pytest.raises(InputError, match=r"^out/events/notes.txt: is not an event file"):
         plan_outputs(layout, TYPES, 1024)
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every entry under ``root``: its kind, bytes (files), target (links) and modification time."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        content = os.readlink(path) if path.is_symlink() else path.read_bytes() if stat.S_ISREG(info.st_mode) else None
+        found[path.relative_to(root).as_posix()] = (stat.S_IFMT(info.st_mode), content, info.st_mtime_ns)
+    return found
+
+
+def test_every_entry_outside_the_contract_is_named_at_once_and_left_as_it_is(layout: ModuleLayout) -> None:
+    """One /done names all that is wrong under out/ (so one fix suffices) and changes nothing there: the
+    module moves its files into place and calls /done again."""
+    out = layout.basedir / "out"
+    event(layout, "1.json", pairs(eventType="file_discovered", files="b.bin"))
+    (out / "result.txt").write_text("r")
+    (out / "Events").mkdir()
+    (out / "Events" / "2.json").write_text(json.dumps(pairs(eventType="face_detected")))
+    (out / ".gitkeep").write_text("")
+    (layout.out_data / "empty" / "inner").mkdir(parents=True)
+    os.mkfifo(layout.out_data / "pipe")
+    before = snapshot(out)
+    with pytest.raises(InputError) as err:
+        plan_outputs(layout, TYPES, 1024)
+    assert err.value.files == ["out/.gitkeep", "out/Events/", "out/result.txt", "out/data/empty/", "out/data/pipe"]
+    message = str(err.value)
+    assert message.startswith("out/.gitkeep: is not part of the folder contract; out/Events/: is not part of the "
+                              "folder contract (did you mean out/events?); out/result.txt: "), message
+    assert "out/ holds only data/ for output files, meta.json for insights and events/" in message
+    assert snapshot(out) == before
+    os.rename(out / "Events" / "2.json", layout.out_events / "2.json")
+    os.rename(out / "result.txt", layout.out_data / "result.txt")
+    for leftover in (out / "Events", layout.out_data / "empty" / "inner", layout.out_data / "empty"):
+        leftover.rmdir()
+    for leftover in (out / ".gitkeep", layout.out_data / "pipe"):
+        leftover.unlink()
+    plan = plan_outputs(layout, TYPES, 1024)
+    assert [f.path for f in plan.files] == ["b.bin", "result.txt", "sub/a.txt"]
+    assert [e.file for e in plan.events] == ["1.json", "2.json"]
+
+
+def test_the_folders_the_sidecar_and_the_module_client_write_are_the_contract(layout: ModuleLayout) -> None:
+    """What prepare() creates and what ion_sidecar_client writes (its temp files renamed into place) is
+    accepted: nothing of the sidecar's own lives in out/ (its run record is .sidecar/, beside it)."""
+    from ion_sidecar_client import SidecarClient
+
+    client = SidecarClient(url="http://unused", secret="long-enough-secret", basedir=layout.basedir)
+    client.write_file("c/d.txt", b"d")
+    client.write_event("e1", "file_discovered", files=["c/d.txt"], colour="red")
+    client.write_insight(score="1")
+    assert sorted(os.listdir(layout.basedir / "out")) == ["data", "events", "meta.json"]
+    plan = plan_outputs(layout, TYPES, 1024)
+    assert [f.path for f in plan.files] == ["b.bin", "c/d.txt", "sub/a.txt"] and len(plan.events) == 1
+
+
+# Each kind of entry under out/data and what /done does with it: committed (the paths) or refused (the
+# name in the message). Nothing is skipped in silence.
+def _socket(d: Path) -> None:
+    os.mknod(d / "s.sock", stat.S_IFSOCK | 0o600)
+
+
+OUT_DATA_KINDS = [
+    ("file", lambda d: (d / "f.txt").write_text("f"), ["f.txt"]),
+    ("hidden file", lambda d: (d / ".hidden").write_text("h"), [".hidden"]),
+    ("empty file", lambda d: (d / "zero").write_bytes(b""), ["zero"]),
+    ("link to a file inside", lambda d: os.symlink("b.bin", d / "alias.bin"), ["alias.bin"]),
+    ("link to a folder inside", lambda d: os.symlink("sub", d / "again"), ["again/a.txt"]),
+    ("empty folder", lambda d: (d / "none").mkdir(), "out/data/none/"),
+    ("folder of empty folders", lambda d: (d / "x" / "y").mkdir(parents=True), "out/data/x/"),
+    ("link to an empty folder", lambda d: ((d / "sub" / "e").mkdir(), os.symlink("sub/e", d / "le")), "out/data/le/"),
+    ("fifo", lambda d: os.mkfifo(d / "p"), "out/data/p"),
+    ("socket", _socket, "out/data/s.sock"),
+    ("broken link", lambda d: os.symlink("gone", d / "gone"), "out/data/gone"),
+    ("link out of the tree", lambda d: os.symlink("/etc/hostname", d / "host"), "out/data/host"),
+    ("link loop", lambda d: os.symlink("loop", d / "loop"), "out/data/loop"),
+]
+
+
+@pytest.mark.parametrize("kind, write, expected", OUT_DATA_KINDS, ids=[k[0] for k in OUT_DATA_KINDS])
+def test_each_kind_of_entry_in_out_data_is_committed_or_refused_by_name(layout: ModuleLayout, kind: str, write,
+                                                                       expected: list[str] | str) -> None:
+    write(layout.out_data)
+    if isinstance(expected, list):
+        paths = [f.path for f in plan_outputs(layout, TYPES, 1024).files]
+        assert paths == sorted(["b.bin", "sub/a.txt", *expected]), paths
+    else:
+        with pytest.raises(InputError) as err:
+            plan_outputs(layout, TYPES, 1024)
+        assert expected in err.value.files, str(err.value)
 
 
 def test_no_valid_event_types_rejects_every_event(layout: ModuleLayout) -> None:

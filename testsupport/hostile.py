@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,11 @@ def event(out: Path, name: str | bytes, raw: str | bytes) -> None:
         f.write(raw if isinstance(raw, bytes) else raw.encode("utf-8"))
 
 
+def event_in(folder: Path) -> None:
+    """A good event file ``a.json`` in ``folder`` (to misplace it)."""
+    (folder / "a.json").write_text(pairs(("eventType", "file_discovered"), ("files", GOOD)))
+
+
 def pairs(*kv: tuple[str, str]) -> str:
     """A KeyValuePairs array as JSON text; ``ensure_ascii`` keeps lone surrogates as ``\\ud800``."""
     return json.dumps([{"key": k, "value": v} for k, v in kv])
@@ -93,8 +99,8 @@ DONE_CASES: list[DoneCase] = [
     refused_name("folder-trailing-dot", "v1./a.txt", "v1.", "ending with '.'"),
     refused_name("control-tab", "tab\there.txt", "tab\\there.txt", "control character U+0009"),
     refused_name("control-c1", "nel\x85.txt", "nel\\x85.txt", "control character U+0085"),
-    refused_name("noncharacter-ffff", "x\uffff.txt", "x\uffff.txt", "noncharacter"),
-    refused_name("private-use", "x\ue000.txt", "x\ue000.txt", "private-use"),
+    refused_name("noncharacter-ffff", "x\uffff.txt", "x\\uffff.txt", "noncharacter"),
+    refused_name("private-use", "x\ue000.txt", "x\\ue000.txt", "private-use"),
     refused_name("too-many-segments", "/".join(["d"] * 260) + "/f.txt", "/".join(["d"] * 260) + "/f.txt",
                  "path segments"),
     refused_name("too-long", "/".join(["n" * 200] * 6) + "/f.txt", "/".join(["n" * 200] * 6) + "/f.txt",
@@ -114,6 +120,37 @@ DONE_CASES: list[DoneCase] = [
              "points outside out/data"),
     DoneCase("dangling-link", lambda out: link(out, "gone.txt", "nowhere.txt"), "out/data/gone.txt", "link to nothing"),
     DoneCase("fifo", lambda out: os.mkfifo(out / "data" / "pipe"), "out/data/pipe", "neither a file nor a folder"),
+    # A socket file (as a server leaves one; mknod needs no privilege for it, unlike bind's 108-byte path).
+    DoneCase("socket", lambda out: os.mknod(out / "data" / "s.sock", stat.S_IFSOCK | 0o600), "out/data/s.sock",
+             "neither a file nor a folder"),
+    # Folders with no file below them: a blob store holds files only, so the child would never see them.
+    DoneCase("data-empty-folder", lambda out: (out / "data" / "results").mkdir(), "out/data/results/",
+             "a folder with no file in it"),
+    DoneCase("data-nested-empty-folders", lambda out: (out / "data" / "a" / "b" / "c").mkdir(parents=True),
+             "out/data/a/: is a folder with no file", "remove it, or put a file in it"),
+    DoneCase("data-link-to-empty-folder", lambda out: ((out / "data" / "e").mkdir(), link(out, "l", "e")),
+             "out/data/e/", "out/data/l/: is a folder with no file"),
+    # Anything directly under out/ but data/, meta.json and events/ (README: The folder contract).
+    DoneCase("out-stray-file", lambda out: (out / "result.txt").write_text("r"), "out/result.txt",
+             "is not part of the folder contract. out/ holds only data/"),
+    DoneCase("out-stray-folder", lambda out: ((out / "output").mkdir(), (out / "output" / "x.bin").write_bytes(b"x")),
+             "out/output/", "is not part of the folder contract"),
+    DoneCase("out-events-misspelt", lambda out: ((out / "event").mkdir(), event_in(out / "event")),
+             "out/event/", "did you mean out/events?"),
+    DoneCase("out-events-case", lambda out: ((out / "Events").mkdir(), event_in(out / "Events")),
+             "out/Events/", "did you mean out/events?"),
+    DoneCase("out-data-case", lambda out: ((out / "Data").mkdir(), (out / "Data" / "x.bin").write_bytes(b"x")),
+             "out/Data/", "did you mean out/data?"),
+    DoneCase("out-meta-case", lambda out: (out / "meta.JSON").write_text("[]"), "out/meta.JSON",
+             "did you mean out/meta.json?"),
+    DoneCase("out-meta-left-tmp", lambda out: (out / "meta.json.tmp").write_text("[]"), "out/meta.json.tmp",
+             "did you mean out/meta.json?"),
+    DoneCase("out-hidden-file", lambda out: (out / ".DS_Store").write_bytes(b"\0"), "out/.DS_Store",
+             "hidden files are refused too"),
+    DoneCase("out-stray-link", lambda out: os.symlink("data", out / "data2"), "out/data2", "not part of the folder"),
+    DoneCase("out-every-stray-named", lambda out: ((out / "b.txt").write_text("b"), (out / "a.txt").write_text("a"),
+                                                   (out / "data" / "empty").mkdir()),
+             "out/a.txt", "; out/b.txt: is not part of the folder contract; out/data/empty/: is a folder"),
     DoneCase("event-link-outside", lambda out: os.symlink(_outside(out), out / "events" / "z.json"),
              "out/events/z.json", "points outside out/"),
     DoneCase("out-data-is-a-link", lambda out: (os.rename(out / "data", out / "real"), os.symlink("/etc", out / "data")),
@@ -127,11 +164,23 @@ DONE_CASES: list[DoneCase] = [
              "out/events/bad.json: key 'k\\udfff'", "lone surrogate U+DFFF"),
     DoneCase("insight-surrogate", lambda out: (out / "meta.json").write_text(pairs(("note", "x\udbff"))),
              "out/meta.json: key 'note'", "lone surrogate U+DBFF"),
+    # Names and strings quoted in a message are shown escaped (sidecar.paths.shown), never raw.
+    DoneCase("event-type-unprintable", lambda out: event(out, "bad.json", pairs(("eventType", "file\u202edetected\ue000\x1b"))),
+             "out/events/bad.json: key 'eventType'", "event type 'file\\u202edetected\\ue000\\x1b' is not"),
+    DoneCase("out-stray-bidi-name", lambda out: (out / "x\u202etxt.exe").write_text("x"), "out/x\\u202etxt.exe",
+             "not part of the folder contract"),
     DoneCase("event-file-name-latin1", lambda out: event(out, b"ev\xe9.json", pairs(("eventType", "file_discovered"))),
              "out/events/ev\\xe9.json", "not valid UTF-8"),
     # Encodings and JSON shapes.
     DoneCase("event-invalid-utf8", lambda out: event(out, "bad.json", b'[{"key": "eventType", "value": "\xff"}]'),
              "out/events/bad.json", "malformed JSON"),
+    # CESU-8 (Java's modified UTF-8): a character beyond U+FFFF as two encoded surrogate halves.
+    DoneCase("event-cesu8-surrogate", lambda out: event(out, "bad.json", b'[{"key": "eventType", "value": '
+                                                                          b'"file_discovered"}, {"key": "e", "value": "\xed\xa0\xbd\xed\xb8\x80"}]'),
+             "out/events/bad.json: malformed JSON: not valid UTF-8: bytes ED A0 BD at byte 74 encode U+D83D",
+             "CESU-8"),
+    DoneCase("insight-duplicate-value", lambda out: (out / "meta.json").write_text('[{"key": "a", "value": "1", "value": "2"}]'),
+             "out/meta.json: item 0", '"value" is given 2 times'),
     DoneCase("event-deep-nesting", lambda out: event(out, "bad.json", "[" * 100_000 + "]" * 100_000),
              "out/events/bad.json", "nested too deeply"),
     DoneCase("event-not-json-suffix", lambda out: event(out, "e1.txt", pairs(("eventType", "file_discovered"))),
@@ -175,7 +224,7 @@ HTTP_DONE = {
     "too-long", "latin1-byte", "invalid-utf8-folder", "symlink-two-loop", "folder-link-cycle", "file-link-outside",
     "dangling-link", "fifo", "event-link-outside", "event-value-surrogate", "insight-surrogate",
     "event-file-name-latin1", "event-deep-nesting", "event-nan", "files-dotdot", "event-meta-too-large",
-    "event-too-large", "event-not-json-suffix",
+    "event-too-large", "event-not-json-suffix", "event-type-unprintable", "event-cesu8-surrogate", "socket", "data-empty-folder", "out-events-case", "out-stray-file",
 }
 
 

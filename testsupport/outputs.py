@@ -25,4 +25,9 @@ BAD_EVENTS = [
     ("blank", "  \n", "the file is empty"),
     ("too large", pairs(eventType="file_discovered", pad="x" * 2000), "over the limit of 1024 bytes"),
     ("duplicate eventType", pairs(eventType="file_discovered") + pairs(eventType="face_detected"), "appears more than once"),
+    # A name given twice in one item: JSON readers keep one of the values in silence.
+    ("duplicate value in an item", '[{"key": "eventType", "value": "file_discovered"}, {"key": "k", "value": "1", '
+                                   '"value": "2"}]', 'item 1: "value" is given 2 times ("1", "2")'),
+    ("duplicate key in an item", '[{"key": "colour", "key": "eventType", "value": "file_discovered"}]',
+     'item 0: "key" is given 2 times ("colour", "eventType")'),
 ]

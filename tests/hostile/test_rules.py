@@ -52,6 +52,35 @@ def test_shown_escapes_what_cannot_be_printed_or_encoded() -> None:
     assert shown("caf\udce9/\t\x00\x85\ud800é😀") == "caf\\xe9/\\t\\x00\\x85\\ud800é😀"
 
 
+@pytest.mark.parametrize("raw, escaped", [
+    ("x\ue000", "x\\ue000"), ("\U000f0000", "\\U000f0000"),  # private use
+    ("\ufffe\uffff\ufdd0", "\\ufffe\\uffff\\ufdd0"), ("\U0001fffe", "\\U0001fffe"),  # noncharacters
+    ("evil\u202egnp.exe", "evil\\u202egnp.exe"), ("\u2066a\u2069\u200f", "\\u2066a\\u2069\\u200f"),  # bidi
+    ("zero\u200bwidth\ufeff", "zero\\u200bwidth\\ufeff"), ("line\u2028sep", "line\\u2028sep"),
+    ("nb\xa0sp", "nb\\xa0sp"), ("esc\x1b[31m", "esc\\x1b[31m"), ("del\x7f", "del\\x7f"),
+    ("a b/ü/😀/中文/שלום", "a b/ü/😀/中文/שלום"), ("back\\slash", "back\\slash"),
+])
+def test_shown_escapes_every_character_that_does_not_print_as_itself(raw: str, escaped: str) -> None:
+    """One rule (``str.isprintable``, as repr): what a reader cannot see, or what reorders the text
+    around it, is shown as its escape; letters of any script and emoji stay; shown twice is shown once."""
+    assert shown(raw) == escaped and shown(escaped) == escaped
+    assert escaped.isprintable()
+
+
+def test_error_messages_and_log_lines_show_names_escaped() -> None:
+    """Whatever builds the message, the JSON body and the log line carry the escape, not the character."""
+    import logging
+
+    from sidecar.logs import RunFormatter
+
+    error = InputError("out/events/\u202eevil.json", "event type 'a\ue000\ufffe' is not valid", key="k\x1b")
+    assert error.message == "out/events/\\u202eevil.json: key 'k\\x1b': event type 'a\\ue000\\ufffe' is not valid"
+    assert error.file == "out/events/\\u202eevil.json" and error.key == "k\\x1b"
+    record = logging.LogRecord("sidecar", logging.WARNING, __file__, 1, "refused %s\nsecond line", ("x\u202e\ue000",), None)
+    line = RunFormatter("%(levelname)s %(message)s").format(record)
+    assert line == "WARNING refused x\\u202e\\ue000\nsecond line"
+
+
 def test_collisions_of_names_that_would_merge() -> None:
     assert collisions(["a", "b", "a"]) == [("a", "a")]
     assert collisions(["a", "a/b/c", "x"]) == [("a", "a/b/c")]
@@ -185,6 +214,7 @@ def test_every_done_case_is_refused_before_any_commit(case, tmp_path: Path) -> N
     message = str(err.value)
     assert message.startswith(case.file) and case.detail in message, message
     message.encode("utf-8")  # sendable as JSON and to the Prefect API
+    assert message.isprintable(), message  # every name in it shown escaped (sidecar.paths.shown)
 
 
 @pytest.mark.parametrize("case", READY_CASES, ids=[c.id for c in READY_CASES])
