@@ -290,8 +290,17 @@ class FaultProxy:
     def close(self) -> None:
         """Stop the proxy and its thread."""
         self._call(self._cut, "down")
-        self._loop.call_soon_threadsafe(self._server.close)
-        self._loop.call_soon_threadsafe(self._loop.stop)
+
+        async def shut() -> None:
+            # Connections still being served (a drip's or a hang's) end here, not as pending tasks at exit.
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shut(), self._loop)
         self._thread.join(5)
 
 
