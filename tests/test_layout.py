@@ -147,6 +147,15 @@ def test_every_entry_outside_the_contract_is_named_at_once_and_left_as_it_is(lay
     assert [e.file for e in plan.events] == ["1.json", "2.json"]
 
 
+def test_a_long_list_of_refused_entries_is_counted_past_the_first_twenty(layout: ModuleLayout) -> None:
+    for i in range(25):
+        (layout.out_data / f"empty-{i:02d}").mkdir()
+    with pytest.raises(InputError) as err:
+        plan_outputs(layout, TYPES, 1024)
+    assert len(err.value.files) == 25 and str(err.value).count("is a folder with no file in it") == 20
+    assert str(err.value).endswith("; and 5 more"), str(err.value)[-80:]
+
+
 def test_the_folders_the_sidecar_and_the_module_client_write_are_the_contract(layout: ModuleLayout) -> None:
     """What prepare() creates and what ion_sidecar_client writes (its temp files renamed into place) is
     accepted: nothing of the sidecar's own lives in out/ (its run record is .sidecar/, beside it)."""
