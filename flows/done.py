@@ -13,6 +13,7 @@ import functools
 import time
 
 from prefect import flow, task
+from prefect.utilities.annotations import quote
 from prefect.runtime import flow_run
 
 from flows import history
@@ -104,7 +105,7 @@ async def _publish_within_deadline(runtime: Runtime, events: list[Event], option
     deadline = publisher.deadline
     try:
         async with asyncio.timeout(deadline.seconds if deadline else None):
-            await publish_events.with_options(**options)(runtime, events, len(events))
+            await publish_events.with_options(**options)(runtime, quote(events), len(events))
     except TimeoutError:
         if deadline is None:  # not ours: a timeout inside the task that escaped it
             raise
@@ -153,7 +154,7 @@ async def done(runtime: Runtime) -> DoneSummary:
         # gather_all (a TaskGroup): when one batch fails, the others are cancelled and finished before the flow
         # run ends, so no upload outlives the answer (a retried /done never overlaps a stale one).
         async with history.TransferProgress.for_run(runtime, "done", "uploaded", [f.size for f in plan.files]) as progress:
-            results = await gather_all(upload(runtime, b, len(b), limit, progress) for b in batches)
+            results = await gather_all(upload(runtime, quote(b), len(b), limit, progress) for b in batches)
         for batch, infos in zip(batches, results):
             stored.update({f.path: info for f, info in zip(batch, infos)})
     crashpoints.reached("uploaded")
@@ -165,7 +166,7 @@ async def done(runtime: Runtime) -> DoneSummary:
     if children:
         metas = [meta for meta, _ in children]
         await _commit_point()
-        await upsert_event_metas.with_options(**options)(runtime, metas, len(metas))
+        await upsert_event_metas.with_options(**options)(runtime, quote(metas), len(metas))
     crashpoints.reached("metas")
     recorded = set(runtime.run.record.published)
     pending = [event for _, event in children if event.id not in recorded]

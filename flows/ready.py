@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.utilities.annotations import quote
 from prefect.runtime import flow_run
 
 from flows import history
@@ -96,7 +97,7 @@ async def ready(runtime: Runtime) -> ReadySummary:
         # gather_all (a TaskGroup): when one batch fails, the others are cancelled and finished before the flow
         # run ends, so no download writes into in/data after the answer (or into a retry's fresh in/).
         async with history.TransferProgress.for_run(runtime, "ready", "downloaded", [f.size for f in files]) as progress:
-            moved = sum(await gather_all(download(runtime, b, len(b), limit, progress) for b in batches))
+            moved = sum(await gather_all(download(runtime, quote(b), len(b), limit, progress) for b in batches))
     layout.write_input_meta(meta.data if meta else [])
     summary = ReadySummary(
         flowRunId=str(flow_run.get_id()), files=len(files), bytes=moved,
