@@ -17,7 +17,7 @@ from prefect.utilities.annotations import quote
 from prefect.runtime import flow_run
 
 from flows import history
-from flows.runtime import TASK_OPTIONS, Runtime, blob_key, child_event_id, split_batches
+from flows.runtime import FLOW_OPTIONS, TASK_OPTIONS, Runtime, blob_key, child_event_id, split_batches
 from sidecar import crashpoints
 from sidecar.dataplane.blobs import BlobInfo, gather_all, gather_bounded
 from sidecar.dataplane.events import STORE as EVENT_BUS
@@ -123,7 +123,7 @@ async def _commit_point() -> None:
 
 
 @flow(name="done", flow_run_name="done-{runtime.cfg.context.name}-{runtime.cfg.context.eventid}",
-      validate_parameters=False, persist_result=False, on_failure=[history.record_failure])
+      on_failure=[history.record_failure], **FLOW_OPTIONS)
 @history.untagged_task_runs
 async def done(runtime: Runtime) -> DoneSummary:
     """Commit the outputs under ``out/``; returns the summary ``/done`` answers.

@@ -15,7 +15,7 @@ from prefect.utilities.annotations import quote
 from prefect.runtime import flow_run
 
 from flows import history
-from flows.runtime import TASK_OPTIONS, Runtime, split_batches
+from flows.runtime import FLOW_OPTIONS, TASK_OPTIONS, Runtime, split_batches
 from sidecar.dataplane.blobs import BlobInfo, gather_all, gather_bounded
 from sidecar.errors import DataPlaneError
 from sidecar.models import BlobFile, EventMeta, ReadySummary
@@ -70,7 +70,7 @@ def _check_paths(meta: EventMeta, in_data: Path) -> None:
 
 
 @flow(name="ready", flow_run_name="ready-{runtime.cfg.context.name}-{runtime.cfg.context.eventid}",
-      validate_parameters=False, persist_result=False, on_failure=[history.record_failure])
+      on_failure=[history.record_failure], **FLOW_OPTIONS)
 @history.untagged_task_runs
 async def ready(runtime: Runtime) -> ReadySummary:
     """Stage the inputs of ``runtime.cfg.context.eventid``; returns the summary ``/ready`` answers.

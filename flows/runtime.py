@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from prefect import Task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
+from prefect.settings import get_current_settings
 from prefect.states import State
 
 from sidecar.config import ID_NAMESPACE, SidecarConfig
@@ -27,6 +28,18 @@ T = TypeVar("T")
 # Task options common to every data-plane task: no result persistence or caching (a retried /done
 # must really redo the I/O), and one retry policy.
 TASK_OPTIONS: dict[str, Any] = {"persist_result": False, "cache_policy": NO_CACHE}
+
+# Flow options common to the ready and done flows. No result persistence (the summary goes back in the HTTP
+# answer), and a result storage named here: left unset, Prefect's engine asks the API for the server's
+# default result storage on every flow run, twice, each time through a new synchronous client (a TLS
+# context of its own) and a blocking request on the event loop (``ResultStore.update_for_flow`` in
+# ``prefect/results.py``, 3.x), only to store nothing. The folder is Prefect's local default; nothing is
+# written there while ``persist_result`` is False.
+FLOW_OPTIONS: dict[str, Any] = {
+    "validate_parameters": False,
+    "persist_result": False,
+    "result_storage": Path(get_current_settings().results.local_storage_path),
+}
 
 
 class Runtime:
