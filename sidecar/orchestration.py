@@ -270,6 +270,10 @@ class PrefectApi:
         # (reading the CA bundle) every CHECK_SECONDS, a visible share of a loaded sidecar's CPU. It keeps
         # no connection alive, so every probe still opens a new one, as the flows' clients would.
         self._http: httpx.AsyncClient | None = None
+        # The Prefect clients every flow run of this process uses: (API URL, async and sync client
+        # contexts), and those of an earlier URL, closed at stop (a flow engine may still use them).
+        self._clients: tuple[str | None, Any, Any] | None = None
+        self._retired_clients: list[tuple[str | None, Any, Any]] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -465,11 +469,14 @@ class PrefectApi:
         """
         await self.wait()
         outcome = _Outcome(on_created=self._created, api=self)
-        token = _OUTCOME.set(outcome)
+        async_clients, sync_clients = await self._shared_clients()
+        tokens = (_OUTCOME.set(outcome), type(async_clients).__var__.set(async_clients),
+                  type(sync_clients).__var__.set(sync_clients))
         try:
             engine = asyncio.create_task(self.flows.get(flow, flow)(*args))
         finally:
-            _OUTCOME.reset(token)
+            for var, token in zip((_OUTCOME, type(async_clients).__var__, type(sync_clients).__var__), tokens):
+                var.reset(token)
         self._engines[engine] = outcome
         engine.add_done_callback(lambda task: self._engines.pop(task, None))
         try:
@@ -542,6 +549,38 @@ class PrefectApi:
         if outcome.error is not None:
             raise outcome.error
         return outcome.result
+
+    async def _shared_clients(self) -> tuple[Any, Any]:
+        """The Prefect client contexts (async, sync) every flow run of this process starts in, made
+        once per API URL and open until :meth:`stop`.
+
+        Prefect's engine otherwise opens a new ``PrefectClient`` per flow run (a TLS context read from
+        the CA bundle, new connections, a CSRF token and a version check: about 25 ms of CPU and four
+        requests), and a new ``SyncPrefectClient`` (another TLS context) wherever it needs one; with a
+        client context in force it uses that client (``AsyncClientContext.get_or_create``,
+        ``get_client``). The clients are entered, not their contexts: entering a context would set its
+        variable in the caller's context and make a version-check request here, before the call's
+        deadline for the body to start applies (the probe has just checked the API).
+        """
+        from prefect.context import AsyncClientContext, SyncClientContext
+
+        url = configured_api_url()
+        if self._clients is None or self._clients[0] != url:
+            if self._clients is not None:
+                self._retired_clients.append(self._clients)
+            async_clients, sync_clients = AsyncClientContext(), SyncClientContext()
+            await async_clients.client.__aenter__()
+            sync_clients.client.__enter__()
+            self._clients = (url, async_clients, sync_clients)
+        return self._clients[1], self._clients[2]
+
+    async def _close_clients(self) -> None:
+        for _, async_clients, sync_clients in [*self._retired_clients, *([self._clients] if self._clients else [])]:
+            with contextlib.suppress(Exception):
+                await async_clients.client.__aexit__(None, None, None)
+            with contextlib.suppress(Exception):
+                sync_clients.client.__exit__(None, None, None)
+        self._clients, self._retired_clients = None, []
 
     async def _body_started(self, engine: asyncio.Task, outcome: _Outcome) -> str | None:
         """Wait until the flow's body starts or the engine ends first (None: the caller looks at it).
@@ -778,6 +817,7 @@ class PrefectApi:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+        await self._close_clients()
         if self._devserver is not None:
             self._devserver.detach()
             self._devserver = None
