@@ -356,9 +356,8 @@ class PrefectApi:
             # Both at once, so a hanging server costs one PROBE_TIMEOUT. /ready decides, unless it is
             # missing (404) or too slow: a server whose database connections a fleet's writes hold
             # all (pool exhausted) is busy, not down, and /health needs no database.
-            ready, health = await asyncio.gather(self._http.get(f"{self.url}/ready", headers=_auth_headers()),
-                                                 self._http.get(f"{self.url}/health", headers=_auth_headers()),
-                                                 return_exceptions=True)
+            ready, health = await asyncio.gather(self._get_within(f"{self.url}/ready"),
+                                                 self._get_within(f"{self.url}/health"), return_exceptions=True)
             slow = isinstance(ready, httpx.TimeoutException) or (
                 isinstance(ready, httpx.Response) and ready.status_code == 404)
             answer = health if slow else ready
@@ -377,6 +376,22 @@ class PrefectApi:
                 return f"{_shown(self.url)} failed registering the flows ({type(exc).__name__}: {exc})"
             self._registered = True
         return None
+
+    async def _get_within(self, url: str) -> httpx.Response:
+        """GET ``url`` whole (head and body) within :data:`PROBE_TIMEOUT` seconds.
+
+        httpx's timeout bounds each read, not the answer: a server that sends a byte every second
+        never trips it, and the probe that should find it unusable would wait for ever.
+
+        Raises:
+            httpx.TimeoutException: no complete answer in time.
+            httpx.HTTPError: the request failed.
+        """
+        assert self._http is not None
+        try:
+            return await asyncio.wait_for(self._http.get(url, headers=_auth_headers()), PROBE_TIMEOUT)
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"no complete answer within {PROBE_TIMEOUT:g} s") from None
 
     async def _warm_up(self) -> None:
         """Do once what the first flow run would otherwise do inside the first call: import Prefect's

@@ -3,6 +3,8 @@ PostgreSQL behind a fault proxy (``testsupport.faults.FaultProxy``), one develop
 
 - the server hangs (SIGSTOP) as ``/ready`` starts, or at the moment the flow run has been proposed
   Running, or as ``/done`` writes its run history and final state after its commit;
+- the API drips its answers (a byte every 2 s after the head), for every request or only for the
+  run history written after ``/done``'s commit;
 - the API answers errors Prefect's client retries for minutes or for ever (503 with
   ``Prefect-Maintenance: true``, 429 with ``Retry-After: 3600``) or is not a Prefect API (HTML);
 - the server's PostgreSQL is stopped while the server stays up (its ``/health`` still answers 200);
@@ -337,4 +339,47 @@ def test_sigkill_while_the_api_hangs_at_running(api: Api, tmp_path: Path) -> Non
         for process in (sidecar, successor):
             if process is not None:
                 process.stop()
+    no_flow_run_running(api)
+
+
+def test_api_drips_every_answer(api: Api, sidecar: SidecarProcess) -> None:
+    """The API sends each answer's head, then one byte every 2 s: each gap is below the clients' read
+    timeouts, so only a bound on a whole answer ends the wait. The sidecar's probe gets no whole answer
+    within its timeout and the call gives up as in an outage (before, the probe waited for ever, the
+    API stayed "ok" and the call waited for the flow run's start deadline, 90 s)."""
+    fresh_run(sidecar)
+    wait_health(sidecar, 200, 60)
+    api.proxy.drip(past_head=True, interval=2.0)
+    try:
+        response, seconds = get(sidecar, "/ready")
+        assert api.proxy.drips > 0 and api.proxy.dripped > 0, "the proxy slowed nothing: the fault did not happen"
+        assert_unavailable(response)
+        assert seconds < ANSWER_WITHIN, f"/ready took {seconds:.1f} s against a dripping API"
+        health = wait_health(sidecar, 503, 15).json()
+        assert "unreachable" in health["message"] and "no complete answer" in health["message"], health
+    finally:
+        api.proxy.up()
+    recover(sidecar)
+    no_flow_run_running(api)
+
+
+def test_api_drips_after_the_commit(api: Api, sidecar: SidecarProcess) -> None:
+    """/done commits, then the run history's writes are answered one byte every half second: /done
+    answers 200 promptly and nothing is published twice."""
+    fresh_run(sidecar)
+    response, _ = get(sidecar, "/ready")
+    assert response.status_code == 200, response.text
+    write_outputs(sidecar.basedir, 2)
+    api.proxy.drip(when=WRITES_HISTORY, past_head=True, interval=0.5)
+    try:
+        done, seconds = get(sidecar, "/done")
+        assert api.proxy.drips > 0, "the history writes were not slowed: the fault did not happen"
+        assert done.status_code == 200, done.text
+        assert seconds < ANSWER_WITHIN, f"a committed /done took {seconds:.1f} s to answer"
+    finally:
+        api.proxy.up()
+    again, _ = get(sidecar, "/done")
+    assert again.status_code == 200 and again.json()["flowRunId"] == done.json()["flowRunId"], again.text
+    published = [p for p in (sidecar.cwd / ".dev" / "events").rglob("*") if p.is_file()]
+    assert len(published) == 1, published
     no_flow_run_running(api)
