@@ -44,25 +44,59 @@ class ModuleLayout(Layout):
     client's :class:`ion_sidecar_client.Layout`, so both sides of the contract name the same paths,
     plus what the sidecar does with them."""
 
+    @property
+    def staging(self) -> Path:
+        """The sidecar's own folder for downloads under way, ``in/.staging``: outside ``in/data``, so no
+        input's name (any name a producer may write) can be the name of a download's temp file, and on
+        the same file system as ``in/data``, so a verified download is renamed into place atomically
+        and a module never sees half an input. Emptied with the rest of ``in/`` by :meth:`clear`."""
+        return self.basedir / "in" / ".staging"
+
+    def check_folders(self) -> None:
+        """Refuse ``in`` and ``out`` when either is a link or something other than a folder, before
+        :meth:`clear` deletes anything: the sidecar empties, renames and writes below them, and through a
+        link it would delete and write in whatever folder the link names (README, The folder contract).
+        Entries below them are never followed: :meth:`clear` removes a link as a link.
+
+        Raises:
+            InputError: naming every refused folder at once (``in``, ``out``); nothing was deleted.
+        """
+        problems = []
+        for top in ("in", "out"):
+            path = self.basedir / top
+            if path.is_symlink():
+                problems.append((top, f"is a link (to {os.readlink(path)}); the sidecar deletes and writes below "
+                                      f"{top}/, so it must be a folder of the module's volume, not a link: "
+                                      "nothing was deleted"))
+            elif path.exists() and not path.is_dir():
+                problems.append((top, "is not a folder; the folder contract needs it to be one: nothing was deleted"))
+        if problems:
+            raise InputError.listing(problems)
+
     def prepare(self) -> None:
-        """Create ``in/data``, ``out/data`` and ``out/events`` (and parents) if missing."""
+        """Create ``in/data``, ``out/data`` and ``out/events`` (and ``in``, ``out``) where missing, never
+        below a link nor over something that is not a folder: those are :meth:`check_folders`' (on
+        ``/ready``) and the plan's (on ``/done``) to refuse by name, not the start-up's to write through."""
         for folder in (self.in_data, self.out_data, self.out_events):
-            folder.mkdir(parents=True, exist_ok=True)
+            if not any(p.is_symlink() or (p.exists() and not p.is_dir()) for p in (folder.parent, folder)):
+                folder.mkdir(parents=True, exist_ok=True)
 
     def clear(self) -> list[str]:
         """Empty ``in/`` and ``out/`` so this run starts from nothing but its own inputs.
 
         Whatever is there was left by another run on the same volume (a restarted pod, or two modules
         run one after the other in one folder); committed on ``/done`` it would be published as this
-        run's output. Returns the names removed (relative to the base directory).
+        run's output. Links are removed as links, never followed; call :meth:`check_folders` first,
+        which refuses ``in`` or ``out`` themselves being links. Returns the names removed (relative to
+        the base directory; the sidecar's own ``in/.staging`` left by a killed ``/ready`` is not named).
         """
         removed: list[str] = []
         for top in (self.basedir / "in", self.basedir / "out"):
-            if not top.is_dir():
+            if top.is_symlink() or not top.is_dir():  # check_folders refused these; never follow a link
                 continue
             for entry in sorted(top.iterdir()):
                 if entry.is_dir() and not entry.is_symlink():
-                    if any(entry.iterdir()):
+                    if any(entry.iterdir()) and entry != self.staging:
                         removed.append(self.name(entry) + "/")
                     shutil.rmtree(entry)
                 else:

@@ -32,6 +32,7 @@ Service Bus duplicate detection drops them; a topic without it delivers that bat
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -150,6 +151,9 @@ class RunStore:
     def _write(self, data: bytes) -> None:
         folder = self.path.parent
         try:
+            if folder.is_symlink():  # written through, the record would replace a run.json wherever it points
+                raise OSError(errno.ELOOP, "is a link; the run record is kept in a folder of the volume, never "
+                                           "written through a link (remove the link)", str(folder))
             folder.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{RECORD_FILE}.", suffix=".tmp")
             try:

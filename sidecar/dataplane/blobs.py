@@ -4,7 +4,7 @@ Providers: ``sidecar.providers.azureblob`` (Azure Blob Storage) and ``sidecar.pr
 (development: files under ``{devdir}/blobs``), chosen by ``sidecar.dataplane.registry``. The flows see
 only :class:`BlobStore`. Every provider moves files through :func:`upload_verified` and
 :func:`download_verified`, which check the key first (:func:`check_key`), verify size and MD5, never
-leave a partial file in ``in/data``, tell the module's volume (:func:`local_error`) from the service,
+leave a partial file behind, tell the module's volume (:func:`local_error`) from the service,
 and translate the rest with the provider's ``translate`` (``sidecar.dataplane.errors``).
 """
 
@@ -175,8 +175,11 @@ def _discard(partial: Path) -> None:
 
 def partial_path(local: Path) -> Path:
     """Where a download into ``local`` is written before it is verified and renamed into place: a short
-    name of its own beside it. ``.{name}.partial`` would not fit beside a name of 250 bytes or more (a
-    segment is at most 255), and could be another input's name."""
+    name of its own beside it (``.{name}.partial`` would not fit beside a name of 250 bytes or more, a
+    segment being at most 255). Beside ``local`` means in ``local``'s folder: that folder must be the
+    caller's own, holding no name another party chooses, or the partial file could be (and replace, or
+    delete) one of them. The ready flow downloads into ``in/.staging`` and then moves each verified
+    file into ``in/data`` (``flows.ready``), never straight into ``in/data``."""
     return local.with_name(f".{hashlib.md5(os.fsencode(local.name)).hexdigest()[:16]}.partial")
 
 

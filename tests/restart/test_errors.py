@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,7 +86,7 @@ def test_a_full_volume_on_ready_is_507_naming_the_path_not_the_blob_store(tmp_pa
         answer = client.get("/ready", headers=H)
     body = answer.json()
     assert answer.status_code == 507, body
-    assert "module volume" in body["message"] and "in/data/sub/." in body["message"]
+    assert "module volume: in/data/sub/a.bin (downloading in in/.staging)" in body["message"]
     assert "blob store" not in body["message"]
     assert attempts == ["parent/mod/a.bin"]  # not retried
 
@@ -107,8 +108,10 @@ def test_an_unreadable_output_on_done_names_the_file_not_the_blob_store(tmp_path
     assert "out/data/f0.txt" in body["message"] and "blob store" not in body["message"]
 
 
-def test_a_folder_where_in_data_should_be_is_a_volume_error(tmp_path: Path) -> None:
-    """A real error of the volume, not an injected one: in/ is a file, so nothing can be staged."""
+def test_a_file_where_a_folder_should_be_is_named(tmp_path: Path) -> None:
+    """Real errors of the volume, not injected ones: ``in`` a file breaks the folder contract (400
+    naming it, as /done names ``out``; README: The folder contract), a file where the run record's
+    folder should be is the volume's (500 naming it)."""
     runtime = dev_runtime(tmp_path)
     base = runtime.layout.basedir
     with TestClient(create_app(runtime), raise_server_exceptions=False) as client:
@@ -116,4 +119,11 @@ def test_a_folder_where_in_data_should_be_is_a_volume_error(tmp_path: Path) -> N
         (base / "in").write_text("not a folder")
         answer = client.get("/ready", headers=H)
     body = answer.json()
-    assert answer.status_code == 500 and "module volume: in" in body["message"], body
+    assert answer.status_code == 400 and body["message"].startswith("in: is not a folder"), body
+    (base / "in").unlink()
+    shutil.rmtree(base / ".sidecar")
+    (base / ".sidecar").write_text("not a folder")
+    with TestClient(create_app(dev_runtime(tmp_path)), raise_server_exceptions=False) as client:
+        answer = client.get("/ready", headers=H)
+    body = answer.json()
+    assert answer.status_code == 500 and "module volume: .sidecar/run.json" in body["message"], body
