@@ -170,7 +170,7 @@ def precious(tmp_path: Path) -> Path:
 
 # (entry under the base directory, what it is) -> whether /ready refuses it (400) or removes it as a link.
 REFUSED = [("in", "link"), ("out", "link"), ("in", "file"), ("out", "file"), ("in", "dangling")]
-UNLINKED = ["in/data", "out/data", "out/events", "in/meta.json", "in/.staging"]
+UNLINKED = ["in/data", "out/data", "out/events", "in/meta.json", "in/.staging", "out/data/sub/deep", "in/data/a/b"]
 
 
 @pytest.mark.parametrize("name,what", REFUSED)
