@@ -20,11 +20,11 @@ def test_parent_then_child_chain(tmp_path: Path) -> None:
     dev = tmp_path / ".dev"
     published = sorted(p.stem for p in (dev / "events").glob("*.json"))
     assert published == sorted(e["eventId"] for e in done["events"])
-    assert (dev / "dumps" / "evt-root" / "dev.done").is_file() and (dev / "dumps" / "evt-root" / "insight.json").is_file()
+    assert (dev / "dumps" / "evt-root" / "parent" / "dev.done").is_file() and (dev / "dumps" / "evt-root" / "parent" / "insight.json").is_file()
 
     # Start the child from the event of file2 as Ion's dispatcher would: its event id from the bus.
     event_file = next(p for p in (dev / "events").glob("*.json")
-                      if json.loads((dev / "dumps" / "evt-root" / "eventmeta" / p.name).read_text())["files"][0]["path"] == "found/file2.txt")
+                      if json.loads((dev / "dumps" / "evt-root" / "parent" / "eventmeta" / p.name).read_text())["files"][0]["path"] == "found/file2.txt")
     event = json.loads(event_file.read_text())
     assert event["type"] == "file_discovered" and event["context"]["parentEventId"] == "evt-root"
     child_args = dev_args(event["context"]["eventId"], event["context"]["correlationId"], "child",

@@ -47,7 +47,7 @@ def build_dataplane(cfg: "SidecarConfig") -> DataPlane:
     from sidecar.dataplane.debug import DebugDumps, NoDumps
 
     devdir = Path(cfg.devdir)
-    dumps = DebugDumps.for_event(devdir, cfg.context.eventid) if cfg.development else NoDumps()
+    dumps = DebugDumps.for_run(devdir, cfg.context.eventid, cfg.context.name) if cfg.development else NoDumps()
     return DataPlane(
         blobs=registry.create(cfg, registry.BLOBS, devdir),
         documents=registry.create(cfg, registry.DOCUMENTS, devdir),
