@@ -51,7 +51,7 @@ from sidecar.config import (
     lookup,
     register,
 )
-from sidecar.dataplane import registry
+from sidecar.dataplane import registry, topics
 from sidecar.errors import SettingsError
 from sidecar.paths import segment_problem, shown, text_problem
 from sidecar.sharedsecret import secret_problem
@@ -366,6 +366,8 @@ def check(cfg: SidecarConfig) -> None:
     try:
         check_core_bounds(cfg)
         registry.check(cfg)  # each enabled provider validates its own settings
+        # Development mode too: its events are files, but a name the real bus refuses must fail here first.
+        topics.check_settings(cfg.servicebuseventprovider.topic, list(cfg.valideventtypes))
     except SettingsError as exc:
         raise UsageError(str(exc)) from None
 

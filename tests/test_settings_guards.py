@@ -221,3 +221,49 @@ def test_odd_but_valid_azure_connection_strings_are_accepted(cs: str) -> None:
 def test_mongo_uri_and_collection_pymongo_refuses_stop_start_up(flag: str, argv: list[str]) -> None:
     err = refused(["--mongodbdocprovider=true", *argv])
     assert f"--mongodbdocprovider.{flag}" in err and "TOPSECRET" not in err
+
+
+# Event types and topics that Service Bus cannot name (sidecar/dataplane/topics.py): refused at start-up in
+# development mode and with the real bus alike, since both route each event to the topic of its type.
+UNNAMEABLE = {"space and hash": "file discovered#1", "at": "a@b", "star": "a*", "question mark": "a?b",
+              "percent": "a%20b", "non-ascii": "caf\u00e9", "leading slash": "/a", "trailing slash": "a/",
+              "leading dot": ".a", "trailing dot": "a.", "empty segment": "a//b", "261 characters": "a" * 261,
+              "control character": "a\x1bb"}
+
+
+@pytest.mark.parametrize("bus", [["--development=true"], ["--servicebuseventprovider=true", BUS[0]]], ids=["dev", "bus"])
+@pytest.mark.parametrize("topic", ["", "{eventType}"])
+@pytest.mark.parametrize("event_type", list(UNNAMEABLE.values()), ids=list(UNNAMEABLE))
+def test_event_types_that_cannot_name_a_topic_stop_start_up(bus: list[str], topic: str, event_type: str) -> None:
+    message = refused([*bus, f"--servicebuseventprovider.topic={topic}", f"--valideventtypes=ok,{event_type}"])
+    assert message.startswith("--valideventtypes: event type '") and "Service Bus topic name" in message, message
+    assert "\x1b" not in message
+
+
+@pytest.mark.parametrize("bus", [["--development=true"], ["--servicebuseventprovider=true", BUS[0]]], ids=["dev", "bus"])
+def test_event_types_differing_only_in_case_stop_start_up(bus: list[str]) -> None:
+    message = refused([*bus, "--valideventtypes=Found,other,found"])
+    assert "'Found' and 'found' differ only in case" in message and "--valideventtypes" in message
+
+
+@pytest.mark.parametrize("event_type", list(UNNAMEABLE.values())[:4], ids=list(UNNAMEABLE)[:4])
+def test_a_fixed_topic_takes_any_event_type_but_must_itself_be_a_name(event_type: str) -> None:
+    cfg, _ = compose_config(BASE + ["--development=true", "--servicebuseventprovider.topic=ion-events",
+                                    f"--valideventtypes={event_type},Found,found"])
+    assert cfg.valideventtypes == [event_type, "Found", "found"]
+    message = refused(["--development=true", f"--servicebuseventprovider.topic={event_type}"])
+    assert message.startswith(f"--servicebuseventprovider.topic={event_type} ") and "Service Bus topic name" in message
+
+
+def test_names_within_the_rules_start() -> None:
+    types = ["file_discovered", "a.b-c/d_e", "A" * 260, "0"]
+    cfg, _ = compose_config(BASE + ["--development=true", f"--valideventtypes={','.join(types)}"])
+    assert cfg.valideventtypes == types
+
+
+def test_an_unnameable_event_type_exits_2_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(BASE + ["--development=true", "--valideventtypes=file discovered#1"])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sidecar: error: --valideventtypes: event type 'file discovered#1' holds ' ', '#'"), err
