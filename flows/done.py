@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 
 from prefect import flow, task
@@ -20,8 +21,9 @@ from flows import history
 from flows.runtime import FLOW_OPTIONS, TASK_OPTIONS, Runtime, blob_key, child_event_id, split_batches
 from sidecar import crashpoints
 from sidecar.dataplane.blobs import BlobInfo, gather_all, gather_bounded
+from sidecar.dataplane import topics
 from sidecar.dataplane.events import STORE as EVENT_BUS
-from sidecar.errors import DataPlaneTimeout
+from sidecar.errors import DataPlaneError, DataPlaneTimeout, DataPlaneUnavailable, InputError
 from sidecar.layout import check_event_meta_sizes, DonePlan, OutputFile, PlannedEvent, plan_outputs
 from sidecar.models import BlobFile, DoneSummary, Event, EventContext, EventMeta, EventRef, Insight
 from sidecar.orchestration import fleet_slot
@@ -64,9 +66,24 @@ async def upsert_event_metas(runtime: Runtime, metas: list[EventMeta], count: in
 
 @task(name="publish-events", task_run_name="publish-{count}-events", **TASK_OPTIONS)
 async def publish_events(runtime: Runtime, events: list[Event], count: int) -> None:
-    """Publish the child events (message id = child event id, so a re-publish is dropped); the ids of
-    each batch the bus accepted are recorded on the volume at once (``sidecar.runstate``)."""
-    await runtime.dataplane.events.publish(events, on_published=runtime.run.add_published)
+    """Publish the child events (message id = child event id, so a re-publish is dropped where the topic
+    has duplicate detection); the ids of each batch are recorded on the volume before its transfer and
+    again once the bus accepted it (``sidecar.runstate``). A batch an earlier attempt sent without an
+    answer (this task's previous try, a killed predecessor) is recorded as "may have been delivered"
+    before it is sent again."""
+    maybe_delivered = runtime.run.settle_sending(maybe_delivered=True)
+    if maybe_delivered:
+        log_resend(maybe_delivered)
+    await runtime.dataplane.events.publish(events, on_published=runtime.run.add_published,
+                                           on_sending=runtime.run.add_sending)
+
+
+def log_resend(ids: list[str]) -> None:
+    """Warn that ``ids`` are sent again after a publish whose outcome was never known."""
+    logging.getLogger(__name__).warning(
+        "publishing %d child events again after an earlier publish of them ended without the event bus's "
+        "answer: a topic without duplicate detection may deliver them twice (consumers dedupe on the message "
+        "id, the child event id): %s", len(ids), ", ".join(ids[:10]) + (" ..." if len(ids) > 10 else ""))
 
 
 def _insight(runtime: Runtime, plan: DonePlan) -> Insight:
@@ -104,15 +121,28 @@ async def _publish_within_deadline(runtime: Runtime, events: list[Event], option
     publisher = runtime.dataplane.events
     deadline = publisher.deadline
     try:
-        async with asyncio.timeout(deadline.seconds if deadline else None):
-            await publish_events.with_options(**options)(runtime, quote(events), len(events))
-    except TimeoutError:
-        if deadline is None:  # not ours: a timeout inside the task that escaped it
+        try:
+            async with asyncio.timeout(deadline.seconds if deadline else None):
+                await publish_events.with_options(**options)(runtime, quote(events), len(events))
+        except TimeoutError:
+            if deadline is None:  # not ours: a timeout inside the task that escaped it
+                raise
+            where = ", ".join(sorted({publisher.destination(event) for event in events}))
+            raise DataPlaneTimeout(EVENT_BUS, f"publishing {len(events)} events to {where} did not finish "
+                                              f"within {deadline.seconds:g} s, retries included "
+                                              f"({deadline.setting})") from None
+    except DataPlaneError:
+        runtime.run.settle_sending(maybe_delivered=False)  # refused for good: the bus has none of them
+        raise
+    except DataPlaneUnavailable as exc:
+        maybe = runtime.run.settle_sending(maybe_delivered=True)
+        if not maybe:
             raise
-        where = ", ".join(sorted({publisher.destination(event) for event in events}))
-        raise DataPlaneTimeout(EVENT_BUS, f"publishing {len(events)} events to {where} did not finish "
-                                          f"within {deadline.seconds:g} s, retries included "
-                                          f"({deadline.setting})") from None
+        error = type(exc)(exc.store, exc.message.partition(": ")[2] + (
+            f"; {len(maybe)} of these events may have been delivered (sent, but the bus's answer never came): "
+            "a retried /done sends them again under the same message ids, which a topic with duplicate "
+            "detection drops"))
+        raise error from exc
 
 
 async def _commit_point() -> None:
@@ -145,6 +175,10 @@ async def done(runtime: Runtime) -> DoneSummary:
     key_of = functools.partial(blob_key, cfg)
     plan = plan_outputs(runtime.layout, list(cfg.valideventtypes), cfg.maxeventbytes, key_of=key_of)
     check_event_meta_sizes(plan, key_of)
+    unroutable = topics.event_problems(cfg.servicebuseventprovider.topic,
+                                       [(f"out/events/{e.file}", e.event_type) for e in plan.events])
+    if unroutable:
+        raise InputError.listing(unroutable)
     options = runtime.task_options()
     stored: dict[str, BlobInfo] = {}
     if plan.files:

@@ -318,6 +318,14 @@ async def _report_done(runtime: Runtime, plan: DonePlan, stored: dict[str, BlobI
         f"### Insight (`out/meta.json`)\n\n{_pairs(insight.data if insight else [], 'insight pairs')}",
         f"### Child events\n\n{_markdown_table(event_rows) or '_No child events._'}",
     ]
+    uncertain = runtime.run.record.uncertain
+    if uncertain:
+        shown_ids = ", ".join(f"`{i}`" for i in uncertain[:MAX_ROWS]) + (" ..." if len(uncertain) > MAX_ROWS else "")
+        lines.insert(2, f"**{len(uncertain):,} child events may have been delivered twice**: an earlier publish of "
+                        "them ended without the event bus's answer (a timeout, a lost connection or a killed "
+                        "sidecar) and they were sent again under the same message ids. A topic with duplicate "
+                        "detection dropped the resend; consumers of one without it dedupe on the message id "
+                        f"(the child event id): {shown_ids}")
     work = [MarkdownArtifact(markdown="\n\n".join(lines), key=artifact_key(step, module, event),
                              description=f"/done of {module} for event {event}")]
     if files:

@@ -144,9 +144,12 @@ def create_app(runtime: Runtime) -> FastAPI:
         runtime.layout.prepare()
         prefect_api.start()
         log.info("sidecar starting on http://%s:%s, base directory %s", cfg.host, cfg.serverport, runtime.layout.basedir)
+        # In the background: a slow or refused management read must not hold the start-up.
+        topic_check = asyncio.create_task(runtime.dataplane.events.check_topics(list(cfg.valideventtypes)))
         try:
             yield
         finally:
+            topic_check.cancel()
             state.stop()
             try:
                 runtime.run.close()  # a graceful stop after /done closes the run (README: Restarts)

@@ -25,9 +25,13 @@ run starts a fresh run** (``in/`` and ``out/`` emptied, inputs staged again). So
   with Ctrl-C after ``/done`` closed the run, and a module that deletes its base folder before
   ``/ready`` (as Ion's example module does) deletes the record with it.
 
-The window left: a crash after the broker accepted a batch and before its ids were recorded. The
-restarted sidecar publishes that batch again with the same message ids (the child event ids), and
-Service Bus duplicate detection drops them; a topic without it delivers that batch twice.
+The window left: a publish whose outcome the sidecar never learns: a crash after the broker accepted a
+batch and before its ids were recorded, a publish past ``publishtimeoutseconds`` whose transfer still
+reached the broker, a connection lost after the transfer went out. The ids of each batch are recorded in
+``sending`` before its transfer, so such a batch is recorded as ``uncertain`` ("may have been
+delivered"); the retry publishes it again with the same message ids (the child event ids), and Service
+Bus duplicate detection drops them; a topic without it delivers that batch twice. The sidecar never
+skips a resend it cannot prove was delivered: a lost event is worse than a duplicate.
 """
 
 from __future__ import annotations
@@ -61,6 +65,11 @@ class RunRecord(BaseModel):
     ready: dict[str, Any] | None = None  # the /ready summary (ReadySummary as JSON)
     done: dict[str, Any] | None = None  # the /done summary (DoneSummary as JSON)
     published: list[str] = Field(default_factory=list)  # child event ids the event bus accepted
+    # Child event ids handed to the event bus whose answer has not come yet (recorded before the transfer).
+    sending: list[str] = Field(default_factory=list)
+    # Child event ids whose publish ended without the bus's answer (a timeout, a lost connection, a killed
+    # sidecar): the broker may have received them, and a retry sends them again under the same message ids.
+    uncertain: list[str] = Field(default_factory=list)
     closed: bool = False  # the sidecar stopped gracefully after /done succeeded
     # flow run id -> the final state to report ({"type": "COMPLETED"|"FAILED"|..., "message": ...}),
     # or None until its body ends (a flow run left so by a dead process is reported Crashed).
@@ -120,13 +129,36 @@ class RunStore:
         self._write(self.record.model_dump_json(indent=2).encode())
         return self.record
 
+    def add_sending(self, ids: Iterable[str]) -> None:
+        """Record, durably and before the transfer goes out, that the child events ``ids`` are handed to
+        the event bus: if no answer comes (timeout, lost connection, this process killed) they are
+        :meth:`settle_sending`'s "may have been delivered"."""
+        known = set(self.record.sending)
+        added = [i for i in ids if i not in known]
+        if added:
+            self.save(sending=[*self.record.sending, *added])
+
     def add_published(self, ids: Iterable[str]) -> None:
         """Record that the event bus accepted the child events ``ids`` (called once per batch)."""
         crashpoints.reached("accepted")
+        ids = list(ids)
         known = set(self.record.published)
         added = [i for i in ids if i not in known]
-        if added:
-            self.save(published=[*self.record.published, *added])
+        sending = [i for i in self.record.sending if i not in set(ids)]
+        if added or sending != self.record.sending:
+            self.save(published=[*self.record.published, *added], sending=sending)
+
+    def settle_sending(self, maybe_delivered: bool) -> list[str]:
+        """Close the sends whose answer never came: with ``maybe_delivered`` (a timeout, a lost connection,
+        a predecessor killed mid-send) they join ``uncertain``; without (the bus refused them for good)
+        they are forgotten. Returns the ids settled."""
+        settled = list(self.record.sending)
+        if settled:
+            known = set(self.record.uncertain)
+            uncertain = [*self.record.uncertain, *(i for i in settled if i not in known)] if maybe_delivered \
+                else self.record.uncertain
+            self.save(sending=[], uncertain=uncertain)
+        return settled
 
     def flow_started(self, flow_run_id: str) -> None:
         """Record that the API created the flow run ``flow_run_id`` for this process (no final state yet)."""

@@ -188,5 +188,24 @@ def test_an_event_id_named_like_a_dev_folder_keeps_its_dumps_apart(tmp_path: Pat
     dev = tmp_path / ".dev"
     published = sorted(p.name for p in (dev / "events").iterdir())
     assert published == sorted(f"{e['eventId']}.json" for e in done.json()["events"]) and published
-    assert (dev / "dumps" / event_id / "dev.done").is_file() and (dev / "dumps" / event_id / "insight.json").is_file()
+    dumps = dev / "dumps" / event_id / "mod"
+    assert (dumps / "dev.done").is_file() and (dumps / "insight.json").is_file()
     assert not (dev / event_id / "dev.done").exists()
+
+
+def test_debug_dumps_of_modules_sharing_an_event_are_kept_apart(tmp_path: Path) -> None:
+    # An event fans out to every module subscribed to its type: each sidecar runs with the same event id
+    # and its own module name. The dumps used to share {devdir}/dumps/{eventid}/ and overwrite each other.
+    from sidecar.api import create_app
+
+    dumps = tmp_path / ".dev" / "dumps" / "evt-api"
+    for name, n in (("thumbnails", 1), ("ocr", 2)):
+        runtime = dev_runtime(tmp_path, f"--context.name={name}", f"--basedir={tmp_path / 'ion' / str(n)}")
+        with TestClient(create_app(runtime)) as c:
+            assert c.get("/ready", headers=H).status_code == 200
+            write_found_outputs(runtime, n)
+            assert c.get("/done", headers=H).status_code == 200
+    assert sorted(p.name for p in dumps.iterdir()) == ["ocr", "thumbnails"]
+    for name, n in (("thumbnails", 1), ("ocr", 2)):
+        done = json.loads((dumps / name / "dev.done").read_text())
+        assert done["summary"]["files"] == n and len(list((dumps / name / "events").iterdir())) == n

@@ -14,7 +14,9 @@ from sidecar.models import Event
 
 STORE = "event bus"
 
-# Called with the ids of each batch of events right after the event bus accepted it.
+# Called with the ids of each batch of events right after the event bus accepted it (``on_published``),
+# or right before its transfer goes out (``on_sending``: from then on, until its answer, the bus may
+# have it without the sidecar knowing).
 OnPublished = Callable[[list[str]], None]
 
 
@@ -40,12 +42,18 @@ class EventPublisher(Protocol):
     def describe(self) -> str:
         """Where events go, for people reading the run history (no secret)."""
 
-    async def publish(self, events: list[Event], on_published: OnPublished | None = None) -> None:
+    async def publish(self, events: list[Event], on_published: OnPublished | None = None,
+                      on_sending: OnPublished | None = None) -> None:
         """Publish ``events`` (all or, on error, possibly some of them; retrying is safe), calling
+        ``on_sending(ids)`` before each batch whose outcome could be lost (a network transfer) and
         ``on_published(ids)`` after each batch the bus accepted."""
 
     def destination(self, event: Event) -> str:
         """Where ``event`` goes, for people reading the run history (e.g. ``topic 'x'``)."""
+
+    async def check_topics(self, event_types: list[str]) -> bool | None:
+        """At start-up: log once whether a retried publish can deliver events of ``event_types`` twice
+        (True: the bus drops repeated message ids; False: it does not; None: not known). Never raises."""
 
     async def close(self) -> None:
         """Release connections."""

@@ -29,11 +29,17 @@ class FileEventPublisher:
     def destination(self, event: Event) -> str:
         return f"folder {self.root}"
 
-    async def publish(self, events: list[Event], on_published: OnPublished | None = None) -> None:
+    async def publish(self, events: list[Event], on_published: OnPublished | None = None,
+                      on_sending: OnPublished | None = None) -> None:
+        # No on_sending: a file is written or not, and writing it again is harmless.
         for event in events:
             write_json_atomic(self.file(event.id), event.model_dump(mode="json"))
         if on_published is not None:  # one batch: re-writing a file is harmless, so no need to fsync per event
             on_published([event.id for event in events])
+
+    async def check_topics(self, event_types: list[str]) -> bool | None:
+        """Files have no duplicates to detect: nothing to check."""
+        return None
 
     async def close(self) -> None:
         pass

@@ -18,9 +18,12 @@ sets is the bound the module sees.
 
 Errors: authentication or authorization refused is a :class:`~sidecar.errors.DataPlaneError` (HTTP
 502, not retried); connection failures, busy or throttled answers are ``DataPlaneUnavailable``. A
-topic that does not exist is refused by Service Bus with ``amqp:not-found`` on the link, but
-azure-servicebus 7.15 reports that as a failed send (``amqp:unknown-error``,
-``ServiceBusConnectionError``), so it surfaces as ``DataPlaneUnavailable`` naming the topic.
+topic that does not exist is refused by Service Bus at its put-token (404, "The messaging entity '...'
+could not be found.") or its link attach (``amqp:not-found``): a ``DataPlaneError`` saying the topic
+was not found (:func:`_not_found`). A not-found that reaches azure-servicebus 7.15 only as the detach of
+a link it already sent on is reported by the SDK as a failed send (``amqp:unknown-error``,
+``ServiceBusConnectionError``), so that one still surfaces as ``DataPlaneUnavailable`` naming the topic.
+Topic names are checked before anything is committed (``sidecar.dataplane.topics``).
 """
 
 from __future__ import annotations
@@ -44,20 +47,23 @@ from azure.servicebus.exceptions import (
 from sidecar.dataplane.credentials import CredentialKind, ProviderCredential, token_credential
 from sidecar.dataplane.errors import first_line, permanent, transient
 from sidecar.dataplane.events import STORE, Deadline, OnPublished
+from sidecar.dataplane.topics import PER_EVENT_TYPE, topic_for
 from sidecar.errors import DataPlaneTimeout, DataPlaneUnavailable
 from sidecar.models import Event
 from sidecar.providers.servicebus.config import ServiceBusConfig
 
 log = logging.getLogger(__name__)
 
-# The topic setting that routes each event to the topic named after its event type.
-PER_EVENT_TYPE = "{eventType}"
 # Errors no retry can fix: bad credentials or rights, no such topic, an event too large for a message.
 PERMANENT = (ServiceBusAuthenticationError, ServiceBusAuthorizationError, MessagingEntityNotFoundError,
              MessagingEntityDisabledError, MessageSizeExceededError)
 # How long closing a connection after a failed publish may take, seconds: a peer that never answered
 # will not answer the AMQP close either.
 CLOSE_SECONDS = 2.0
+
+
+def _ignore(ids: list[str]) -> None:
+    """The callback a caller did not pass."""
 
 
 def connection_string(cfg: ServiceBusConfig) -> str:
@@ -106,7 +112,7 @@ class _TokenClient(ServiceBusClient):
 def topic_of(cfg: ServiceBusConfig, event: Event) -> str:
     """The topic ``event`` goes to: ``cfg.topic``, or the event type when the topic is empty or
     ``{eventType}`` (Ion's dispatcher subscribes one topic per event type, one subscription per module)."""
-    return event.type if cfg.topic in ("", PER_EVENT_TYPE) else cfg.topic
+    return topic_for(cfg.topic, event.type)
 
 
 def to_message(event: Event) -> ServiceBusMessage:
@@ -147,12 +153,14 @@ class ServiceBusEventPublisher:
     def destination(self, event: Event) -> str:
         return f"topic '{topic_of(self.cfg, event)}'"
 
-    async def publish(self, events: list[Event], on_published: OnPublished | None = None) -> None:
+    async def publish(self, events: list[Event], on_published: OnPublished | None = None,
+                      on_sending: OnPublished | None = None) -> None:
         """Publish ``events``, each to its topic (:func:`topic_of`), in as few batches as fit.
 
-        Partial success is possible (an earlier topic or batch went out); ``on_published`` is called
-        with the ids of each batch right after Service Bus accepted it, so the caller can record what
-        went out. Publishing the same events again is safe where Service Bus drops a message id it has
+        Partial success is possible (an earlier topic or batch went out); ``on_sending`` is called with
+        the ids of each batch right before its transfer (the link is open by then: a refused connection
+        or sign-in fails before it), ``on_published`` right after Service Bus accepted it, so the caller
+        can record what went out and what may have. Publishing the same events again is safe where Service Bus drops a message id it has
         seen (duplicate detection).
 
         Raises:
@@ -167,7 +175,7 @@ class ServiceBusEventPublisher:
         for event in events:
             by_topic.setdefault(topic_of(self.cfg, event), []).append(event)
         current = [""]  # the topic being published to, for error messages
-        work = asyncio.ensure_future(self._send_all(by_topic, current, on_published))
+        work = asyncio.ensure_future(self._send_all(by_topic, current, on_published, on_sending))
         try:
             finished, _ = await asyncio.wait({work}, timeout=self.cfg.publishtimeoutseconds)
         except asyncio.CancelledError:
@@ -188,10 +196,10 @@ class ServiceBusEventPublisher:
             raise error from exc
 
     async def _send_all(self, by_topic: dict[str, list[Event]], current: list[str],
-                        on_published: OnPublished | None) -> None:
+                        on_published: OnPublished | None, on_sending: OnPublished | None) -> None:
         for topic, group in by_topic.items():
             current[0] = topic
-            await self._send(topic, group, on_published or (lambda ids: None))
+            await self._send(topic, group, on_published or _ignore, on_sending or _ignore)
 
     async def _abandon(self, work: asyncio.Future) -> None:
         """Stop the publish ``work`` that outlived its deadline, leaving no connection open.
@@ -212,7 +220,8 @@ class ServiceBusEventPublisher:
             work.exception()  # retrieved: the deadline error is what the caller gets
         await self._discard()
 
-    async def _send(self, topic: str, events: list[Event], on_published: OnPublished) -> None:
+    async def _send(self, topic: str, events: list[Event], on_published: OnPublished,
+                    on_sending: OnPublished) -> None:
         sender = await self._sender(topic)
         batch = await sender.create_message_batch()
         ids: list[str] = []
@@ -225,12 +234,14 @@ class ServiceBusEventPublisher:
             except MessageSizeExceededError:
                 if len(batch) == 0:
                     raise
+            on_sending(ids)
             await sender.send_messages(batch)
             on_published(ids)
             batch = await sender.create_message_batch()
             batch.add_message(message)
             ids = [event.id]
         if len(batch):
+            on_sending(ids)
             await sender.send_messages(batch)
             on_published(ids)
         log.debug("published %d events to topic %s", len(events), topic)
@@ -261,6 +272,67 @@ class ServiceBusEventPublisher:
         """Close the senders and the client (connections)."""
         await self._discard()
 
+    async def check_topics(self, event_types: list[str]) -> bool | None:
+        """Log once whether the topics ``event_types`` go to have duplicate detection, read with the
+        Service Bus administration client (``TopicProperties.requires_duplicate_detection``; the ATOM
+        management API over HTTPS, which needs the Manage right). Never raises: a read that is refused
+        (a Send-only rule, a token without the right), fails or takes longer than
+        :data:`MANAGEMENT_SECONDS` (or ``publishtimeoutseconds`` if shorter) is logged as not known.
+
+        Without duplicate detection a publish whose outcome the sidecar never learns (a timeout, a lost
+        connection, a killed sidecar), retried by the module's ``/done``, delivers its events twice
+        (README: The one window left). Returns True when every topic has it, False when one has not,
+        None when not known (or no topic is known before the first event)."""
+        topics = sorted({topic_for(self.cfg.topic, t) for t in event_types})
+        if not topics:
+            return None
+        without: list[str] = []
+        credential = None
+        seconds = min(MANAGEMENT_SECONDS, self.cfg.publishtimeoutseconds)
+        try:
+            async with asyncio.timeout(seconds):
+                if self.cfg.credential is not CredentialKind.key:
+                    credential = token_credential(self.cfg.credential, self.cfg.clientid, STORE)
+                async with _administration_client(self.cfg, credential) as admin:
+                    for topic in topics:
+                        if not (await admin.get_topic(topic)).requires_duplicate_detection:
+                            without.append(topic)
+        except (Exception, TimeoutError) as exc:  # noqa: BLE001 - any failure only means "not known"
+            why = f"no answer within {seconds:g} s" if isinstance(exc, TimeoutError) else \
+                f"{type(exc).__name__}: {first_line(exc)}"
+            log.warning("could not read whether topic %s has duplicate detection (%s): if it has not, a /done "
+                        "retried after a publish whose outcome was never known (a timeout, a lost connection, a "
+                        "killed sidecar) delivers those events twice; consumers dedupe on the message id (the "
+                        "child event id)", ", ".join(topics), why)
+            return None
+        finally:
+            if credential is not None:
+                await credential.close()
+        if without:
+            log.warning("topic %s has no duplicate detection (requiresDuplicateDetection is off): a /done retried "
+                        "after a publish whose outcome was never known (a timeout, a lost connection, a killed "
+                        "sidecar) delivers those events twice; enable it, or have consumers dedupe on the message "
+                        "id (the child event id)", ", ".join(without))
+            return False
+        log.info("topic %s has duplicate detection: a retried publish is dropped by Service Bus", ", ".join(topics))
+        return True
+
+
+# How long the start-up read of the topics' duplicate detection may take, seconds (the service answers
+# in well under a second; a bus that never answers must not hold a connection for long).
+MANAGEMENT_SECONDS = 5.0
+
+
+def _administration_client(cfg: ServiceBusConfig, credential: ProviderCredential | None) -> Any:
+    """The asyncio ``ServiceBusAdministrationClient`` for ``cfg``: the SAS key (:func:`connection_string`),
+    or ``credential`` for a token credential (closed by the caller), without the SDK's own retries."""
+    from azure.servicebus.aio.management import ServiceBusAdministrationClient
+
+    if credential is None:
+        return ServiceBusAdministrationClient.from_connection_string(connection_string(cfg), retry_total=0)
+    host = cfg.namespace if "." in cfg.namespace or ":" in cfg.namespace else f"{cfg.namespace}.servicebus.windows.net"
+    return ServiceBusAdministrationClient(host, credential, retry_total=0)
+
 
 def translate(exc: Exception, where: str) -> BaseException:
     """The event bus's error for azure-servicebus's ``exc`` while publishing ``where`` (``topic 'x'``),
@@ -269,6 +341,10 @@ def translate(exc: Exception, where: str) -> BaseException:
     if isinstance(inner, DataPlaneUnavailable):
         # The token credential could not get a token (credentials.ProviderCredential); the SDK wrapped it.
         return inner
+    missing = _not_found(exc)
+    if missing is not None:
+        return permanent(STORE, where, text=f"{where} was not found: Service Bus answered {missing}; create the "
+                                            "topic or change --servicebuseventprovider.topic")
     if isinstance(exc, PERMANENT):
         return permanent(STORE, where, exc)
     if isinstance(exc, ServiceBusError):
@@ -277,3 +353,23 @@ def translate(exc: Exception, where: str) -> BaseException:
         # The SDK parses the connection string lazily; its message does not echo the string.
         return permanent(STORE, where, text=f"{where}: invalid settings: {first_line(exc)}")
     return exc
+
+
+def _not_found(exc: Exception) -> str | None:
+    """What Service Bus said when ``exc`` means the entity does not exist, else None.
+
+    Service Bus refuses a missing topic in one of two places: the claims-based security put-token for
+    the entity's address ("Put token failed. status-code: 404, status-description: The messaging entity
+    '...' could not be found."), which azure-servicebus 7.15 raises as ``ServiceBusAuthenticationError``
+    ("Error condition: amqp:client-error", the 404 only in its inner ``TokenAuthFailure``), or the link
+    attach (``amqp:not-found``, ``MessagingEntityNotFoundError`` where the SDK keeps it)."""
+    inner = getattr(exc, "inner_exception", None)
+    if getattr(inner, "status_code", None) == 404:
+        description = getattr(inner, "status_description", b"") or b""
+        text = description.decode("utf-8", "replace") if isinstance(description, bytes) else str(description)
+        return f"404 {text}".strip()
+    condition = getattr(inner, "condition", None)
+    condition = getattr(condition, "value", condition)
+    if isinstance(exc, MessagingEntityNotFoundError) or condition in (b"amqp:not-found", "amqp:not-found"):
+        return f"amqp:not-found {first_line(exc)}".strip()
+    return None
