@@ -24,7 +24,9 @@ from flows.done import done as done_flow
 from flows.history import tagged
 from flows.ready import ready as ready_flow
 from flows.runtime import Runtime
+from sidecar.config import secret_values
 from sidecar.errors import InputError, SidecarError, StateError, Stopping, volume_error
+from sidecar.logs import ContextFilter
 from sidecar.models import DoneSummary, ReadySummary
 from sidecar.orchestration import PrefectApi
 from sidecar.runstate import RunStore
@@ -138,6 +140,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     prefect_api.resolve()
     state = RunState(runtime.run)
     expected_secret = header_value(cfg.sharedsecret)
+    redact = ContextFilter({}, secret_values(cfg)).redact
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -180,7 +183,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         level = logging.WARNING if exc.status_code < 500 else logging.ERROR
         if not isinstance(exc, InputError):  # the flow run logged it: one WARNING line (sidecar.logs)
             log.log(level, "%s %s -> %s: %s", request.method, request.url.path, exc.status_code, exc.message)
-        return error_body(exc.status_code, exc.message)
+        # A service's answer quoted in the message may carry a key (a SAS URL, a connection string).
+        return error_body(exc.status_code, redact(exc.message))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -196,7 +200,7 @@ def create_app(runtime: Runtime) -> FastAPI:
         if volume is not None:  # the module's own volume (full, read-only, permissions): name the path
             return await sidecar_error(request, volume)
         log.exception("%s %s failed", request.method, request.url.path)
-        return error_body(500, f"internal error: {type(exc).__name__}: {exc}")
+        return error_body(500, redact(f"internal error: {type(exc).__name__}: {exc}"))
 
     # HEAD too: load balancers and uptime monitors probe with it.
     @app.api_route("/healthz", methods=["GET", "HEAD"])

@@ -33,6 +33,46 @@ REDACTED = "***"
 MIN_SECRET_CHARS = 8
 
 
+# The secret fields of the providers' connection strings, SAS tokens and URIs, masked wherever they
+# appear, whatever string they came from (a connection string in another order, a SAS URL an SDK built,
+# a URI percent-encoded): AccountKey= (Azure Storage), SharedAccessKey= (Service Bus), the sig= of a SAS
+# token (Storage SAS query strings, Service Bus "SharedAccessSignature sr=..&sig=..") and password=;
+# the "=" may be percent-encoded (%3D) and the value runs to the next separator.
+_FIELD = re.compile(r"(?i)(?<![A-Za-z0-9])((?:AccountKey|SharedAccessKey|sig|password|pwd)\s*(?:=|%3D)\s*)"
+                    r"((?:[^;&\s\"'<>,%]|%(?!26|3B|22|27|20)[0-9A-Fa-f]{2})+)")
+# The password of a URI's user information (mongodb://user:password@host), plain or percent-encoded.
+_USERINFO = re.compile(r"(?i)((?:://|%3A%2F%2F)[^\s/@:%]*(?::|%3A))((?:[^\s/@%]|%(?!40)[0-9A-Fa-f]{2})+)(?=@|%40)")
+# Connection-string fields whose value is a secret, read out of a secret connection string.
+_SECRET_FIELDS = {"accountkey", "sharedaccesskey", "sharedaccesssignature", "password", "pwd"}
+
+
+def secret_forms(secrets: Iterable[str]) -> set[str]:
+    """Every text that shows one of ``secrets``: the value itself, percent-encoded (``quote``,
+    ``quote_plus``) and decoded, and for a connection string or a URI the secret fields inside it
+    (``AccountKey``, ``SharedAccessKey``, ``SharedAccessSignature``, a URI's password), each in the
+    same forms."""
+    from urllib.parse import quote, quote_plus, unquote, urlsplit
+
+    parts: set[str] = set()
+    for secret in (s for s in secrets if s):
+        parts.add(secret)
+        for field in secret.split(";"):
+            name, sep, value = field.partition("=")
+            if sep and name.strip().lower() in _SECRET_FIELDS and value:
+                parts.add(value)
+        if "://" in secret:
+            try:
+                password = urlsplit(secret).password
+            except ValueError:
+                password = None
+            if password:
+                parts.add(password)
+    forms: set[str] = set()
+    for part in parts:
+        forms |= {part, quote(part, safe=""), quote_plus(part, safe=""), unquote(part)}
+    return {f for f in forms if f}
+
+
 class ContextFilter(logging.Filter):
     """Adds the run's context to each record and replaces secret values with ``***``.
 
@@ -40,16 +80,18 @@ class ContextFilter(logging.Filter):
         context: ``{"ion_module", "ion_event", "ion_correlation", "ion_execution"}`` strings.
         secrets: values that must never be written (shared secret, account keys, passwords, ...).
 
-    Masking rule: a secret of :data:`MIN_SECRET_CHARS` or more characters is replaced wherever it
-    appears; a shorter one (the sidecar refuses those at start-up, so only a caller that bypasses its
-    checks passes one) only where it stands as a whole word, not inside a longer run of letters and
-    digits, so ordinary words stay readable.
+    Masking rule: every form of a secret (:func:`secret_forms`) of :data:`MIN_SECRET_CHARS` or more
+    characters is replaced wherever it appears; a shorter one (the sidecar refuses those at start-up, so
+    only a caller that bypasses its checks passes one) only where it stands as a whole word, not inside
+    a longer run of letters and digits, so ordinary words stay readable. Whatever the secrets, the value
+    of every ``AccountKey=``, ``SharedAccessKey=``, ``sig=`` and ``password=`` field and the password of
+    a URI's user information are masked too (a key the sidecar was never given, an SDK's own string).
     """
 
     def __init__(self, context: dict[str, str], secrets: Iterable[str]):
         super().__init__()
         self.context = context
-        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self.secrets = sorted(secret_forms(secrets), key=len, reverse=True)
         patterns = [re.escape(s) if len(s) >= MIN_SECRET_CHARS else rf"(?<![^\W_]){re.escape(s)}(?![^\W_])"
                     for s in self.secrets]
         self._pattern = re.compile("|".join(patterns)) if patterns else None
@@ -57,19 +99,21 @@ class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         for key, value in self.context.items():
             setattr(record, key, value)
-        if self.secrets:
-            message = record.getMessage()
-            if record.exc_info and not record.exc_text:
-                record.exc_text = logging.Formatter().formatException(record.exc_info)
-            clean, exc_text = self.redact(message), self.redact(record.exc_text or "")
-            if clean != message or exc_text != (record.exc_text or ""):
-                record.msg, record.args = clean, None
-                record.exc_text = exc_text or None
+        # Even with no secret given: the secret fields of any connection string are masked.
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        clean, exc_text = self.redact(message), self.redact(record.exc_text or "")
+        if clean != message or exc_text != (record.exc_text or ""):
+            record.msg, record.args = clean, None
+            record.exc_text = exc_text or None
         return True
 
     def redact(self, text: str) -> str:
         """``text`` with every secret value replaced by ``***`` (the class's masking rule)."""
-        return self._pattern.sub(REDACTED, text) if self._pattern else text
+        if self._pattern:
+            text = self._pattern.sub(REDACTED, text)
+        return _USERINFO.sub(rf"\1{REDACTED}", _FIELD.sub(rf"\1{REDACTED}", text))
 
 
 class RunFormatter(logging.Formatter):
