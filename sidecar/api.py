@@ -160,6 +160,7 @@ def create_app(runtime: Runtime) -> FastAPI:
                 log.error("could not close the run record: %s", exc.message)
             await prefect_api.stop()
             await runtime.dataplane.close()
+            await asyncio.wait({topic_check}, timeout=2)  # its connection closed before the loop ends
 
     def stop() -> None:
         """SIGTERM: refuse new steps, and cancel the running call and its flow engine at once."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -184,3 +185,23 @@ def test_the_plan_refuses_an_event_type_that_cannot_name_its_topic_before_commit
         dev = tmp_path / ".dev"
         assert not list(dev.glob("blobs/**/*.txt")) and not (dev / "events").exists()
         assert not list(dev.glob("documents/**/*.json"))
+
+
+def test_start_up_says_once_when_it_cannot_tell_whether_a_resend_is_dropped(
+        tmp_path: Path, stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    # The peer speaks no management API (as a Send-only rule is refused it): start-up goes on and one
+    # WARNING says what a retry after an ambiguous publish may do.
+    caplog.set_level(logging.INFO, logger="sidecar.providers.servicebus.publisher")
+    runtime = runtime_for(stack, tmp_path, unique("dd"), stack.topic)
+    with TestClient(create_app(runtime)) as client:
+        assert client.get("/ready", headers=H).status_code == 200
+        deadline = time.monotonic() + 30
+        while not [r for r in caplog.records if "duplicate detection" in r.getMessage()]:
+            assert time.monotonic() < deadline, "no word on duplicate detection"
+            time.sleep(0.1)
+    said = [r for r in caplog.records if "duplicate detection" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+    text = said[0].getMessage()
+    assert text.startswith(f"could not read whether topic {stack.topic} has duplicate detection (")
+    assert "delivers those events twice; consumers dedupe on the message id" in text
+    assert "SAS_KEY_VALUE" not in text
