@@ -145,6 +145,9 @@ def test_sigkill_at_every_step_of_done_loses_and_duplicates_nothing(tmp_path: Pa
         published = len(record(sidecar)["published"])
         if step == "accepted":
             window = state["delivered"]
+            # The batch was recorded as handed to the bus before its transfer: the successor knows it may
+            # have been delivered.
+            assert len(record(sidecar)["sending"]) == window > 0, record(sidecar)
         kills.append((step, state, published))
         assert landed(step, state, published, window), f"the kill at {step} did not land there: {kills}"
         sidecar.kill()  # as the OOM killer does; the kubelet starts it again with the same flags
@@ -186,3 +189,5 @@ def test_sigkill_at_every_step_of_done_loses_and_duplicates_nothing(tmp_path: Pa
     # recorded went out again after the restart, each copy under a message id the bus had seen, so
     # duplicate detection (off on this topic) would have dropped exactly these.
     assert duplicated == window == tally.seen_again
+    # ... and exactly these are the events the record and the run history say may have been delivered twice.
+    assert sorted(record(sidecar)["uncertain"]) == sorted(i for i, n in tally.delivered.items() if n > 1)
