@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from sidecar.paths import shown
+from sidecar.redaction import mask_fields
 
 
 class SettingsError(ValueError):
@@ -30,7 +31,9 @@ class SidecarError(Exception):
     status_code = 500
 
     def __init__(self, message: str):
-        message = shown(message)
+        # A service's text quoted in a message may carry a key: masked here, before it reaches the
+        # answer, a log line, a flow run's state or the run history.
+        message = mask_fields(shown(message))
         super().__init__(message)
         self.message = message
 

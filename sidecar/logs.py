@@ -11,6 +11,7 @@ from typing import Iterable
 from sidecar.config import LogLevel, SidecarConfig, secret_values
 from sidecar.errors import InputError
 from sidecar.paths import shown
+from sidecar.redaction import REDACTED, mask_fields
 
 FORMAT = (
     "%(asctime)s %(levelname)s %(name)s "
@@ -25,23 +26,12 @@ LEVELS = {
     LogLevel.error: logging.ERROR,
 }
 
-REDACTED = "***"
-
 # Secrets at least this long are masked wherever their text appears (a log line cannot show one, even
 # glued to other text); the sidecar refuses shorter ones at start-up (sidecar/cli.py), because masking
 # a short text everywhere garbles ordinary words: with the secret "x", "exception" became "e***ception".
 MIN_SECRET_CHARS = 8
 
 
-# The secret fields of the providers' connection strings, SAS tokens and URIs, masked wherever they
-# appear, whatever string they came from (a connection string in another order, a SAS URL an SDK built,
-# a URI percent-encoded): AccountKey= (Azure Storage), SharedAccessKey= (Service Bus), the sig= of a SAS
-# token (Storage SAS query strings, Service Bus "SharedAccessSignature sr=..&sig=..") and password=;
-# the "=" may be percent-encoded (%3D) and the value runs to the next separator.
-_FIELD = re.compile(r"(?i)(?<![A-Za-z0-9])((?:AccountKey|SharedAccessKey|sig|password|pwd)\s*(?:=|%3D)\s*)"
-                    r"((?:[^;&\s\"'<>,%]|%(?!26|3B|22|27|20)[0-9A-Fa-f]{2})+)")
-# The password of a URI's user information (mongodb://user:password@host), plain or percent-encoded.
-_USERINFO = re.compile(r"(?i)((?:://|%3A%2F%2F)[^\s/@:%]*(?::|%3A))((?:[^\s/@%]|%(?!40)[0-9A-Fa-f]{2})+)(?=@|%40)")
 # Connection-string fields whose value is a secret, read out of a secret connection string.
 _SECRET_FIELDS = {"accountkey", "sharedaccesskey", "sharedaccesssignature", "password", "pwd"}
 
@@ -113,7 +103,7 @@ class ContextFilter(logging.Filter):
         """``text`` with every secret value replaced by ``***`` (the class's masking rule)."""
         if self._pattern:
             text = self._pattern.sub(REDACTED, text)
-        return _USERINFO.sub(rf"\1{REDACTED}", _FIELD.sub(rf"\1{REDACTED}", text))
+        return mask_fields(text)
 
 
 class RunFormatter(logging.Formatter):

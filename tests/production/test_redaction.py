@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from sidecar.api import create_app
 from sidecar.cli import compose_config
 from sidecar.config import secret_values
-from sidecar.errors import DataPlaneError
+from sidecar.errors import DataPlaneError, DataPlaneUnavailable, InputError
 from sidecar.logs import ContextFilter
 from testsupport.azurite import ACCOUNT_KEY
 from testsupport.processes import SECRET
@@ -127,3 +127,15 @@ def test_an_error_body_quoting_a_key_is_masked(tmp_path: Path, caplog: pytest.Lo
     assert refused.status_code == 502, refused.text
     message = json.loads(refused.text)["message"]
     assert message == "blob store error: refused: AccountName=dev;AccountKey=*** https://x/c/b?sv=1&sig=***&se=2 key ***"
+
+
+@pytest.mark.parametrize("error", [DataPlaneError, DataPlaneUnavailable, InputError])
+def test_every_error_message_masks_the_secret_fields(error) -> None:
+    # Masked where the message is made, so the flow run's state and the run history (written to the
+    # Prefect API, not through the log filter) never hold them either.
+    quoted = (f"AccountName=dev;AccountKey={STORAGE_KEY} SharedAccessKey={BUS_KEY}; https://x/c?sig={OTHER_SIG}&se=1 "
+              f"mongodb://ion:{quote(MONGO_PW, safe='')}@h/ out/events/a.json")
+    message = error("blob store", quoted).message
+    for needle in (STORAGE_KEY, BUS_KEY, OTHER_SIG, quote(MONGO_PW, safe="")):
+        assert needle not in message
+    assert message.count("***") == 4 and "out/events/a.json" in message
