@@ -133,7 +133,10 @@ async def ready(runtime: Runtime) -> ReadySummary:
 
     Raises:
         DataPlaneUnavailable: a service stayed unreachable through the task retries (HTTP 503).
-        DataPlaneError: a blob is missing or the event meta is unusable (HTTP 502).
+        DataPlaneError: a blob is missing, the event meta is unusable, or a child's event meta is
+            missing (HTTP 502).
+        InputError: ``in`` or ``out`` is a link or not a folder (HTTP 400); nothing was deleted.
+        VolumeError: the module's volume refused a write (HTTP 507 when full, else 500).
     """
     started = time.perf_counter()
     layout = runtime.layout
