@@ -20,12 +20,15 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from flows.history import artifact_key
 from flows.runtime import Runtime, child_event_id
 from sidecar.api import create_app
 from sidecar.cli import compose_config
@@ -111,6 +114,12 @@ def test_a_publish_past_its_deadline_that_reached_the_broker_is_recorded_and_res
         stack.up()
     kept = record(runtime)
     assert sorted(kept["published"]) == ids and kept["sending"] == [] and sorted(kept["uncertain"]) == ids
+    # The run history's /done report says so.
+    report = httpx.post(f"{os.environ['PREFECT_API_URL'].rstrip('/')}/artifacts/filter", timeout=10, json={
+        "artifacts": {"flow_run_id": {"any_": [retry.json()["flowRunId"]]},
+                      "key": {"any_": [artifact_key("done", "mod", event_id)]}}}).json()
+    assert len(report) == 1 and "**2 child events may have been delivered twice**" in report[0]["data"]
+    assert all(f"`{i}`" in report[0]["data"] for i in ids)
     assert topic.duplicates == 2  # the resend reached the broker, under the same message ids
     delivered = collections.Counter(m.message_id for m in receive_all_sync(
         stack.bus_connection_string(direct=True), topic.name, "s"))
