@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 from prefect import flow, get_run_logger, task
 from prefect.utilities.annotations import quote
@@ -23,7 +24,7 @@ from sidecar.dataplane.blobs import BlobInfo, gather_all, gather_bounded
 from sidecar.errors import DataPlaneError, VolumeError, volume_error
 from sidecar.models import BlobFile, EventMeta, ReadySummary
 from sidecar.orchestration import fleet_slot
-from sidecar.paths import Confinement, collisions, name_problem, shown
+from sidecar.paths import Confinement, collisions, name_folding, name_problem, shown
 
 
 @task(name="get-event-meta", task_run_name="get-event-meta", **TASK_OPTIONS)
@@ -81,10 +82,12 @@ def place(held: Path, local: Path, basedir: Path) -> None:
         raise (volume_error(exc, basedir) or exc) from exc
 
 
-def _check_paths(meta: EventMeta, in_data: Path) -> None:
+def _check_paths(meta: EventMeta, in_data: Path, fold: Callable[[str], str] | None = None) -> None:
     """Confine what an event meta (written by another module's sidecar, or anyone with access to the
     document store) asks to stage: every ``files[].path`` must be a good name inside ``in/data`` and
-    every blob ``key`` a good blob name (``sidecar.paths``), and no two paths may merge.
+    every blob ``key`` a good blob name (``sidecar.paths``), and no two paths may merge, also as the
+    file system of ``in/data`` compares names (``fold``, :func:`sidecar.paths.name_folding`: on a
+    disk that does not tell case apart, ``Case.txt`` would overwrite ``case.txt`` behind a 200).
 
     Raises:
         DataPlaneError: naming the event meta and the path or key; nothing has been staged yet.
@@ -102,8 +105,10 @@ def _check_paths(meta: EventMeta, in_data: Path) -> None:
         problem = name_problem(f.key)
         if problem:
             raise refuse("blob key", f.key, problem)
-    for first, second in collisions(f.path for f in meta.files):
-        raise refuse("path", second, f"collides with '{shown(first)}'")
+    for first, second in collisions((f.path for f in meta.files), fold):
+        where = "" if collisions([first, second]) else (
+            " on this file system, which does not tell case or Unicode normalisation forms apart")
+        raise refuse("path", second, f"collides with '{shown(first)}'{where}")
 
 
 def _check_first_module(runtime: Runtime) -> None:
@@ -152,7 +157,7 @@ async def ready(runtime: Runtime) -> ReadySummary:
     moved = 0
     files = meta.files if meta else []
     if meta:
-        _check_paths(meta, layout.in_data)
+        _check_paths(meta, layout.in_data, name_folding(layout.in_data))
         limit = runtime.semaphore()
         batches = split_batches(files, runtime.cfg.transfer.tasks, lambda f: f.size)
         download = download_files.with_options(**options)

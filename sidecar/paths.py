@@ -21,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tempfile
+import unicodedata
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 from urllib.parse import quote
 
 # Azure Storage: a blob name is at most 1,024 characters (counted here in UTF-16 code units, as the
@@ -140,19 +142,55 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def collisions(names: Iterable[str]) -> list[tuple[str, str]]:
+def collisions(names: Iterable[str], fold: Callable[[str], str] | None = None) -> list[tuple[str, str]]:
     """Pairs of names that cannot live side by side as files: the same name twice, or a name that is
-    also a folder of another (``a`` and ``a/b``). Every file system and blob store would merge them."""
-    found: list[tuple[str, str]] = []
-    present: set[str] = set()
+    also a folder of another (``a`` and ``a/b``). Every file system and blob store would merge them.
+
+    Args:
+        names: ``/``-separated relative names.
+        fold: how a file system compares names (:func:`name_folding`), e.g. ``Case.txt`` and
+            ``case.txt`` are one file where case is not told apart; None: byte for byte. The pairs
+            name the names as given.
+    """
+    by_key: dict[str, list[str]] = {}
     for name in names:
-        if name in present:
-            found.append((name, name))
-        present.add(name)
-    for name in sorted(present):
-        parts = name.split("/")
-        found += [("/".join(parts[:i]), name) for i in range(1, len(parts)) if "/".join(parts[:i]) in present]
+        by_key.setdefault(fold(name) if fold else name, []).append(name)
+    found = [(group[0], other) for group in by_key.values() for other in group[1:]]
+    for key in sorted(by_key):
+        parts = key.split("/")
+        found += [(by_key[prefix][0], by_key[key][0]) for i in range(1, len(parts))
+                  if (prefix := "/".join(parts[:i])) in by_key]
     return found
+
+
+def name_folding(folder: Path) -> Callable[[str], str] | None:
+    """How the file system holding ``folder`` compares names, found by creating one file in it: None
+    when it tells every name apart byte for byte (Linux file systems, a container's volume), else a
+    function mapping names it takes for one file to one key: ``str.casefold`` where it does not tell
+    case apart (macOS APFS and HFS+ by default, Windows NTFS), NFD where it does not tell Unicode
+    normalisation forms apart (APFS, HFS+), or both. Python's case folding is the Unicode standard's,
+    close to but not exactly each file system's table, so a pair refused here may be two files there,
+    never the other way round for the letters both know.
+
+    Raises:
+        OSError: the probe file cannot be created in ``folder``.
+    """
+    fd, path = tempfile.mkstemp(dir=folder, prefix=".sidecar-probe-Ab\u00e9-")
+    try:
+        name = os.path.basename(path)
+        other_case = os.path.exists(os.path.join(folder, name.swapcase()))
+        other_form = os.path.exists(os.path.join(folder, unicodedata.normalize("NFD", name)))
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    if not other_case and not other_form:
+        return None
+
+    def fold(name: str) -> str:
+        if other_case:
+            name = name.casefold()
+        return unicodedata.normalize("NFD", name) if other_form else name
+    return fold
 
 
 def inside(real_root: str, real: str) -> bool:

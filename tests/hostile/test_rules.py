@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from sidecar.cli import UsageError, compose_config, redacted_yaml
 from sidecar.errors import DataPlaneError, InputError
 from sidecar.layout import ModuleLayout, check_event_meta_sizes, plan_outputs
 from sidecar.models import BlobFile, EventMeta
-from sidecar.paths import Confinement, collisions, confine, inside, name_problem, shown, text_problem
+from sidecar.paths import Confinement, collisions, confine, inside, name_folding, name_problem, shown, text_problem
 from sidecar.sharedsecret import matches, secret_problem
 from testsupport.hostile import DONE_CASES, READY_CASES, reset_outputs
 from testsupport.processes import python_env
@@ -228,3 +229,38 @@ def test_every_ready_case_is_refused_before_anything_is_staged(case, tmp_path: P
         _check_paths(meta, tmp_path / "in" / "data")
     message = str(err.value)
     assert f"event meta 'ev' lists {case.what} '{case.shown}', which " in message and case.detail in message, message
+
+
+FOLDS = {
+    "case": str.casefold,
+    "normalisation": lambda name: unicodedata.normalize("NFD", name),
+    "both": lambda name: unicodedata.normalize("NFD", name.casefold()),
+}
+
+
+@pytest.mark.parametrize("fold, files, first", [
+    ("case", ["Case.txt", "case.txt"], "Case.txt"),
+    ("case", ["Reports/a.csv", "reports/b.csv", "REPORTS"], "REPORTS"),
+    ("normalisation", ["caf\u00e9.txt", "cafe\u0301.txt"], "caf\u00e9.txt"),
+    ("both", ["\u00c9t\u00e9/x", "e\u0301te\u0301/y", "\u00e9t\u00e9"], "\u00e9t\u00e9"),
+], ids=["case", "case-folder-and-file", "nfc-nfd", "both"])
+def test_inputs_one_folding_file_system_would_merge_are_refused_before_staging(
+        fold: str, files: list[str], first: str, tmp_path: Path) -> None:
+    """On a disk that does not tell case or normalisation forms apart (macOS, Windows: a developer's
+    laptop in development mode), two inputs would be one file and /ready would answer 200 with one
+    of them lost; the probe says how the disk compares names (tests/hostile cannot mount such a disk
+    here, so the comparison is given) and the event meta is refused naming both."""
+    meta = EventMeta(id="ev", eventId="ev", correlationId="c", parentEventId="p", eventType="t", producer="p",
+                     files=[BlobFile(path=p, key=f"k/{p}", size=5) for p in files])
+    (tmp_path / "in" / "data").mkdir(parents=True)
+    _check_paths(meta, tmp_path / "in" / "data")  # a disk that tells them apart stages them all
+    with pytest.raises(DataPlaneError) as err:
+        _check_paths(meta, tmp_path / "in" / "data", FOLDS[fold])
+    message = str(err.value)
+    assert f"collides with '{shown(first)}'" in message and "does not tell case" in message, message
+
+
+def test_the_probe_finds_this_disk_tells_names_apart_and_leaves_nothing(tmp_path: Path) -> None:
+    """Linux file systems (the suite's, a container's volume) compare names byte for byte."""
+    assert name_folding(tmp_path) is None
+    assert list(tmp_path.iterdir()) == []
