@@ -157,13 +157,16 @@ async def ready(runtime: Runtime) -> ReadySummary:
     moved = 0
     files = meta.files if meta else []
     if meta:
-        _check_paths(meta, layout.in_data, name_folding(layout.in_data))
         limit = runtime.semaphore()
         batches = split_batches(files, runtime.cfg.transfer.tasks, lambda f: f.size)
         download = download_files.with_options(**options)
         # gather_all (a TaskGroup): when one batch fails, the others are cancelled and finished before the flow
         # run ends, so no download writes into in/data after the answer (or into a retry's fresh in/).
         try:
+            # The probe file goes to the sidecar's own folder too (one file system with in/data), never
+            # among the inputs' names.
+            layout.staging.mkdir(exist_ok=True)
+            _check_paths(meta, layout.in_data, name_folding(layout.staging))
             async with history.TransferProgress.for_run(runtime, "ready", "downloaded",
                                                         [f.size for f in files]) as progress:
                 moved = sum(await gather_all(download(runtime, quote(b), len(b), limit, progress) for b in batches))
