@@ -71,9 +71,11 @@ async def publish_events(runtime: Runtime, events: list[Event], count: int) -> N
     again once the bus accepted it (``sidecar.runstate``). A batch an earlier attempt sent without an
     answer (this task's previous try, a killed predecessor) is recorded as "may have been delivered"
     before it is sent again."""
-    maybe_delivered = runtime.run.settle_sending(maybe_delivered=True)
-    if maybe_delivered:
-        log_resend(maybe_delivered)
+    runtime.run.settle_sending(maybe_delivered=True)
+    uncertain = set(runtime.run.record.uncertain)
+    resent = [event.id for event in events if event.id in uncertain]
+    if resent:
+        log_resend(resent)
     await runtime.dataplane.events.publish(events, on_published=runtime.run.add_published,
                                            on_sending=runtime.run.add_sending)
 

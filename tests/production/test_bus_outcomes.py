@@ -82,7 +82,7 @@ def committed(stack: Stack, event_id: str) -> tuple[int, int, int]:
 
 @pytest.mark.parametrize("detection", [True, False], ids=["duplicate-detection", "no-duplicate-detection"])
 def test_a_publish_past_its_deadline_that_reached_the_broker_is_recorded_and_resent(
-        tmp_path: Path, stack: Stack, detection: bool) -> None:
+        tmp_path: Path, stack: Stack, detection: bool, caplog: pytest.LogCaptureFixture) -> None:
     topic = stack.peer.create_topic(unique("ambiguous"), ["s"], duplicate_detection=detection)
     event_id = unique("amb")
     runtime = runtime_for(stack, tmp_path, event_id, topic.name)
@@ -108,10 +108,14 @@ def test_a_publish_past_its_deadline_that_reached_the_broker_is_recorded_and_res
                 assert time.monotonic() < deadline, "the held transfer never reached the peer"
                 time.sleep(0.1)
 
+            caplog.set_level(logging.WARNING, logger="flows.done")
             retry = client.get("/done", headers=H)
             assert retry.status_code == 200, retry.text
     finally:
         stack.up()
+    [resend] = [r.getMessage() for r in caplog.records if r.name == "flows.done"]
+    assert resend.startswith("publishing 2 child events again after an earlier publish of them ended without")
+    assert all(i in resend for i in ids)
     kept = record(runtime)
     assert sorted(kept["published"]) == ids and kept["sending"] == [] and sorted(kept["uncertain"]) == ids
     # The run history's /done report says so.
