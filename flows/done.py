@@ -137,7 +137,11 @@ async def _publish_within_deadline(runtime: Runtime, events: list[Event], option
         runtime.run.settle_sending(maybe_delivered=False)  # refused for good: the bus has none of them
         raise
     except DataPlaneUnavailable as exc:
-        maybe = runtime.run.settle_sending(maybe_delivered=True)
+        runtime.run.settle_sending(maybe_delivered=True)
+        # Sent by this attempt or an earlier one (a task retry that failed before sending again included).
+        record = runtime.run.record
+        uncertain, published = set(record.uncertain), set(record.published)
+        maybe = [e.id for e in events if e.id in uncertain and e.id not in published]
         if not maybe:
             raise
         error = type(exc)(exc.store, exc.message.partition(": ")[2] + (

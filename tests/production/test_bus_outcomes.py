@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -218,3 +219,34 @@ def test_start_up_says_once_when_it_cannot_tell_whether_a_resend_is_dropped(
     assert text.startswith(f"could not read whether topic {stack.topic} has duplicate detection (")
     assert "delivers those events twice; consumers dedupe on the message id" in text
     assert "SAS_KEY_VALUE" not in text
+
+
+def test_a_connection_lost_after_the_transfer_went_out_is_recorded_as_maybe_delivered(
+        tmp_path: Path, stack: Stack) -> None:
+    # The transfer reaches the broker, its disposition never comes back: the connection is cut.
+    topic = stack.peer.create_topic(unique("lost"), ["s"])
+    event_id = unique("lost")
+    runtime = runtime_for(stack, tmp_path, event_id, topic.name)
+    ids = sorted(child_event_id(runtime.cfg, f"e{i}.json") for i in range(2))
+    try:
+        with TestClient(create_app(runtime)) as client, ThreadPoolExecutor(1) as pool:
+            assert client.get("/ready", headers=H).status_code == 200
+            write_outputs(runtime.layout.basedir)
+            stack.bus_proxy.hang_when(b"previousStages", forward=True)
+            pending = pool.submit(client.get, "/done", headers=H)
+            assert stack.bus_proxy.triggered.wait(60), "the transfer never went out"
+            deadline = time.monotonic() + 30
+            while len(topic.seen_ids) < 2:  # the broker has both events
+                assert time.monotonic() < deadline, "the transfer never reached the peer"
+                time.sleep(0.05)
+            stack.bus_proxy.down()  # the answer is lost with the connection; the task's retry is refused
+            failed = pending.result(120)
+            assert failed.status_code == 503, failed.text
+            assert "2 of these events may have been delivered" in failed.json()["message"], failed.text
+            assert sorted(record(runtime)["uncertain"]) == ids
+            stack.bus_proxy.up()
+            assert client.get("/done", headers=H).status_code == 200
+    finally:
+        stack.up()
+    assert topic.duplicates == 2  # resent under the same message ids, and dropped
+    assert sorted(m.message_id for m in receive_all_sync(stack.bus_connection_string(direct=True), topic.name, "s")) == ids
