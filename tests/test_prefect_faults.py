@@ -239,8 +239,53 @@ def test_database_stopped_while_the_server_stays_up(api: Api, sidecar: SidecarPr
     recover(sidecar)
 
 
+def test_api_drips_every_answer(api: Api, sidecar: SidecarProcess) -> None:
+    """The API sends each answer's head, then one byte every 2 s: each gap is below the clients' read
+    timeouts, so only a bound on a whole answer ends the wait. The sidecar's probe gets no whole answer
+    within its timeout and the call gives up as in an outage (before, the probe waited for ever, the
+    API stayed "ok" and the call waited for the flow run's start deadline, 90 s)."""
+    fresh_run(sidecar)
+    wait_health(sidecar, 200, 60)
+    api.proxy.drip(past_head=True, interval=2.0)
+    try:
+        response, seconds = get(sidecar, "/ready")
+        assert api.proxy.drips > 0 and api.proxy.dripped > 0, "the proxy slowed nothing: the fault did not happen"
+        assert_unavailable(response)
+        assert seconds < ANSWER_WITHIN, f"/ready took {seconds:.1f} s against a dripping API"
+        health = wait_health(sidecar, 503, 15).json()
+        assert "unreachable" in health["message"] and "no complete answer" in health["message"], health
+    finally:
+        api.proxy.up()
+    recover(sidecar)
+    no_flow_run_running(api)
+
+
+def test_api_drips_after_the_commit(api: Api, sidecar: SidecarProcess) -> None:
+    """/done commits, then the run history's writes are answered one byte every half second: /done
+    answers 200 promptly and nothing is published twice."""
+    fresh_run(sidecar)
+    response, _ = get(sidecar, "/ready")
+    assert response.status_code == 200, response.text
+    write_outputs(sidecar.basedir, 2)
+    api.proxy.drip(when=WRITES_HISTORY, past_head=True, interval=0.5)
+    try:
+        done, seconds = get(sidecar, "/done")
+        assert api.proxy.drips > 0, "the history writes were not slowed: the fault did not happen"
+        assert done.status_code == 200, done.text
+        assert seconds < ANSWER_WITHIN, f"a committed /done took {seconds:.1f} s to answer"
+    finally:
+        api.proxy.up()
+    again, _ = get(sidecar, "/done")
+    assert again.status_code == 200 and again.json()["flowRunId"] == done.json()["flowRunId"], again.text
+    published = [p for p in (sidecar.cwd / ".dev" / "events").rglob("*") if p.is_file()]
+    assert len(published) == 1, published
+    no_flow_run_running(api)
+
+
 def test_hang_after_commit_then_sigterm_and_restart(api: Api, sidecar: SidecarProcess) -> None:
-    """/done commits, the API hangs as the run history and the final state are written: /done answers
+    """Stops the file's ``sidecar`` (SIGTERM): the last test of this file to use that fixture.
+
+    /done commits, the API hangs as the run history and the final state are written: /done answers
     200 promptly. The sidecar is stopped (SIGTERM) during the outage within a container's grace period,
     keeps the flow run in its run record, and its successor reports it Completed once the API is back;
     nothing is stored or published twice."""
@@ -341,45 +386,3 @@ def test_sigkill_while_the_api_hangs_at_running(api: Api, tmp_path: Path) -> Non
                 process.stop()
     no_flow_run_running(api)
 
-
-def test_api_drips_every_answer(api: Api, sidecar: SidecarProcess) -> None:
-    """The API sends each answer's head, then one byte every 2 s: each gap is below the clients' read
-    timeouts, so only a bound on a whole answer ends the wait. The sidecar's probe gets no whole answer
-    within its timeout and the call gives up as in an outage (before, the probe waited for ever, the
-    API stayed "ok" and the call waited for the flow run's start deadline, 90 s)."""
-    fresh_run(sidecar)
-    wait_health(sidecar, 200, 60)
-    api.proxy.drip(past_head=True, interval=2.0)
-    try:
-        response, seconds = get(sidecar, "/ready")
-        assert api.proxy.drips > 0 and api.proxy.dripped > 0, "the proxy slowed nothing: the fault did not happen"
-        assert_unavailable(response)
-        assert seconds < ANSWER_WITHIN, f"/ready took {seconds:.1f} s against a dripping API"
-        health = wait_health(sidecar, 503, 15).json()
-        assert "unreachable" in health["message"] and "no complete answer" in health["message"], health
-    finally:
-        api.proxy.up()
-    recover(sidecar)
-    no_flow_run_running(api)
-
-
-def test_api_drips_after_the_commit(api: Api, sidecar: SidecarProcess) -> None:
-    """/done commits, then the run history's writes are answered one byte every half second: /done
-    answers 200 promptly and nothing is published twice."""
-    fresh_run(sidecar)
-    response, _ = get(sidecar, "/ready")
-    assert response.status_code == 200, response.text
-    write_outputs(sidecar.basedir, 2)
-    api.proxy.drip(when=WRITES_HISTORY, past_head=True, interval=0.5)
-    try:
-        done, seconds = get(sidecar, "/done")
-        assert api.proxy.drips > 0, "the history writes were not slowed: the fault did not happen"
-        assert done.status_code == 200, done.text
-        assert seconds < ANSWER_WITHIN, f"a committed /done took {seconds:.1f} s to answer"
-    finally:
-        api.proxy.up()
-    again, _ = get(sidecar, "/done")
-    assert again.status_code == 200 and again.json()["flowRunId"] == done.json()["flowRunId"], again.text
-    published = [p for p in (sidecar.cwd / ".dev" / "events").rglob("*") if p.is_file()]
-    assert len(published) == 1, published
-    no_flow_run_running(api)
