@@ -18,7 +18,7 @@ start-up (exit 2) and in ``/done``'s plan, before anything is committed (HTTP 40
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from sidecar.errors import SettingsError
 from sidecar.paths import shown
@@ -57,15 +57,19 @@ def name_problem(name: str) -> str | None:
     return None
 
 
-def case_collisions(names: Iterable[str]) -> list[tuple[str, str]]:
-    """Pairs of distinct ``names`` that differ only in case, so name one topic (first seen, other)."""
+def type_problems(event_types: Iterable[str]) -> Iterator[tuple[int, str]]:
+    """``(index, problem)`` for each of ``event_types`` (in order) that cannot name its own topic: not a
+    topic name, or the name of an earlier one in another case (Service Bus names are case-insensitive)."""
     first: dict[str, str] = {}
-    pairs = []
-    for name in names:
-        seen = first.setdefault(name.lower(), name)
-        if seen != name and (seen, name) not in pairs:
-            pairs.append((seen, name))
-    return pairs
+    for index, event_type in enumerate(event_types):
+        problem = name_problem(event_type)
+        if problem:
+            yield index, f"event type '{shown(event_type)}' {problem}: {_RULE}"
+            continue
+        seen = first.setdefault(event_type.lower(), event_type)
+        if seen != event_type:
+            yield index, (f"event types '{shown(seen)}' and '{shown(event_type)}' differ only in case: Service Bus "
+                          "names are case-insensitive, so both would go to one topic")
 
 
 def check_settings(topic_setting: str, event_types: list[str]) -> None:
@@ -85,33 +89,17 @@ def check_settings(topic_setting: str, event_types: list[str]) -> None:
             raise SettingsError(f"--servicebuseventprovider.topic={shown(topic_setting)} {problem}: {_RULE}")
         return
     how = ("each event goes to the topic named after its event type (--servicebuseventprovider.topic is "
-           f"{'empty' if not topic_setting else PER_EVENT_TYPE})")
-    for event_type in event_types:
-        problem = name_problem(event_type)
-        if problem:
-            raise SettingsError(f"--valideventtypes: event type '{shown(event_type)}' {problem}, and {how}: {_RULE}; "
-                                "rename the event type or set --servicebuseventprovider.topic to one topic")
-    for seen, other in case_collisions(event_types):
-        raise SettingsError(f"--valideventtypes: event types '{shown(seen)}' and '{shown(other)}' differ only in case, "
-                            f"and {how}: Service Bus names are case-insensitive, so both would go to one topic")
+           f"{'empty' if not topic_setting else PER_EVENT_TYPE}); rename the event type or set "
+           "--servicebuseventprovider.topic to one topic")
+    for _, problem in type_problems(event_types):
+        raise SettingsError(f"--valideventtypes: {problem}; {how}")
 
 
 def event_problems(topic_setting: str, events: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """``(file, problem)`` for each planned event whose topic cannot be a topic name or names, in another
-    case, the topic of an earlier event; ``events`` is ``(file, event type)`` in plan order. Empty when
-    all events go to one topic."""
+    """``(file, problem)`` for each planned event whose event type cannot name its own topic
+    (:func:`type_problems`); ``events`` is ``(file, event type)`` in plan order. Empty when all events go
+    to one topic."""
     if not per_event_type(topic_setting):
         return []
-    problems = []
-    first: dict[str, str] = {}
-    for file, event_type in events:
-        problem = name_problem(event_type)
-        if problem:
-            problems.append((file, f"key 'eventType': event type '{event_type}' {problem}, and each event goes "
-                                   f"to the topic named after its event type: {_RULE}"))
-            continue
-        seen = first.setdefault(event_type.lower(), event_type)
-        if seen != event_type:
-            problems.append((file, f"key 'eventType': event type '{event_type}' differs from '{seen}' only in case: "
-                                   "Service Bus names are case-insensitive, so both would go to one topic"))
-    return problems
+    return [(events[index][0], f"key 'eventType': {problem}; each event goes to the topic named after its event type")
+            for index, problem in type_problems(event_type for _, event_type in events)]
