@@ -26,6 +26,7 @@ from flows.ready import ready as ready_flow
 from flows.runtime import Runtime
 from sidecar.config import secret_values
 from sidecar.errors import InputError, SidecarError, StateError, Stopping, volume_error
+from sidecar.layout import ModuleLayout, changed_since
 from sidecar.logs import ContextFilter
 from sidecar.models import DoneSummary, ReadySummary
 from sidecar.orchestration import PrefectApi
@@ -53,8 +54,9 @@ class RunState:
     deleted its base folder gets a fresh run (README: Restarts).
     """
 
-    def __init__(self, store: RunStore) -> None:
+    def __init__(self, store: RunStore, layout: ModuleLayout | None = None) -> None:
         self.store = store
+        self.layout = layout  # fingerprints out/ for a repeated /done (None: repeats are not compared)
         self.inflight: tuple[Phase, asyncio.Task] | None = None
         self.stopping = False
         self._resumed_logged = False  # the first call of this process says where a previous one stopped
@@ -90,6 +92,8 @@ class RunState:
             raise StateError("/done before /ready: call /ready first and wait for it to succeed")
         kept = self.store.record.ready if step is Phase.ready else self.store.record.done
         if kept is not None:
+            if step is Phase.done:
+                self._check_unchanged_since_commit()
             return (ReadySummary if step is Phase.ready else DoneSummary).model_validate(kept)
         if self.inflight is None:
             self.inflight = (step, asyncio.create_task(self._step(step, start)))
@@ -106,10 +110,32 @@ class RunState:
             if task.done() and self.inflight and self.inflight[1] is task:
                 self.inflight = None
 
+    def _check_unchanged_since_commit(self) -> None:
+        """Refuse a repeated ``/done`` when ``out/`` differs from what the committed one found: those
+        outputs would be dropped behind a 200 (the summary of the commit that did not include them).
+
+        Raises:
+            StateError: naming every entry added, removed or changed since the commit (HTTP 409).
+        """
+        committed = self.store.record.committed
+        if self.layout is None or committed is None:  # a record written before fingerprints were kept
+            return
+        problems = changed_since(committed, self.layout.fingerprint())
+        if problems:
+            named = [f"{name}: {problem}" for name, problem in problems[:InputError.MAX_NAMED]]
+            if len(problems) > InputError.MAX_NAMED:
+                named.append(f"and {len(problems) - InputError.MAX_NAMED} more")
+            flow_run = (self.store.record.done or {}).get("flowRunId", "?")
+            raise StateError(f"/done already committed this run's outputs (flow run {flow_run}); not committed: "
+                             + "; ".join(named))
+
     async def _step(self, step: Phase, start: Callable[[], Awaitable[Any]]) -> Any:
+        # Taken before the plan reads out/: a file written meanwhile is named by a repeated /done
+        # (at worst a 409 for a file this commit took), never dropped behind its 200.
+        fingerprint = self.layout.fingerprint() if step is Phase.done and self.layout is not None else None
         summary = await start()
         # Recorded before anyone is answered: a restarted sidecar then answers the same.
-        self.store.save(phase=step.value, **{step.value: summary.model_dump(mode="json")})
+        self.store.save(phase=step.value, committed=fingerprint, **{step.value: summary.model_dump(mode="json")})
         return summary
 
     def stop(self) -> None:
@@ -138,7 +164,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     prefect_api = PrefectApi(cfg.prefectstartuptimeoutseconds, flows=[ready_flow, done_flow], devdir=cfg.devdir,
                              require_api=cfg.requireprefectapi, ledger=runtime.run)
     prefect_api.resolve()
-    state = RunState(runtime.run)
+    state = RunState(runtime.run, runtime.layout)
     expected_secret = header_value(cfg.sharedsecret)
     redact = ContextFilter({}, secret_values(cfg)).redact
 
@@ -211,24 +237,33 @@ def create_app(runtime: Runtime) -> FastAPI:
         status, body = prefect_api.health()
         return JSONResponse({**body, "phase": state.phase.value}, status_code=status)
 
-    async def run_step(step: Phase, flow: Callable[[Runtime], Awaitable[Any]]) -> Any:
+    async def run_step(step: Phase, flow: Callable[[Runtime], Awaitable[Any]]) -> tuple[Any, bool]:
+        """Run ``step``; returns its summary and whether this call ran its flow (False: a repeat
+        answered from the record, or a call that shared another caller's flow run)."""
+        ran = False
+
         async def start() -> Any:
+            nonlocal ran
+            ran = True
             with tagged(cfg.context):  # the flow run carries the run's ids (its task runs none: flows/history.py)
                 return await prefect_api.run(flow, runtime)
 
-        return await state.run(step, start)
+        return await state.run(step, start), ran
 
     @app.get("/ready", response_model=ReadySummary)
     async def ready() -> ReadySummary:
-        summary = await run_step(Phase.ready, ready_flow)
+        summary, _ = await run_step(Phase.ready, ready_flow)
         log.info("ready: staged %s files, %s bytes in %ss", summary.files, summary.bytes, summary.seconds)
         return summary
 
     @app.get("/done", response_model=DoneSummary)
     async def done() -> DoneSummary:
-        summary = await run_step(Phase.done, done_flow)
-        log.info("done: committed %s files, %s bytes, %s events in %ss",
-                 summary.files, summary.bytes, len(summary.events), summary.seconds)
+        summary, ran = await run_step(Phase.done, done_flow)
+        if ran:
+            log.info("done: committed %s files, %s bytes, %s events in %ss",
+                     summary.files, summary.bytes, len(summary.events), summary.seconds)
+        else:  # out/ unchanged since (a changed one is a 409): the same summary, and nothing committed now
+            log.info("done: already committed by flow run %s; nothing new", summary.flowRunId)
         return summary
 
     return app

@@ -111,9 +111,54 @@ class ModuleLayout(Layout):
         except ValueError:
             return str(path)
 
+    def fingerprint(self) -> dict[str, list[int]]:
+        """What is under ``out/`` now, cheaply: ``{name: [size bytes, mtime_ns]}`` for each file under
+        ``out/data`` (as the plan walks it), ``out/meta.json``, each entry of ``out/events`` and any other
+        entry of ``out/``; names relative to the base directory. No file is read: a repeated ``/done``
+        compares it with the one taken when its run committed (:func:`changed_since`)."""
+        found: dict[str, list[int]] = {}
+        files, _ = _walk_output_files(self)
+        for f in files:
+            found["out/data/" + f.path] = [f.size, f.mtime_ns]
+        out = self.basedir / "out"
+        try:
+            tops = sorted(os.listdir(out))
+        except OSError:
+            tops = []
+        entries = [out / name for name in tops if name != "data"]
+        if "events" in tops and self.out_events.is_dir():
+            entries.remove(self.out_events)
+            entries += sorted(self.out_events.iterdir())
+        for path in entries:
+            try:
+                stat = path.stat()
+            except OSError:  # a dangling link: still an entry the module wrote
+                stat = path.lstat()
+            found[self.name(path)] = [stat.st_size, stat.st_mtime_ns]
+        return found
+
     def write_input_meta(self, pairs: list[KeyValuePair]) -> None:
         """Write ``in/meta.json`` atomically (temp file, then rename) as a KeyValuePairs array."""
         write_json_atomic(self.in_meta, [p.model_dump() for p in pairs])
+
+
+def changed_since(committed: dict[str, list[int]], now: dict[str, list[int]]) -> list[tuple[str, str]]:
+    """The entries of ``out/`` added, removed or changed (size or modification time) between two
+    fingerprints (:meth:`ModuleLayout.fingerprint`), as ``(name, problem)`` sorted by name: what a repeated ``/done``
+    would otherwise drop behind a 200 (README, The folder contract: a run commits once)."""
+    again = "a module run commits once; start a new run (a new event) to commit it"
+    problems = []
+    for name in sorted(committed.keys() | now.keys()):
+        if name not in committed:
+            problems.append((name, f"written after /done committed this run's outputs; {again}"))
+        elif name not in now:
+            problems.append((name, "removed after /done committed this run's outputs; what was committed stays "
+                                   "committed (a module run commits once)"))
+        elif committed[name] != now[name]:
+            problems.append((name, f"changed after /done committed this run's outputs (committed {committed[name][0]} "
+                                   f"bytes, now {now[name][0]}, or its modification time); the committed version "
+                                   f"stays; {again}"))
+    return problems
 
 
 @dataclass(frozen=True)

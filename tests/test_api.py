@@ -63,6 +63,43 @@ def test_order_is_enforced_and_repeats_return_the_same_summary(client: TestClien
     assert again.status_code == 409 and "/ready after /done" in again.json()["message"]
 
 
+def test_a_repeated_done_names_outputs_written_after_the_commit(client: TestClient, runtime: Runtime, caplog) -> None:
+    """A run commits once: a repeat with out/ as committed answers the same summary (a retry after a lost
+    answer), one with outputs added, changed or removed since is a 409 naming each, never a 200 that
+    drops them. Nothing more is committed either way."""
+    lay = runtime.layout
+    assert client.get("/ready", headers=H).status_code == 200
+    write_found_outputs(runtime)
+    (lay.out_data / "sub").mkdir()
+    (lay.out_data / "sub" / "kept.txt").write_text("kept")
+    lay.out_meta.write_text('[{"key": "k", "value": "v"}]')
+    first = client.get("/done", headers=H)
+    assert first.status_code == 200, first.text
+    events = sorted(p.name for p in (Path(runtime.cfg.devdir) / "events").iterdir())
+    caplog.clear()
+    with caplog.at_level("INFO", logger="sidecar.api"):
+        assert client.get("/done", headers=H).json() == first.json()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
+    assert lines == [f"done: already committed by flow run {first.json()['flowRunId']}; nothing new"]
+
+    (lay.out_data / "late.txt").write_text("late")
+    (lay.out_data / "sub" / "kept.txt").write_text("kept, longer")
+    (lay.out_data / "f1.txt").unlink()
+    lay.out_meta.write_text('[{"key": "k", "value": "changed"}]')
+    (lay.out_events / "e9.json").write_text('[{"key": "eventType", "value": "found"}]')
+    late = client.get("/done", headers=H)
+    assert late.status_code == 409, late.text
+    message = late.json()["message"]
+    assert "out/data/late.txt: written after /done committed this run's outputs" in message
+    assert "start a new run (a new event) to commit it" in message
+    for name in ("out/data/sub/kept.txt: changed", "out/data/f1.txt: removed", "out/meta.json: changed",
+                 "out/events/e9.json: written after"):
+        assert name in message, (name, message)
+    assert first.json()["flowRunId"] in message
+    assert sorted(p.name for p in (Path(runtime.cfg.devdir) / "events").iterdir()) == events
+    assert client.get("/healthz").json()["phase"] == "done"
+
+
 def test_concurrent_calls_share_one_flow_run(client: TestClient) -> None:
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda _: client.get("/ready", headers=H), range(4)))
