@@ -48,6 +48,16 @@ def leftovers(correlationid: str) -> list[psutil.Process]:
     return found
 
 
+def is_sidecar(proc: psutil.Process) -> bool:
+    """``proc`` is a sidecar as the dispatcher starts one (``python -m sidecar ...``, dispatcher/processes.py):
+    told by its argv, never by a substring of the command line, which holds the checkout's path
+    (``.../ion-sidecar/.venv/bin/python``) for every process a graph run starts."""
+    try:
+        return proc.cmdline()[1:3] == ["-m", "sidecar"]
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
 def check_inputs_match_parents(rundir: Path, seed_files: Path | None) -> int:
     """Every completed attempt's ``in/data`` holds exactly the files its event lists, each byte-identical
     to what the parent wrote in its ``out/data`` (the seed's: the ``--files`` folder). Returns the number

@@ -19,8 +19,8 @@ import psutil
 import pytest
 
 from dispatcher.graph import GraphError, load_graph
-from tests.offline.support import (HERE, flow_runs_tagged, check_inputs_match_parents, graph_run_in_prefect, leftovers, offline_argv,
-                                   pid_alive, run_offline, summary, wait_for)
+from tests.offline.support import (HERE, flow_runs_tagged, check_inputs_match_parents, graph_run_in_prefect, is_sidecar,
+                                   leftovers, offline_argv, pid_alive, run_offline, summary, wait_for)
 from testsupport.processes import python_env
 
 
@@ -204,7 +204,7 @@ def test_a_killed_dispatcher_leaves_no_sidecar_or_module_running(tmp_path: Path)
     try:
         module_pid, child_pid = _hanging_module(proc, tmp_path)
         grandchild = psutil.Process(child_pid)
-        sidecars = [p for p in leftovers(cid) if "sidecar" in " ".join(p.cmdline()) and p.pid != module_pid]
+        sidecars = [p for p in leftovers(cid) if is_sidecar(p)]
         assert sidecars, [p.cmdline() for p in leftovers(cid)]
         proc.kill()
         proc.wait(30)
