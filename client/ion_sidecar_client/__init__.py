@@ -212,9 +212,21 @@ class SidecarClient:
         return {p["key"]: p["value"] for p in pairs}
 
     def input_files(self) -> list[str]:
-        """The files staged into ``in/data``, as sorted paths relative to it (``/`` separated)."""
+        """The files staged into ``in/data``, as sorted paths relative to it (``/`` separated), the names
+        the parent listed in its event; open one with :meth:`input_path` (``client.input_path(p)``)."""
         root = self.layout.in_data
         return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+    def input_path(self, path: str) -> Path:
+        """The local path of the input ``path`` (as :meth:`input_files` names it, relative to ``in/data``).
+
+        Raises:
+            ValueError: ``path`` is absolute or leads outside ``in/data`` (``..``).
+        """
+        relative = Path(path)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ValueError(f"{path!r}: an input is named relative to in/data, as input_files() names it")
+        return self.layout.in_data / relative
 
     def write_file(self, path: str, data: bytes) -> Path:
         """Write ``data`` to ``out/data/{path}`` (subfolders created); returns the local path."""

@@ -12,7 +12,7 @@ def main() -> None:
     label = client.input_meta().get("label", "")
     files = client.input_files()
     for i, path in enumerate(files):
-        data = (client.layout.in_data / path).read_bytes()
+        data = client.input_path(path).read_bytes()
         client.write_file(path, data)
         client.write_event(f"file{i}", "file_discovered", [path], path=path, size=str(len(data)), label=label)
     client.write_insight(files=str(len(files)))

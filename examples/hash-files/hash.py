@@ -13,7 +13,7 @@ def main() -> None:
     client.ready()
     meta = client.input_meta()
     path = meta["path"]
-    data = (client.layout.in_data / path).read_bytes()
+    data = client.input_path(path).read_bytes()
     if len(data) != int(meta["size"]):
         raise SystemExit(f"{path}: {len(data)} bytes staged, the event says {meta['size']}")
     digest = hashlib.sha256(data).hexdigest()

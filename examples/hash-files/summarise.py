@@ -13,7 +13,7 @@ def main() -> None:
     client.ready()
     meta = client.input_meta()
     path = meta["path"]
-    data = (client.layout.in_data / path).read_bytes()
+    data = client.input_path(path).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != meta["sha256"]:
         raise SystemExit(f"{path}: SHA-256 {digest}, its parent computed {meta['sha256']}")

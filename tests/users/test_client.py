@@ -166,6 +166,13 @@ def test_helpers_write_what_the_sidecar_accepts(tmp_path: Path, monkeypatch: pyt
     layout = ModuleLayout(tmp_path)
     layout.write_input_meta([KeyValuePair(key="index", value="2")])
     assert client.input_meta() == {"index": "2"}
+    (layout.in_data / "items").mkdir(parents=True)
+    (layout.in_data / "items" / "item2.txt").write_bytes(b"two")
+    assert client.input_files() == ["items/item2.txt"]  # relative to in/data, not openable as they are
+    assert [client.input_path(p).read_bytes() for p in client.input_files()] == [b"two"]
+    for bad in ("/etc/passwd", "../in/data/items/item2.txt"):
+        with pytest.raises(ValueError, match="relative to in/data"):
+            client.input_path(bad)
     client.write_file("a/b.txt", b"hello")
     client.write_event("first", "file_discovered", ["a/b.txt"], sha1="x")
     client.write_event("second", "file_discovered")
