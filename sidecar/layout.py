@@ -12,6 +12,7 @@ import difflib
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ MAX_INSIGHT_BYTES = MAX_DOCUMENT_BYTES
 _FILE_ENTRY_ALLOWANCE = 512
 
 _PAIRS = TypeAdapter(list[KeyValuePair])
+# What sets each size limit, told with a refusal: an event file's is a flag, the insight's is the store's.
+EVENT_LIMIT = "set by --maxeventbytes"
+INSIGHT_LIMIT = ("the insight is stored as one document, at most 2 MiB on every document provider (Cosmos DB); "
+                 "no flag raises it: keep large results in out/data")
 
 
 @dataclass(frozen=True)
@@ -238,7 +243,7 @@ def write_json_atomic(path: Path, value: object) -> None:
         raise
 
 
-def read_pairs(path: Path, where: str, max_bytes: int, *, empty_ok: bool) -> list[KeyValuePair]:
+def read_pairs(path: Path, where: str, max_bytes: int, *, empty_ok: bool, limit: str = "") -> list[KeyValuePair]:
     """Read a KeyValuePairs JSON file (spec: Insight Schema, Events Schema).
 
     Args:
@@ -246,6 +251,7 @@ def read_pairs(path: Path, where: str, max_bytes: int, *, empty_ok: bool) -> lis
         where: the name used in error messages (e.g. ``"out/events/a.json"``).
         max_bytes: largest size accepted, bytes.
         empty_ok: an empty (or blank) file means no pairs instead of an error.
+        limit: what sets ``max_bytes`` (e.g. ``"set by --maxeventbytes"``), told when a file is over it.
 
     Raises:
         InputError: too large, empty (unless ``empty_ok``), malformed JSON, or not an array of
@@ -253,7 +259,7 @@ def read_pairs(path: Path, where: str, max_bytes: int, *, empty_ok: bool) -> lis
     """
     size = path.stat().st_size
     if size > max_bytes:
-        raise InputError(where, f"{size} bytes is over the limit of {max_bytes} bytes")
+        raise InputError(where, f"{size} bytes is over the limit of {max_bytes} bytes" + (f" ({limit})" if limit else ""))
     raw = path.read_bytes()
     if not raw.strip():
         if empty_ok:
@@ -465,9 +471,46 @@ def _event_files(value: str, where: str, outputs: dict[str, OutputFile]) -> list
         if normal == ".." or normal.startswith("../"):
             raise InputError(where, f"'{entry}' escapes out/data", key="files")
         if normal not in outputs:
-            raise InputError(where, f"'{entry}' is not a file under out/data", key="files")
+            raise InputError(where, f"'{entry}' is not a file under out/data{_listed_file_hint(entry, normal, value, outputs)}",
+                             key="files")
         paths.setdefault(normal)
     return list(paths)
+
+
+# How the value of an event's "files" is read (_event_files), told when a listed name is not found.
+FILES_RULE = ("'files' is split on commas, each name trimmed of leading and trailing blanks, and names a file by "
+              "its path relative to out/data")
+
+
+def _listed_file_hint(entry: str, normal: str, value: str, outputs: dict[str, OutputFile]) -> str:
+    """Why the listed ``entry`` (``normal`` once normalised) of the ``files`` ``value`` may name no output
+    file, when a near file says so: a path given from out/ or the base folder, a name differing in case, a
+    file whose name begins or ends with a blank (trimmed away), names separated by something else than
+    commas. Returns ``""`` or the hint, starting with ``"; "``."""
+    for prefix in ("out/data/", "data/", "/out/data/"):
+        if normal.startswith(prefix) and normal[len(prefix):] in outputs:
+            return f"; paths are relative to out/data: did you mean '{normal[len(prefix):]}'?"
+    folded = [p for p in outputs if p.casefold() == normal.casefold()]
+    if folded:
+        return f"; names are case-sensitive: did you mean '{folded[0]}'? ({FILES_RULE})"
+    blanks = [p for p in outputs if p.strip() == normal and p != normal]
+    if blanks:
+        return (f"; the file {blanks[0]!r} cannot be listed: {FILES_RULE}, so rename it without the leading "
+                "or trailing blanks")
+    parts = [p for p in re.split(r"[;\s]+", entry) if p]
+    if len(parts) > 1 and all(os.path.normpath(p).replace(os.sep, "/") in outputs for p in parts):
+        return f"; separate names with commas: {FILES_RULE}"
+    return f" ({FILES_RULE})"
+
+
+# Keys a module may have meant for "eventType", folded (_key_fold): hinted at when "eventType" is missing.
+_NEAR_EVENT_TYPE = ("eventtype", "type", "event", "eventtypes")
+
+
+def _key_fold(key: str) -> str:
+    """``key`` without case, blanks, ``_``, ``-`` and ``.``: ``event_type``, ``Event-Type``, ``EVENTTYPE``
+    fold alike."""
+    return re.sub(r"[\s_.\-]+", "", key).casefold()
 
 
 def plan_outputs(layout: ModuleLayout, valid_event_types: list[str], max_event_bytes: int,
@@ -485,8 +528,8 @@ def plan_outputs(layout: ModuleLayout, valid_event_types: list[str], max_event_b
         The :class:`DonePlan`: output files, insight pairs and events, in a stable order.
 
     Raises:
-        InputError: the first problem found, naming the file (and key): see ``DESIGN.md``,
-            Folder contract.
+        InputError: naming every refused entry, out/meta.json and every refused event file at once (one
+            problem each; the error as raised when there is one): see ``DESIGN.md``, Folder contract.
     """
     for folder in (layout.basedir / "out", layout.out_data, layout.out_events):
         if folder.is_symlink():
@@ -498,31 +541,60 @@ def plan_outputs(layout: ModuleLayout, valid_event_types: list[str], max_event_b
         raise InputError("out/meta.json", "is not a file; insights are a JSON array of key/value pairs")
     stray = _stray_out_entries(layout)
     files, problems = _walk_output_files(layout)
-    if stray or problems:
-        raise InputError.listing(stray + problems, OUT_RULE if stray else "")
-    if key_of is not None:
-        check_blob_names(files, key_of)
+    # Every problem of one /done is told at once (each file's first), so a module fixes them all before its next.
+    refused: list[tuple[str, str]] = stray + problems
+    raised: list[InputError] = []
+
+    def check(step: Callable[[], object]) -> object:
+        try:
+            return step()
+        except InputError as exc:
+            raised.append(exc)
+            prefix = exc.file + ": "
+            refused.append((exc.file, exc.message[len(prefix):] if exc.message.startswith(prefix) else exc.message))
+            return None
+
+    if key_of is not None and not refused:
+        check(lambda: check_blob_names(files, key_of))
     by_path = {f.path: f for f in files}
     insight: list[KeyValuePair] = []
     if layout.out_meta.is_symlink() or layout.out_meta.is_file():
-        _check_inside_out(layout, layout.out_meta, "out/meta.json")
-        insight = read_pairs(layout.out_meta, "out/meta.json", MAX_INSIGHT_BYTES, empty_ok=True)
+        def read_insight() -> list[KeyValuePair]:
+            _check_inside_out(layout, layout.out_meta, "out/meta.json")
+            return read_pairs(layout.out_meta, "out/meta.json", MAX_INSIGHT_BYTES, empty_ok=True, limit=INSIGHT_LIMIT)
+        insight = check(read_insight) or []
     events: list[PlannedEvent] = []
     if layout.out_events.is_dir():
         for entry in sorted(layout.out_events.iterdir()):
-            where = layout.name(entry)
-            if entry.suffix != ".json" or not (entry.is_file() or entry.is_symlink()):
-                # Refused, not skipped: a misnamed event file dropped in silence is a child never notified.
-                raise InputError(where, "is not an event file: out/events holds only *.json files, one event each "
-                                        "(rename it or remove it)")
-            if text_problem(entry.name):
-                raise InputError(where, "the file name is not valid UTF-8")
-            _check_inside_out(layout, entry, where)
-            if not entry.is_file():  # a link inside out/ to a folder (read: a 500) or a FIFO (read: a hang)
-                raise InputError(where, "is not an event file: it links to something that is not a file")
-            pairs = read_pairs(entry, where, max_event_bytes, empty_ok=False)
-            events.append(_plan_event(entry.name, where, pairs, valid_event_types, by_path))
+            planned = check(lambda: _read_event(layout, entry, valid_event_types, max_event_bytes, by_path))
+            if planned is not None:
+                events.append(planned)
+    if len(refused) == 1 and raised:
+        raise raised[0]  # as it was raised: its key kept
+    if refused:
+        raise InputError.listing(refused, OUT_RULE if stray else "")
     return DonePlan(files=files, insight=insight, events=events)
+
+
+def _read_event(layout: ModuleLayout, entry: Path, valid_event_types: list[str], max_event_bytes: int,
+                outputs: dict[str, OutputFile]) -> PlannedEvent:
+    """Read and validate the event file ``entry`` of ``out/events``.
+
+    Raises:
+        InputError: naming the file (and key).
+    """
+    where = layout.name(entry)
+    if entry.suffix != ".json" or not (entry.is_file() or entry.is_symlink()):
+        # Refused, not skipped: a misnamed event file dropped in silence is a child never notified.
+        raise InputError(where, "is not an event file: out/events holds only *.json files, one event each "
+                                "(rename it or remove it)")
+    if text_problem(entry.name):
+        raise InputError(where, "the file name is not valid UTF-8")
+    _check_inside_out(layout, entry, where)
+    if not entry.is_file():  # a link inside out/ to a folder (read: a 500) or a FIFO (read: a hang)
+        raise InputError(where, "is not an event file: it links to something that is not a file")
+    pairs = read_pairs(entry, where, max_event_bytes, empty_ok=False, limit=EVENT_LIMIT)
+    return _plan_event(entry.name, where, pairs, valid_event_types, outputs)
 
 
 # The entries of out/ in the folder contract (DESIGN.md, Folder contract; spec: Data Handling).
@@ -595,7 +667,18 @@ def _plan_event(
             raise InputError(where, "appears more than once", key=required)
     event_type = next((p.value for p in pairs if p.key == "eventType"), None)
     if event_type is None:
-        raise InputError(where, "required key is missing", key="eventType")
+        near = [p.key for p in pairs if _key_fold(p.key) in _NEAR_EVENT_TYPE]
+        hint = f" (did you mean 'eventType'? the file has '{near[0]}'; keys are case-sensitive)" if near else ""
+        raise InputError(where, f"required key is missing{hint}", key="eventType")
+    if not any(p.key == "files" for p in pairs):
+        # Passed on as event data, a misspelt "files" would send the child none of the files it names.
+        # "Files", "FILES", "file_s" always; "file" (a fair data key) when it names an output file.
+        near = [p.key for p in pairs if _key_fold(p.key) == "files" or (
+            _key_fold(p.key) == "file" and any(n.strip() in outputs for n in p.value.split(",")))]
+        if near:
+            raise InputError(where, "did you mean 'files'? Only the key 'files' (lower case) lists the output files "
+                                    "passed on to the child; rename it (other keys are passed on as event data)",
+                             key=near[0])
     if event_type not in valid:
         allowed = ", ".join(valid) if valid else "none: --valideventtypes is empty"
         raise InputError(where, f"event type '{event_type}' is not a valid event type ({allowed})", key="eventType")

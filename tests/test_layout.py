@@ -237,3 +237,64 @@ def test_json_written_atomically_is_readable_like_any_new_file(tmp_path: Path) -
             os.umask(previous)
         assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(reference.stat().st_mode) == 0o666 & ~umask
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("eventtype", "file_discovered", "key 'eventType': required key is missing (did you mean 'eventType'? the file has 'eventtype'"),
+    ("EventType", "file_discovered", "did you mean 'eventType'? the file has 'EventType'"),
+    ("event_type", "file_discovered", "did you mean 'eventType'? the file has 'event_type'"),
+    ("Files", "b.bin", "key 'Files': did you mean 'files'?"),
+    ("FILES", "nothing-here", "key 'FILES': did you mean 'files'?"),
+    ("file", "sub/a.txt", "key 'file': did you mean 'files'?"),
+])
+def test_a_near_miss_of_a_reserved_key_is_named_with_the_key_meant(layout: ModuleLayout, key: str, value: str,
+                                                                   expected: str) -> None:
+    """A key differing from eventType/files in case, separators or a letter: the 400 says which was meant.
+    A misspelt ``files`` is refused, not passed on as data: the child would get none of the files."""
+    content = pairs(**{key: value}) if key.casefold().replace("_", "") == "eventtype" else \
+        pairs(eventType="file_discovered", **{key: value})
+    event(layout, "1.json", content)
+    with pytest.raises(InputError) as err:
+        plan_outputs(layout, TYPES, 1024)
+    assert str(err.value).startswith("out/events/1.json: key '") and expected in str(err.value), str(err.value)
+
+
+def test_a_data_key_named_file_that_names_no_output_is_passed_on(layout: ModuleLayout) -> None:
+    event(layout, "1.json", pairs(eventType="file_discovered", file="report for the child"))
+    assert [(p.key, p.value) for p in plan_outputs(layout, TYPES, 1024).events[0].data] == [("file", "report for the child")]
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("data/b.bin", "'data/b.bin' is not a file under out/data; paths are relative to out/data: did you mean 'b.bin'?"),
+    ("out/data/sub/a.txt", "paths are relative to out/data: did you mean 'sub/a.txt'?"),
+    ("B.BIN", "names are case-sensitive: did you mean 'b.bin'?"),
+    ("b.bin sub/a.txt", "separate names with commas: 'files' is split on commas, each name trimmed of leading and "
+                        "trailing blanks"),
+    ("b.bin;sub/a.txt", "separate names with commas"),
+    ("c.txt ", "the file 'c.txt ' cannot be listed: 'files' is split on commas, each name trimmed"),
+    ("nope.txt", "'nope.txt' is not a file under out/data ('files' is split on commas, each name trimmed of leading "
+                 "and trailing blanks, and names a file by its path relative to out/data)"),
+])
+def test_a_listed_file_not_found_says_how_files_is_read(layout: ModuleLayout, value: str, expected: str) -> None:
+    (layout.out_data / "c.txt ").write_text("c")  # a name the trimmed list cannot reach
+    event(layout, "1.json", pairs(eventType="file_discovered", files=value))
+    with pytest.raises(InputError) as err:
+        plan_outputs(layout, TYPES, 1024)
+    assert err.value.key == "files" and expected in str(err.value), str(err.value)
+
+
+def test_every_problem_of_one_done_is_told_at_once_with_what_sets_each_limit(layout: ModuleLayout) -> None:
+    """An empty folder, an oversized out/meta.json, an oversized event and a bad event: one 400 naming
+    all four (a first user needed a /done for each), each size limit with what sets it."""
+    (layout.out_data / "empty").mkdir()
+    layout.out_meta.write_text(json.dumps(pairs(pad="x" * (2 * 1024 * 1024))))
+    event(layout, "1.json", pairs(eventType="file_discovered", pad="x" * 2000))
+    event(layout, "2.json", pairs(eventType="cat_found"))
+    event(layout, "3.json", pairs(eventType="file_discovered", files="b.bin"))
+    with pytest.raises(InputError) as err:
+        plan_outputs(layout, TYPES, 1024)
+    message = str(err.value)
+    assert err.value.files == ["out/data/empty/", "out/meta.json", "out/events/1.json", "out/events/2.json"], message
+    assert "out/meta.json: " in message and "no flag raises it" in message
+    assert "out/events/1.json: " in message and "over the limit of 1024 bytes (set by --maxeventbytes)" in message
+    assert "out/events/2.json: key 'eventType': event type 'cat_found'" in message
