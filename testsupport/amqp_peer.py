@@ -283,7 +283,8 @@ class _Broker(Handler):
         self.peer.put_tokens.append((kind, problem))
         status, description = (200, "OK") if problem is None else (401, problem)
         audience = str((request.properties or {}).get("name") or "")
-        if problem is None and urlparse(audience).path.strip("/") and self.peer.entity(audience) is None:
+        if (problem is None and self.peer.token_entity_check and urlparse(audience).path.strip("/")
+                and self.peer.entity(audience) is None):
             # Service Bus checks the entity a token is for: "Put token failed. status-code: 404,
             # status-description: The messaging entity '...' could not be found."
             status, description = 404, f"The messaging entity '{audience}' could not be found."
@@ -369,6 +370,9 @@ class AmqpPeer:
         self.max_message_size = max_message_size
         # True: put-token requests are never answered, a broker that speaks AMQP but stalls.
         self.stall_tokens = False
+        # False: a put-token for an entity that does not exist is accepted, so the link attach is what
+        # refuses it (amqp:not-found), as Service Bus does for an entity deleted after the token was put.
+        self.token_entity_check = True
         # Checks a JWT put-token (raises when it is not acceptable); None: JWTs are refused.
         self.jwt_verify: Callable[[str], object] | None = None
         # ("sas" or "jwt", why refused or None) of every put-token answered, in order.

@@ -22,7 +22,7 @@ topic that does not exist is refused by Service Bus at its put-token (404, "The 
 could not be found.") or its link attach (``amqp:not-found``): a ``DataPlaneError`` saying the topic
 was not found (:func:`_not_found`). A not-found that reaches azure-servicebus 7.15 only as the detach of
 a link it already sent on is reported by the SDK as a failed send (``amqp:unknown-error``,
-``ServiceBusConnectionError``), so that one still surfaces as ``DataPlaneUnavailable`` naming the topic.
+``ServiceBusConnectionError``); the link's own error is kept (:func:`_keep_link_error`) to name it.
 Topic names are checked before anything is committed (``sidecar.dataplane.topics``).
 """
 
@@ -188,9 +188,10 @@ class ServiceBusEventPublisher:
                        f"{self.cfg.publishtimeoutseconds:g} s (servicebuseventprovider.publishtimeoutseconds)")
         exc = work.exception()
         if exc is not None:
+            link_error = getattr(self._senders.get(current[0]), "link_error", None)
             # A failed send can leave a broken link behind: the next attempt starts afresh.
             await self._discard()
-            error = translate(exc, f"topic '{current[0]}'") if isinstance(exc, Exception) else exc
+            error = translate(exc, f"topic '{current[0]}'", link_error) if isinstance(exc, Exception) else exc
             if error is exc:
                 raise exc
             raise error from exc
@@ -256,6 +257,7 @@ class ServiceBusEventPublisher:
         sender = self._senders.get(topic)
         if sender is None:
             sender = self._senders[topic] = self._client.get_topic_sender(topic_name=topic)
+            _keep_link_error(sender)
         return sender
 
     async def _discard(self) -> None:
@@ -334,14 +336,15 @@ def _administration_client(cfg: ServiceBusConfig, credential: ProviderCredential
     return ServiceBusAdministrationClient(host, credential, retry_total=0)
 
 
-def translate(exc: Exception, where: str) -> BaseException:
+def translate(exc: Exception, where: str, link_error: Exception | None = None) -> BaseException:
     """The event bus's error for azure-servicebus's ``exc`` while publishing ``where`` (``topic 'x'``),
-    in the shape of ``sidecar.dataplane.errors``, or ``exc`` itself when it is no service error."""
+    in the shape of ``sidecar.dataplane.errors``, or ``exc`` itself when it is no service error.
+    ``link_error``: the error the sender's link was detached with, if any (:func:`_keep_link_error`)."""
     inner = getattr(exc, "inner_exception", None)
     if isinstance(inner, DataPlaneUnavailable):
         # The token credential could not get a token (credentials.ProviderCredential); the SDK wrapped it.
         return inner
-    missing = _not_found(exc)
+    missing = _not_found(exc) or (_not_found(link_error, link_error) if link_error is not None else None)
     if missing is not None:
         return permanent(STORE, where, text=f"{where} was not found: Service Bus answered {missing}; create the "
                                             "topic or change --servicebuseventprovider.topic")
@@ -355,15 +358,37 @@ def translate(exc: Exception, where: str) -> BaseException:
     return exc
 
 
-def _not_found(exc: Exception) -> str | None:
+def _keep_link_error(sender: ServiceBusSender) -> None:
+    """Keep on ``sender`` (``link_error``) the error its link was detached with when a send fails.
+
+    A topic deleted after the token was put is refused at the link attach with ``amqp:not-found``;
+    azure-servicebus 7.15 then reports the send as ``amqp:unknown-error`` (the delivery was "not
+    delivered") and drops the link and its error when it closes the handler. Its ``_handle_exception``
+    (private) runs first, with the link still there; without that method nothing is kept."""
+    original = getattr(sender, "_handle_exception", None)
+    if original is None:
+        return
+
+    async def handle(exception: Exception) -> Any:
+        link = getattr(getattr(sender, "_handler", None), "_link", None)
+        error = getattr(link, "_error", None)
+        if error is not None:
+            sender.link_error = error  # type: ignore[attr-defined]
+        return await original(exception)
+
+    sender._handle_exception = handle  # type: ignore[method-assign]
+
+
+def _not_found(exc: Exception, inner: Any = None) -> str | None:
     """What Service Bus said when ``exc`` means the entity does not exist, else None.
 
     Service Bus refuses a missing topic in one of two places: the claims-based security put-token for
     the entity's address ("Put token failed. status-code: 404, status-description: The messaging entity
     '...' could not be found."), which azure-servicebus 7.15 raises as ``ServiceBusAuthenticationError``
     ("Error condition: amqp:client-error", the 404 only in its inner ``TokenAuthFailure``), or the link
-    attach (``amqp:not-found``, ``MessagingEntityNotFoundError`` where the SDK keeps it)."""
-    inner = getattr(exc, "inner_exception", None)
+    attach (``amqp:not-found``, ``MessagingEntityNotFoundError`` where the SDK keeps it; the link's own
+    error, passed as ``inner``, where it does not)."""
+    inner = inner if inner is not None else getattr(exc, "inner_exception", None)
     if getattr(inner, "status_code", None) == 404:
         description = getattr(inner, "status_description", b"") or b""
         text = description.decode("utf-8", "replace") if isinstance(description, bytes) else str(description)
@@ -371,5 +396,7 @@ def _not_found(exc: Exception) -> str | None:
     condition = getattr(inner, "condition", None)
     condition = getattr(condition, "value", condition)
     if isinstance(exc, MessagingEntityNotFoundError) or condition in (b"amqp:not-found", "amqp:not-found"):
-        return f"amqp:not-found {first_line(exc)}".strip()
+        description = getattr(inner, "description", None)
+        text = description.decode("utf-8", "replace") if isinstance(description, bytes) else description
+        return f"amqp:not-found {text or first_line(exc)}".strip()
     return None
