@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from ion_sidecar_client import COMMITTED_ALREADY
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flows.done import done as done_flow
@@ -126,7 +127,7 @@ class RunState:
             if len(problems) > InputError.MAX_NAMED:
                 named.append(f"and {len(problems) - InputError.MAX_NAMED} more")
             flow_run = (self.store.record.done or {}).get("flowRunId", "?")
-            raise StateError(f"/done already committed this run's outputs (flow run {flow_run}); not committed: "
+            raise StateError(f"{COMMITTED_ALREADY} (flow run {flow_run}); not committed: "
                              + "; ".join(named))
 
     async def _step(self, step: Phase, start: Callable[[], Awaitable[Any]]) -> Any:

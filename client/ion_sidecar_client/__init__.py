@@ -15,7 +15,8 @@ out a sidecar that starts after it, a Prefect server restart behind a sidecar, o
 - 4xx answers raise at once (wrong secret, bad outputs: retrying cannot help), except a 409 on
   ``/done``, retried ``conflict_retries`` times: a sidecar restarted between ``/ready`` and ``/done``
   may answer 409 until it has resumed the run from its volume, and a repeated ``/done`` never commits
-  twice (``DESIGN.md``: The HTTP contract).
+  twice (``DESIGN.md``: The HTTP contract); but not the 409 naming outputs written after the run
+  committed (:data:`COMMITTED_ALREADY`): a run commits once, so no retry can commit them.
 
 Depends on the standard library and httpx only, so a module's image stays small.
 """
@@ -82,6 +83,11 @@ def secret_problem(secret: str) -> str | None:
         if 0xD800 <= code <= 0xDFFF:
             return "is not valid UTF-8"
     return None
+
+
+# How a repeated /done's 409 begins when outputs were written after the run committed (sidecar/api.py):
+# not retried, since the run commits once and a retry answers the same.
+COMMITTED_ALREADY = "/done already committed this run's outputs"
 
 
 class SidecarCallError(Exception):
@@ -169,7 +175,8 @@ class SidecarClient:
             except httpx.TransportError as exc:
                 last: Exception = exc
             except SidecarCallError as exc:
-                if exc.status_code == 409 and path == "/done" and conflicts < self.conflict_retries:
+                if exc.status_code == 409 and path == "/done" and conflicts < self.conflict_retries \
+                        and COMMITTED_ALREADY not in exc.body:
                     conflicts += 1
                 elif exc.status_code < 500:
                     raise

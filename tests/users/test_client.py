@@ -15,7 +15,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from ion_sidecar_client import SidecarCallError, SidecarClient
+from ion_sidecar_client import COMMITTED_ALREADY, SidecarCallError, SidecarClient
 from sidecar.layout import ModuleLayout, plan_outputs
 from sidecar.models import KeyValuePair
 from testsupport.processes import SECRET, SidecarProcess, dev_args, free_port
@@ -91,8 +91,10 @@ def scripted_server() -> Iterator[tuple[str, list[int]]]:
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             # http.server decodes header bytes as latin-1; keep the raw bytes for the tests to see.
             SECRETS_SEEN.append(self.headers.get("secret", "").encode("latin-1"))
-            status = statuses.pop(0) if statuses else 200
-            body = json.dumps({"statusCode": status, "message": "scripted"} if status != 200 else {"ok": True}).encode()
+            status, message = statuses.pop(0) if statuses else 200, "scripted"
+            if isinstance(status, tuple):  # (status, message)
+                status, message = status
+            body = json.dumps({"statusCode": status, "message": message} if status != 200 else {"ok": True}).encode()
             self.send_response(status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
@@ -130,6 +132,20 @@ def test_5xx_answers_are_retried_for_the_total_time_then_raised(scripted_server:
     statuses.clear()
     assert exhausted.value.status_code == 503 and set(client.outcomes) == {503}
     assert 1.5 <= elapsed < 10 and len(client.outcomes) >= 4
+
+
+def test_a_409_naming_outputs_written_after_the_commit_is_not_retried(scripted_server: tuple[str, list],
+                                                                       tmp_path: Path) -> None:
+    """The 409 of a repeated /done whose run committed already (out/ changed since) raises at once: no
+    retry can commit what it names. Other 409s on /done are still retried (a resuming sidecar)."""
+    url, statuses = scripted_server
+    client = RecordingClient(url=url, secret=SECRET, basedir=tmp_path, retry_seconds=30, first_delay=0)
+    statuses.extend([(409, f"{COMMITTED_ALREADY} (flow run x); not committed: out/data/late.txt: written after")])
+    with pytest.raises(SidecarCallError) as refused:
+        client.done()
+    assert refused.value.status_code == 409 and client.outcomes == [409] and "late.txt" in refused.value.body
+    statuses.extend([(409, "/done before /ready: call /ready first")])
+    assert client.done() == {"ok": True} and client.outcomes == [409, 409, 200]
 
 
 def test_connection_errors_are_retried_for_the_total_time_from_the_environment(
