@@ -130,10 +130,21 @@ class RunState:
             raise StateError(f"{COMMITTED_ALREADY} (flow run {flow_run}); not committed: "
                              + "; ".join(named))
 
+    def _fingerprint(self) -> dict[str, list[int]] | None:
+        """``out/`` as this ``/done`` finds it, or None when it cannot be listed: the plan then names the
+        problem as it always did (a 400), and a repeat after a commit is answered without a comparison."""
+        if self.layout is None:
+            return None
+        try:
+            return self.layout.fingerprint()
+        except OSError as exc:
+            log.warning("could not list out/ to compare a repeated /done with this one: %s", exc)
+            return None
+
     async def _step(self, step: Phase, start: Callable[[], Awaitable[Any]]) -> Any:
         # Taken before the plan reads out/: a file written meanwhile is named by a repeated /done
         # (at worst a 409 for a file this commit took), never dropped behind its 200.
-        fingerprint = self.layout.fingerprint() if step is Phase.done and self.layout is not None else None
+        fingerprint = self._fingerprint() if step is Phase.done else None
         summary = await start()
         # Recorded before anyone is answered: a restarted sidecar then answers the same.
         self.store.save(phase=step.value, committed=fingerprint, **{step.value: summary.model_dump(mode="json")})
