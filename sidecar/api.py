@@ -2,9 +2,10 @@
 
 ``DESIGN.md`` (The HTTP contract): every request but ``/healthz`` carries header ``secret`` (compared in
 constant time; 401 otherwise). ``/ready`` stages inputs once; repeats return the same summary and
-concurrent calls share one flow run. ``/done`` before ``/ready`` and ``/ready`` after ``/done`` are 409.
-A failed ``/done`` leaves the state at ready so the module can retry it. Errors are JSON
-``{"statusCode", "message"}``.
+concurrent calls share one flow run. ``/done`` before ``/ready`` and ``/ready`` after ``/done`` are 409,
+and so is a repeated ``/done`` once ``out/`` changed after the commit (it names the outputs it would
+drop; unchanged, it answers the same summary). A failed ``/done`` leaves the state at ready so the
+module can retry it. Errors are JSON ``{"statusCode", "message"}``.
 """
 
 from __future__ import annotations
