@@ -392,6 +392,7 @@ class TransferProgress:
         self.updates = 0  # artifact writes, creation included
         self._shown: tuple[int, int] | None = None
         self._ticker: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
         self._given_up = False  # a write failed: no more updates (one warning, not one per second)
 
     @classmethod
@@ -413,17 +414,32 @@ class TransferProgress:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
+            # A write under way ends first (within WRITE_SECONDS), not cancelled: a cancelled update's
+            # request may still reach the API after the final one and leave an older percentage (a
+            # test saw 90 of 100), and a cancelled creation leaves no artifact id for the final write.
+            self._stopping.set()
+            try:
+                await asyncio.gather(self._ticker, return_exceptions=True)
+            except asyncio.CancelledError:
+                self._ticker.cancel()
+                raise
         if self.artifact_id is not None:
             await self._publish_quietly()
 
     async def _tick(self) -> None:
-        await asyncio.sleep(self.after)
-        while True:
+        pause = self.after
+        while not await self._stopped_within(pause):
             started = time.monotonic()
             await self._publish_quietly()
-            await asyncio.sleep(max(0.0, self.every - (time.monotonic() - started)))
+            pause = max(0.0, self.every - (time.monotonic() - started))
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        """Whether the transfer ended (``__aexit__``) within ``seconds``."""
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def _publish_quietly(self) -> None:
         if self._given_up:
