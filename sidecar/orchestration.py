@@ -64,6 +64,12 @@ CHECK_SECONDS = 3.0
 BACKOFF_SECONDS = (0.5, 5.0)
 # Deadline of one probe, seconds.
 PROBE_TIMEOUT = 5.0
+# How long the shared Prefect clients keep an idle connection, seconds: well under the Prefect
+# server's keep-alive (PREFECT_SERVER_API_KEEPALIVE_TIMEOUT, uvicorn's timeout_keep_alive: 5 s by default).
+# Prefect's client keeps them 25 s (sized for Prefect Cloud's load balancer, 30 s), so a request sent
+# on a connection as the server closed it failed, and Prefect's client retried it 2 s later: a /done
+# of 8 x 64 MiB sent 5 s after its /ready waited 1.9-2.5 s for it in 6 of 9 bench rounds.
+CLIENT_KEEPALIVE_SECONDS = 2.0
 # How long a call whose body has finished waits for Prefect's engine to report the final state while
 # the API is believed up, seconds; past it the call answers and the report continues in the background.
 REPORT_WAIT_SECONDS = 30.0
@@ -604,15 +610,26 @@ class PrefectApi:
         client context in force it uses that client (``AsyncClientContext.get_or_create``,
         ``get_client``). The clients are entered, not their contexts: entering a context would set its
         variable in the caller's context and make a version-check request here, before the call's
-        deadline for the body to start applies (the probe has just checked the API).
+        deadline for the body to start applies (the probe has just checked the API). Their idle
+        connections expire after :data:`CLIENT_KEEPALIVE_SECONDS`, before the server closes them.
         """
+        from prefect.client.orchestration import get_client
         from prefect.context import AsyncClientContext, SyncClientContext
+
+        def pool() -> dict[str, Any]:  # Prefect's own limits but the keep-alive (PrefectClient.__init__)
+            return {"limits": httpx.Limits(max_connections=16, max_keepalive_connections=8,
+                                           keepalive_expiry=CLIENT_KEEPALIVE_SECONDS)}
 
         url = configured_api_url()
         if self._clients is None or self._clients[0] != url:
             if self._clients is not None:
                 self._retired_clients.append(self._clients)
             async_clients, sync_clients = AsyncClientContext(), SyncClientContext()
+            # Their clients replaced, not made through the contexts' httpx_settings: get_client() hands
+            # a context's client out only when the settings asked for equal the context's (None in the
+            # engine), so a context made with settings is passed over and a new client made per call.
+            async_clients.client = get_client(sync_client=False, httpx_settings=pool())
+            sync_clients.client = get_client(sync_client=True, httpx_settings=pool())
             await async_clients.client.__aenter__()
             sync_clients.client.__enter__()
             self._clients = (url, async_clients, sync_clients)
