@@ -27,7 +27,7 @@ from flows.history import tagged
 from flows.ready import ready as ready_flow
 from flows.runtime import Runtime
 from sidecar.config import secret_values
-from sidecar.errors import InputError, SidecarError, StateError, Stopping, volume_error
+from sidecar.errors import InputError, SidecarError, StateError, Stopping, spelt_out, volume_error
 from sidecar.layout import ModuleLayout, changed_since
 from sidecar.logs import ContextFilter
 from sidecar.models import DoneSummary, ReadySummary
@@ -124,9 +124,7 @@ class RunState:
             return
         problems = changed_since(committed, self.layout.fingerprint())
         if problems:
-            named = [f"{name}: {problem}" for name, problem in problems[:InputError.MAX_NAMED]]
-            if len(problems) > InputError.MAX_NAMED:
-                named.append(f"and {len(problems) - InputError.MAX_NAMED} more")
+            named = spelt_out(problems, InputError.MAX_NAMED)
             flow_run = (self.store.record.done or {}).get("flowRunId", "?")
             raise StateError(f"{COMMITTED_ALREADY} (flow run {flow_run}); not committed: "
                              + "; ".join(named))

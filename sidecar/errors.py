@@ -38,6 +38,15 @@ class SidecarError(Exception):
         self.message = message
 
 
+def spelt_out(problems: list[tuple[str, str]], limit: int) -> list[str]:
+    """``"name: problem"`` for the first ``limit`` of ``problems`` (``(name, problem)`` pairs), then
+    ``"and N more"`` when there are more: the one way a message lists many problems."""
+    named = [f"{name}: {problem}" for name, problem in problems[:limit]]
+    if len(problems) > limit:
+        named.append(f"and {len(problems) - limit} more")
+    return named
+
+
 class InputError(SidecarError):
     """A module's output breaks the folder contract; names the file (and key). HTTP 400.
 
@@ -62,9 +71,7 @@ class InputError(SidecarError):
         the rest are counted), then ``advice``: so a module fixes all of them before its next ``/done``.
         ``file`` is the first file; ``files`` lists them all."""
         (file, problem), *rest = problems
-        named = [problem] + [f"{f}: {p}" for f, p in rest[: cls.MAX_NAMED - 1]]
-        if len(problems) > cls.MAX_NAMED:
-            named.append(f"and {len(problems) - cls.MAX_NAMED} more")
+        named = [problem] + spelt_out(rest, cls.MAX_NAMED - 1)
         error = cls(file, "; ".join(named) + (f". {advice}" if advice else ""))
         error.files = [shown(f) for f, _ in problems]
         return error
