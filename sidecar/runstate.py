@@ -145,9 +145,9 @@ class RunStore:
         """Record that the event bus accepted the child events ``ids`` (called once per batch)."""
         crashpoints.reached("accepted")
         ids = list(ids)
-        known = set(self.record.published)
+        known, accepted = set(self.record.published), set(ids)
         added = [i for i in ids if i not in known]
-        sending = [i for i in self.record.sending if i not in set(ids)]
+        sending = [i for i in self.record.sending if i not in accepted]
         if added or sending != self.record.sending:
             self.save(published=[*self.record.published, *added], sending=sending)
 
