@@ -117,14 +117,14 @@ class ModuleLayout(Layout):
             return str(path)
 
     def fingerprint(self) -> dict[str, list[int]]:
-        """What is under ``out/`` now, cheaply: ``{name: [size bytes, mtime_ns]}`` for each file under
+        """What is under ``out/`` now, cheaply: ``{name: list(file_version(stat))}`` for each file under
         ``out/data`` (as the plan walks it), ``out/meta.json``, each entry of ``out/events`` and any other
         entry of ``out/``; names relative to the base directory. No file is read: a repeated ``/done``
         compares it with the one taken when its run committed (:func:`changed_since`)."""
         found: dict[str, list[int]] = {}
         files, _ = _walk_output_files(self)
         for f in files:
-            found["out/data/" + f.path] = [f.size, f.mtime_ns]
+            found["out/data/" + f.path] = list(f.version)
         out = self.basedir / "out"
         try:
             tops = sorted(os.listdir(out))
@@ -139,7 +139,7 @@ class ModuleLayout(Layout):
                 stat = path.stat()
             except OSError:  # a dangling link: still an entry the module wrote
                 stat = path.lstat()
-            found[self.name(path)] = [stat.st_size, stat.st_mtime_ns]
+            found[self.name(path)] = list(file_version(stat))
         return found
 
     def write_input_meta(self, pairs: list[KeyValuePair]) -> None:
@@ -147,8 +147,17 @@ class ModuleLayout(Layout):
         write_json_atomic(self.in_meta, [p.model_dump() for p in pairs])
 
 
+def file_version(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells one version of a file from another without reading it: ``(size bytes, mtime_ns,
+    ctime_ns, inode)``. Size and modification time alone miss a rewrite of the same size whose
+    modification time was put back (``cp -p``, ``rsync -t``, ``tar -x``, ``touch -r``: a hostile trial
+    got 200 for it); the change time cannot be set back (``utime`` updates it) and the inode changes
+    when a file is replaced by a rename."""
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
+
+
 def changed_since(committed: dict[str, list[int]], now: dict[str, list[int]]) -> list[tuple[str, str]]:
-    """The entries of ``out/`` added, removed or changed (size or modification time) between two
+    """The entries of ``out/`` added, removed or changed (:func:`file_version`) between two
     fingerprints (:meth:`ModuleLayout.fingerprint`), as ``(name, problem)`` sorted by name: what a repeated ``/done``
     would otherwise drop behind a 200 (README, The folder contract: a run commits once)."""
     again = "a module run commits once; start a new run (a new event) to commit it"
@@ -159,9 +168,10 @@ def changed_since(committed: dict[str, list[int]], now: dict[str, list[int]]) ->
         elif name not in now:
             problems.append((name, "removed after /done committed this run's outputs; what was committed stays "
                                    "committed (a module run commits once)"))
-        elif committed[name] != now[name]:
+        # A record of an older sidecar kept [size, mtime_ns]: compared on what it kept.
+        elif committed[name] != now[name][:len(committed[name])]:
             problems.append((name, f"changed after /done committed this run's outputs (committed {committed[name][0]} "
-                                   f"bytes, now {now[name][0]}, or its modification time); the committed version "
+                                   f"bytes, now {now[name][0]}, or it was rewritten); the committed version "
                                    f"stays; {again}"))
     return problems
 
@@ -169,16 +179,16 @@ def changed_since(committed: dict[str, list[int]], now: dict[str, list[int]]) ->
 @dataclass(frozen=True)
 class OutputFile:
     """A file under ``out/data``: ``path`` relative to it (POSIX), ``local`` on disk, ``size`` bytes,
-    ``mtime_ns`` its modification time when planned (nanoseconds since the epoch)."""
+    ``version`` its :func:`file_version` when planned."""
 
     path: str
     local: Path
     size: int
-    mtime_ns: int = 0
+    version: tuple[int, ...] = ()
 
     def check_unchanged(self, stored_size: int | None = None) -> None:
-        """Refuse a file the module changed since it was planned: its size or modification time
-        differ, it is gone or unreadable, or the blob stored for it (``stored_size``, bytes) does not
+        """Refuse a file the module changed since it was planned: its :func:`file_version` differs
+        (size, modification or change time, inode), it is gone or unreadable, or the blob stored for it (``stored_size``, bytes) does not
         hold the planned size.
 
         Raises:
@@ -190,8 +200,8 @@ class OutputFile:
         except OSError as exc:
             raise OutputChanged(where, f"changed after /done was called: {exc.strerror or type(exc).__name__}; "
                                        "restore it and call /done again") from None
-        if (now.st_size, now.st_mtime_ns) != (self.size, self.mtime_ns) or stored_size not in (None, self.size):
-            raise OutputChanged(where, f"changed after /done was called (its size or modification time: planned "
+        if file_version(now) != self.version or stored_size not in (None, self.size):
+            raise OutputChanged(where, f"changed after /done was called (rewritten, or its size: planned "
                                        f"{self.size} bytes, now {now.st_size}); restore it and call /done again")
 
 
@@ -411,7 +421,7 @@ def _walk_output_files(layout: ModuleLayout) -> tuple[list[OutputFile], list[tup
                     continue
             elif entry.is_file():
                 stat = entry.stat()
-                found.append(OutputFile(rel, path, stat.st_size, stat.st_mtime_ns))
+                found.append(OutputFile(rel, path, stat.st_size, file_version(stat)))
                 below += 1
                 continue
             else:

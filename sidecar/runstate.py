@@ -64,7 +64,7 @@ class RunRecord(BaseModel):
     phase: Literal["new", "ready", "done"] = "new"
     ready: dict[str, Any] | None = None  # the /ready summary (ReadySummary as JSON)
     done: dict[str, Any] | None = None  # the /done summary (DoneSummary as JSON)
-    # out/ when the committed /done was called (ModuleLayout.fingerprint: name -> [size, mtime_ns]), so a
+    # out/ when the committed /done was called (ModuleLayout.fingerprint: name -> layout.file_version), so a
     # repeated /done tells an unchanged retry (same summary) from outputs written after the commit (409).
     committed: dict[str, list[int]] | None = None
     published: list[str] = Field(default_factory=list)  # child event ids the event bus accepted

@@ -3,6 +3,8 @@ session's Prefect server and the development providers."""
 
 from __future__ import annotations
 
+import os
+
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +83,23 @@ def test_a_repeated_done_names_outputs_written_after_the_commit(client: TestClie
         assert client.get("/done", headers=H).json() == first.json()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("done:")]
     assert lines == [f"done: already committed by flow run {first.json()['flowRunId']}; nothing new"]
+
+    # A same-size rewrite whose modification time is put back (cp -p, rsync -t, touch -r), in place and
+    # by a rename: size and mtime alone let it through with a 200 (hostile trial).
+    in_place, renamed = lay.out_data / "f0.txt", lay.out_data / "sub" / "kept.txt"
+    for path, content in ((in_place, None), (renamed, "KEPT")):
+        before = path.stat()
+        if content is None:
+            path.write_bytes(b"Z" * before.st_size)
+        else:
+            (tmp := path.with_name("kept.tmp")).write_text(content)
+            os.replace(tmp, path)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    rewritten = client.get("/done", headers=H)
+    assert rewritten.status_code == 409, rewritten.text
+    for name in ("out/data/f0.txt: changed", "out/data/sub/kept.txt: changed"):
+        assert name in rewritten.json()["message"], (name, rewritten.text)
 
     (lay.out_data / "late.txt").write_text("late")
     (lay.out_data / "sub" / "kept.txt").write_text("kept, longer")
