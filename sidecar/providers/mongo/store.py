@@ -33,7 +33,7 @@ from pymongo.errors import BulkWriteError, ConfigurationError, ConnectionFailure
 
 from sidecar.dataplane.documents import STORE
 from sidecar.dataplane.errors import first_line, permanent, transient, translated
-from sidecar.errors import DataPlaneError
+from sidecar.errors import DataPlaneError, DataPlaneTimeout
 from sidecar.models import EventMeta, Insight
 from sidecar.providers.mongo.config import MongoConfig
 
@@ -130,6 +130,8 @@ def translate(exc: Exception, what: str) -> BaseException:
                                            "or .name/.password/.host/.port")
     if isinstance(exc, PyMongoError):
         text = f"{what}: {type(exc).__name__}: {first_line(str(exc).split(', Topology Description:')[0])}"
+        if exc.timeout:  # the call's timeoutMS passed, whichever error pymongo raised for it
+            return DataPlaneTimeout(STORE, f"{text} (the call's bound: --mongodbdocprovider.sockettimeoutseconds)")
         return transient(STORE, what, text=text) if retryable(exc) else permanent(STORE, what, text=text)
     if isinstance(exc, BSONError):
         return permanent(STORE, what, exc)
