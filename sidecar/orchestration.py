@@ -426,17 +426,18 @@ class PrefectApi:
 
     async def _warm_up(self) -> None:
         """Do once what the first flow run would otherwise do inside the first call: import Prefect's
-        run engines (imported lazily), register the flows and open the clients the flow runs share
-        (:meth:`_shared_clients`); then settle the garbage collector on what start-up made
+        run engines (imported lazily), open the clients the flow runs share (:meth:`_shared_clients`),
+        register the flows through them (which also fetches their CSRF token), start Prefect's log and
+        event workers (:func:`_start_workers`); then settle the garbage collector on what start-up made
         (:func:`_settle_garbage_collector`)."""
         import prefect.flow_engine  # noqa: F401
         import prefect.task_engine  # noqa: F401
-        from prefect.client.orchestration import get_client
+        import prefect.utilities.visualization  # noqa: F401  (imported by the first Flow.__call__)
 
-        async with get_client() as client:
-            for flow in self.flows:
-                await client.create_flow(flow)
-        await self._shared_clients()  # their TLS contexts (about 15 ms of CPU each) before the first call
+        async_clients, _ = await self._shared_clients()
+        for flow in self.flows:
+            await async_clients.client.create_flow(flow)
+        _start_workers()
         _settle_garbage_collector()
 
     def _set_available(self, reason: str | None) -> None:
@@ -882,6 +883,26 @@ class PrefectApi:
         if self._devserver is not None:
             self._devserver.detach()
             self._devserver = None
+
+
+def _start_workers() -> None:
+    """Start Prefect's log and event workers for the current API URL, as the first flow run would.
+
+    Each opens its own ``PrefectClient`` (a TLS context read from the CA bundle) in Prefect's loop
+    thread, and the event worker a second one for its server version check and its websocket:
+    started by the first flow run, they took about 100 ms of CPU from a fresh sidecar's first call
+    (py-spy of a child's ``/ready``, bench/azure_transfers.py) and held its final state report. A
+    worker whose start fails (the API went away meanwhile) stops itself, and the next flow run starts a
+    new one (``QueueService.instance``); :func:`drain_workers` stops them at shutdown.
+    """
+    from prefect.events.worker import EventsWorker, should_emit_events
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_LOGGING_TO_API_ENABLED
+
+    if PREFECT_LOGGING_TO_API_ENABLED.value():
+        APILogWorker.instance()
+    if should_emit_events():
+        EventsWorker.instance()
 
 
 async def drain_workers(seconds: float = DRAIN_SECONDS) -> None:

@@ -179,3 +179,30 @@ def test_flow_runs_use_the_shared_clients_whose_idle_connections_expire_before_t
                 await api._close_clients()
 
     asyncio.run(check())
+
+
+def test_a_fresh_sidecars_first_call_makes_no_prefect_start_up_requests(tmp_path: Path) -> None:
+    """What Prefect's first flow run of a process would set up is done before /healthz answers 200: the
+    event worker's server version check (its clients took about 100 ms of CPU from a child's first
+    /ready) and the shared client's CSRF token, so the first call's requests are the flow run's own.
+    Every httpx request of the sidecar is logged by ``testsupport/httplog`` (a real process and server)."""
+    from testsupport.processes import ROOT
+
+    log = tmp_path / "http.log"
+    env = {"PYTHONPATH": f"{ROOT}:{ROOT / 'testsupport' / 'httplog'}", "SIDECAR_TEST_HTTP_LOG": str(log)}
+    sidecar = SidecarProcess(tmp_path, dev_args("evt-warm", "corr-warm", "mod"), env=env)
+    try:
+        sidecar.wait_healthy(120)
+        deadline = time.monotonic() + 30
+        while "GET /api/admin/version" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        before = log.read_text().splitlines()
+        assert any(line.endswith("GET /api/admin/version") for line in before), before
+        assert any(line.startswith("MainThread ") and line.endswith("GET /api/csrf-token") for line in before), before
+        assert sidecar.get("/ready").status_code == 200, sidecar.output()
+        during = log.read_text().splitlines()[len(before):]
+        assert any(line.endswith("POST /api/flow_runs/") for line in during), during  # the log works
+        assert not [line for line in during if line.endswith("GET /api/admin/version")], during
+        assert not [line for line in during if line.startswith("MainThread ") and line.endswith("/csrf-token")], during
+    finally:
+        sidecar.stop()
