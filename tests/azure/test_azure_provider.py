@@ -312,6 +312,74 @@ async def test_block_buffers_are_reused_during_uploads_and_freed_after_them(
         await store.close()
 
 
+async def test_range_buffers_are_reused_during_downloads_and_freed_after_them(
+        azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two files of many ranges at once: each range after the first request is received into a buffer
+    taken again once the range is written and hashed (at most what the budget lets be in flight), the
+    files hold the blobs' bytes, and when the last download ends no buffer is kept."""
+    chunk = TEST_CHUNK_BYTES
+    store = azure_blob_store(azure_config(azurite, inflightbytes=4 * chunk))
+    buffers = store._range_buffers
+    made: list[int] = []
+    take = type(buffers).take
+
+    def counting_take(self, length: int) -> bytearray:
+        if self is buffers and not (length == self.size and self._free):
+            made.append(length)
+        return take(self, length)
+
+    monkeypatch.setattr(type(buffers), "take", counting_take)
+    data = {name: os.urandom(12 * chunk + 7) for name in ("a", "b")}
+    for name, content in data.items():
+        (tmp_path / name).write_bytes(content)
+    try:
+        infos = await asyncio.gather(*(store.upload(tmp_path / name, f"ranges/{name}") for name in data))
+        await asyncio.gather(*(store.download(info.key, tmp_path / f"{name}.in", info)
+                               for name, info in zip(data, infos)))
+        for name, content in data.items():
+            assert (tmp_path / f"{name}.in").read_bytes() == content, name
+        assert buffers._free == [], "buffers kept after the last download ended"
+        # 24 ranges after the two first requests (22 full ones, 2 tails): only up to the budget's 4 full
+        # buffers and the 2 tails are new; without reuse there would be 24.
+        assert len([n for n in made if n == chunk]) <= 4 and len(made) <= 4 + 2, made
+    finally:
+        await store.close()
+
+
+async def test_a_blob_overwritten_between_its_ranges_is_retried_not_mixed(
+        azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every range of one download asks for the version its first request saw (If-Match its ETag):
+    when the blob is overwritten after the first range, Azurite answers 412 to the next one, the
+    download fails as transient (a retry reads one version) and leaves no file, rather than
+    joining two versions."""
+    from sidecar.providers.azureblob import store as store_module
+
+    chunk = TEST_CHUNK_BYTES
+    store = azure_blob_store(azure_config(azurite, inflightbytes=2 * chunk))
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(4 * chunk))
+    overwritten: list[int] = []
+    range_into = store_module._range_into
+
+    async def overwrite_first(blob, offset, buffer, etag):
+        if not overwritten:
+            overwritten.append(offset)
+            await blob.upload_blob(os.urandom(4 * chunk), overwrite=True)
+        return await range_into(blob, offset, buffer, etag)
+
+    monkeypatch.setattr(store_module, "_range_into", overwrite_first)
+    try:
+        info = await store.upload(source, "e/m/changing")
+        target = tmp_path / "in" / "changing"
+        with pytest.raises(DataPlaneUnavailable) as caught:
+            await store.download(info.key, target, info)
+        assert overwritten and "changed while it was downloaded" in str(caught.value) and "412" in str(caught.value)
+        assert is_transient(caught.value)
+        assert not target.exists() and not partial_path(target).exists()
+    finally:
+        await store.close()
+
+
 async def test_large_files_move_several_blocks_at_once_within_one_shared_budget(
         azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two files of 20 chunks at once, a budget of 4 chunks: several requests of each file overlap, and
