@@ -49,7 +49,7 @@ from sidecar.dataplane.blobs import BlobInfo
 from sidecar.errors import InputError, SidecarError
 from sidecar.layout import DonePlan
 from sidecar.models import BlobFile, Event, EventMeta, Insight, KeyValuePair
-from sidecar.orchestration import PrefectUnavailable, while_api_answers, write_later
+from sidecar.orchestration import PrefectUnavailable, beside_final_state, while_api_answers, write_later
 
 log = logging.getLogger(__name__)
 
@@ -255,13 +255,14 @@ async def _write(artifact: Artifact, flow_run_id: Any = None) -> None:
 
 
 async def report_ready(runtime: Runtime, meta: EventMeta | None, files: int, moved: int, seconds: float) -> None:
-    """Record what ``/ready`` staged: the report (counts, the passed-on pairs) and the files table.
+    """Record what ``/ready`` staged: the report (counts, the passed-on pairs) and the files table,
+    written while the flow run's final state is reported (``sidecar.orchestration.beside_final_state``).
 
     Args:
         meta: the event meta read (None: the first module of a graph, nothing to stage).
         files, moved, seconds: files staged, bytes staged, wall time in seconds.
     """
-    await _quietly("the /ready report", _report_ready(runtime, meta, files, moved, seconds))
+    await beside_final_state(_quietly("the /ready report", _report_ready(runtime, meta, files, moved, seconds)))
 
 
 async def _report_ready(runtime: Runtime, meta: EventMeta | None, files: int, moved: int, seconds: float) -> None:
@@ -286,7 +287,8 @@ async def _report_ready(runtime: Runtime, meta: EventMeta | None, files: int, mo
 async def report_done(runtime: Runtime, plan: DonePlan, stored: dict[str, BlobInfo], insight: Insight | None,
                       children: Sequence[tuple[EventMeta, Event]], seconds: float) -> None:
     """Record what ``/done`` committed: the report (counts, the insight's pairs, the child events),
-    the files table and the child events table.
+    the files table and the child events table, written while the flow run's final state is reported
+    (``sidecar.orchestration.beside_final_state``).
 
     Args:
         plan: what was committed; ``stored`` maps each of its file paths to what the blob store holds.
@@ -294,7 +296,8 @@ async def report_done(runtime: Runtime, plan: DonePlan, stored: dict[str, BlobIn
         children: each child's event meta and the event published for it.
         seconds: wall time of the flow run, seconds.
     """
-    await _quietly("the /done report", _report_done(runtime, plan, stored, insight, children, seconds))
+    await beside_final_state(_quietly("the /done report", _report_done(runtime, plan, stored, insight, children,
+                                                                     seconds)))
 
 
 async def _report_done(runtime: Runtime, plan: DonePlan, stored: dict[str, BlobInfo], insight: Insight | None,

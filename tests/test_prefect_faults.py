@@ -49,8 +49,10 @@ EVENT, MODULE = "evt-faults", "modf"
 ANSWER_WITHIN = 45.0
 # /set_state requests of one flow run proposing RUNNING / COMPLETED (compact or spaced JSON).
 PROPOSES_RUNNING = rb'/set_state HTTP/1\.1\r\n(?:(?!HTTP/1\.1).)*?"type": ?"RUNNING"'
-# The first run-history artifact /done writes, right after its commit (then its final state's report).
-WRITES_HISTORY = rb"POST /api/artifacts/ HTTP/1\.1"
+# The first write to the API after /done's commit: one of its run-history artifacts or its final state's
+# report, which go at once (sidecar.orchestration.beside_final_state).
+WRITES_HISTORY = (rb'POST /api/artifacts/ HTTP/1\.1'
+                  rb'|/set_state HTTP/1\.1\r\n(?:(?!HTTP/1\.1).)*?"type": ?"COMPLETED"')
 
 
 @dataclass
