@@ -1,0 +1,183 @@
+"""Hostile answers to the ranges of a download (each range after the first request is received into a
+reused buffer, ``store._range_into``): a proxy in front of Azurite rewrites Azurite's real answer to
+a range (``x-ms-range`` starting past 0) and the download must fail as it did through
+``download_blob``, leave no file, give its byte budget back (a later download of the same blob
+through the same store, with the smallest budget, finishes) and never let a wrong byte through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import os
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from sidecar.dataplane.blobs import BlobVerificationError, partial_path
+from sidecar.errors import DataPlaneError, DataPlaneUnavailable, is_transient
+from sidecar.providers.azureblob.store import azure_blob_store
+from testsupport.azurite import ACCOUNT, ACCOUNT_KEY, TEST_CHUNK_BYTES, Azurite, azure_config
+
+pytestmark = pytest.mark.anyio
+
+HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+
+
+class Mangler(BaseHTTPRequestHandler):
+    """Forwards every request to Azurite; the answer to the ranges past 0 goes through ``mode``."""
+
+    protocol_version = "HTTP/1.1"
+    upstream = 0
+    mode = "pass"
+    mangled = 0
+    before_range: Callable[[], None] | None = None
+    content = b""  # the blob's bytes (the signed request cannot be changed: the proxy rewrites answers)
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP | {"host"}}
+        rng = re.fullmatch(r"bytes=(\d+)-(\d+)", headers.get("x-ms-range", ""))
+        mode = type(self).mode if self.command == "GET" and rng and int(rng[1]) > 0 else "pass"
+        if mode != "pass":
+            type(self).mangled += 1
+            if type(self).before_range:
+                type(self).before_range()
+        start, end = (int(rng[1]), int(rng[2])) if rng else (0, 0)
+        conn = http.client.HTTPConnection("127.0.0.1", self.upstream, timeout=30)
+        conn.request(self.command, self.path, body=body or None, headers=headers)
+        answer = conn.getresponse()
+        data = answer.read()
+        conn.close()
+        if mode == "short":
+            data = data[:-1000]
+        elif mode == "long":
+            data = data + b"x" * 1000
+        elif mode == "full200":  # the whole blob, as a server that ignores ranges answers
+            data = type(self).content
+        elif mode == "shifted":  # the blob's bytes one before the range asked for
+            data = type(self).content[start - 1:end]
+        status = 200 if mode == "full200" else answer.status
+        self.send_response(status)
+        for k, v in answer.getheaders():
+            if k.lower() not in HOP and not (mode in ("norange", "full200") and k.lower() == "content-range"):
+                self.send_header(k, v)
+        length = answer.getheader("Content-Length", "0") if self.command == "HEAD" else len(data)
+        self.send_header("Content-Length", str(length))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if mode == "cut":  # the head promised all of it: half, then the connection is gone
+            self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+        elif self.command != "HEAD":
+            self.wfile.write(data)
+        self.close_connection = True
+
+    do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def mangler(azurite: Azurite) -> Iterator[type[Mangler]]:
+    handler = type("Handler", (Mangler,), {"upstream": azurite.port})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    handler.url = f"http://127.0.0.1:{server.server_port}/{ACCOUNT}"
+    yield handler
+    server.shutdown()
+    server.server_close()
+
+
+def _through(url: str) -> str:
+    return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={url};"
+
+
+@pytest.mark.parametrize("mode, error, words", [
+    ("short", BlobVerificationError, "received"),
+    ("long", BlobVerificationError, "more than"),
+    ("full200", BlobVerificationError, "more than"),
+    ("shifted", BlobVerificationError, "MD5"),
+    ("cut", DataPlaneUnavailable, ""),
+])
+async def test_a_wrong_answer_to_a_range_fails_transient_and_leaves_nothing(
+        azurite: Azurite, mangler: type[Mangler], tmp_path: Path, mode: str, error: type, words: str) -> None:
+    chunk = TEST_CHUNK_BYTES
+    cfg = azure_config(azurite, connectionstring=_through(mangler.url), inflightbytes=chunk)
+    store = azure_blob_store(cfg)
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(5 * chunk + 3))
+    target = tmp_path / "in" / "blob"
+    try:
+        info = await store.upload(source, "e/m/blob")
+        mangler.content = source.read_bytes()
+        for _ in range(3):  # more failures than the budget holds ranges
+            mangler.mode = mode
+            with pytest.raises(DataPlaneUnavailable) as caught:
+                await asyncio.wait_for(store.download(info.key, target, info), 30)
+            assert isinstance(caught.value, error), repr(caught.value)
+            assert is_transient(caught.value) and words in str(caught.value), repr(caught.value)
+            assert not target.exists() and not partial_path(target).exists()
+        assert mangler.mangled >= 3, "the fault did not happen"
+        mangler.mode = "pass"
+        await asyncio.wait_for(store.download(info.key, target, info), 30)  # no budget was leaked
+        assert target.read_bytes() == source.read_bytes()
+    finally:
+        await store.close()
+
+
+async def test_a_range_without_content_range_still_gets_the_right_bytes(
+        azurite: Azurite, mangler: type[Mangler], tmp_path: Path) -> None:
+    chunk = TEST_CHUNK_BYTES
+    store = azure_blob_store(azure_config(azurite, connectionstring=_through(mangler.url), inflightbytes=chunk))
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(3 * chunk))
+    target = tmp_path / "in" / "blob"
+    try:
+        info = await store.upload(source, "e/m/blob")
+        mangler.mode = "norange"
+        await asyncio.wait_for(store.download(info.key, target, info), 30)
+        assert mangler.mangled >= 2
+        assert target.read_bytes() == source.read_bytes()
+    finally:
+        await store.close()
+
+
+async def test_a_blob_deleted_between_its_ranges_is_retried_then_missing_and_leaves_nothing(
+        azurite: Azurite, mangler: type[Mangler], tmp_path: Path) -> None:
+    from azure.storage.blob import BlobClient as SyncBlobClient
+
+    chunk = TEST_CHUNK_BYTES
+    cfg = azure_config(azurite, connectionstring=_through(mangler.url), inflightbytes=chunk)
+    store = azure_blob_store(cfg)
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(4 * chunk))
+    target = tmp_path / "in" / "blob"
+    try:
+        info = await store.upload(source, "e/m/blob")
+        direct = SyncBlobClient.from_connection_string(azurite.connection_string(), cfg.containername, "e/m/blob")
+        mangler.before_range = lambda: direct.delete_blob() if direct.exists() else None
+        mangler.mode = "deleted"
+        # If-Match on a blob deleted meanwhile: Azurite answers 412 (a retry reads the blob again) ...
+        with pytest.raises(DataPlaneUnavailable) as caught:
+            await asyncio.wait_for(store.download(info.key, target, info), 30)
+        assert is_transient(caught.value) and "changed while it was downloaded" in str(caught.value)
+        assert mangler.mangled >= 1 and not direct.exists()
+        assert not target.exists() and not partial_path(target).exists()
+        # ... and the retry finds it missing: permanent.
+        with pytest.raises(DataPlaneError) as caught:
+            await asyncio.wait_for(store.download(info.key, target, info), 30)
+        assert not is_transient(caught.value) and "does not exist" in str(caught.value), repr(caught.value)
+        mangler.mode, mangler.before_range = "pass", None
+        await store.upload(source, "e/m/blob")
+        await asyncio.wait_for(store.download(info.key, target, info), 30)
+        assert target.read_bytes() == source.read_bytes()
+    finally:
+        await store.close()
