@@ -12,6 +12,7 @@ import http.client
 import os
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, Iterator
@@ -36,6 +37,8 @@ class Mangler(BaseHTTPRequestHandler):
     mode = "pass"
     mangled = 0
     before_range: Callable[[], None] | None = None
+    only_at: int | None = None  # the one range offset ``mode`` applies to (None: every range past 0)
+    delay = 0.0  # seconds before a mangled answer
     content = b""  # the blob's bytes (the signed request cannot be changed: the proxy rewrites answers)
 
     def _forward(self) -> None:
@@ -43,7 +46,10 @@ class Mangler(BaseHTTPRequestHandler):
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP | {"host"}}
         rng = re.fullmatch(r"bytes=(\d+)-(\d+)", headers.get("x-ms-range", ""))
         mode = type(self).mode if self.command == "GET" and rng and int(rng[1]) > 0 else "pass"
+        if mode != "pass" and type(self).only_at not in (None, int(rng[1])):
+            mode = "pass"
         if mode != "pass":
+            time.sleep(type(self).delay)
             type(self).mangled += 1
             if type(self).before_range:
                 type(self).before_range()
@@ -179,5 +185,51 @@ async def test_a_blob_deleted_between_its_ranges_is_retried_then_missing_and_lea
         await store.upload(source, "e/m/blob")
         await asyncio.wait_for(store.download(info.key, target, info), 30)
         assert target.read_bytes() == source.read_bytes()
+    finally:
+        await store.close()
+
+
+async def test_a_failed_download_never_writes_into_a_file_opened_after_it(
+        azurite: Azurite, mangler: type[Mangler], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Range 1 is being written by a worker thread (here one that starts late, as a busy machine's
+    thread pool and the GIL's 5 ms switch interval make one) when range 2's connection is cut: the
+    download fails and closes its partial file. Files the process opens right after (another
+    download's partial file, a meta.json) must never receive the failed download's bytes."""
+    from sidecar.providers.azureblob import store as store_module
+
+    chunk = TEST_CHUNK_BYTES
+    store = azure_blob_store(azure_config(azurite, connectionstring=_through(mangler.url),
+                                          inflightbytes=4 * chunk))
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(4 * chunk))
+    pwrite_md5 = store_module._pwrite_md5
+    late: list[int] = []
+
+    def late_start(fd: int, data: bytes, offset: int, digest: object) -> None:
+        if offset == chunk and not late:
+            late.append(fd)
+            time.sleep(1.0)
+        pwrite_md5(fd, data, offset, digest)
+
+    monkeypatch.setattr(store_module, "_pwrite_md5", late_start)
+    try:
+        info = await store.upload(source, "e/m/blob")
+        mangler.content = source.read_bytes()
+        mangler.mode, mangler.only_at, mangler.delay = "cut", 2 * chunk, 0.3
+        with pytest.raises(DataPlaneUnavailable):
+            await store.download(info.key, tmp_path / "in" / "blob", info)
+        assert late and mangler.mangled == 1, "the fault did not happen"
+        # Files opened right after the failure (the lowest free numbers, the partial file's among them).
+        victims = [os.open(tmp_path / f"victim{i}", os.O_RDWR | os.O_CREAT) for i in range(16)]
+        try:
+            assert late[0] in victims, (late, victims)
+            for fd in victims:
+                os.pwrite(fd, bytes(2 * chunk), 0)
+            await asyncio.sleep(1.5)  # the late thread has run by now
+            spoiled = [i for i, fd in enumerate(victims) if os.pread(fd, 3 * chunk, 0) != bytes(2 * chunk)]
+        finally:
+            for fd in victims:
+                os.close(fd)
+        assert not spoiled, f"victim files {spoiled} received the failed download's range"
     finally:
         await store.close()

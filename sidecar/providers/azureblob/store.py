@@ -422,7 +422,15 @@ class AzureBlobStore:
                 offset, task, length = item
                 try:
                     data = await task
-                    await asyncio.to_thread(_pwrite_md5, fd, data, offset, digest)
+                    write = asyncio.ensure_future(asyncio.to_thread(_pwrite_md5, fd, data, offset, digest))
+                    try:
+                        await asyncio.shield(write)
+                    except asyncio.CancelledError:
+                        # A started worker thread is not stopped by the cancellation: the caller closes
+                        # fd on the way out, and the thread would then write into whichever file the
+                        # process opens next under that number. Let it finish first.
+                        await asyncio.wait([write])
+                        raise
                     self._range_buffers.give(data)  # written and hashed: it can take the next range
                 finally:
                     self._budget.release(length)
