@@ -388,3 +388,98 @@ def test_sigkill_while_the_api_hangs_at_running(api: Api, tmp_path: Path) -> Non
                 process.stop()
     no_flow_run_running(api)
 
+
+
+# The run-history artifacts only (not the final state's report), which go beside it.
+WRITES_ARTIFACTS = rb"POST /api/artifacts/ HTTP/1\.1"
+
+
+def test_artifacts_stall_while_the_final_state_goes_through(api: Api, sidecar: SidecarProcess) -> None:
+    """/done commits; the API stops answering its run-history artifacts but answers its final state's
+    report, which goes beside them: /done answers 200 within the bound, and the flow run is already
+    Completed in the API when it does (the engine's report was not held behind the artifacts)."""
+    fresh_run(sidecar)
+    response, _ = get(sidecar, "/ready")
+    assert response.status_code == 200, response.text
+    write_outputs(sidecar.basedir, 2)
+    api.proxy.drip(when=WRITES_ARTIFACTS, interval=None)
+    try:
+        done, seconds = get(sidecar, "/done")
+        assert api.proxy.stalled > 0, "no artifact write was stalled: the fault did not happen"
+        assert done.status_code == 200, done.text
+        assert seconds < ANSWER_WITHIN, f"a committed /done took {seconds:.1f} s to answer"
+        assert flow_run_state(api.url, done.json()["flowRunId"]) == "COMPLETED"
+    finally:
+        api.proxy.up()
+    again, _ = get(sidecar, "/done")
+    assert again.status_code == 200 and again.json()["flowRunId"] == done.json()["flowRunId"], again.text
+    no_flow_run_running(api)
+
+
+def test_sigterm_while_the_history_is_written_beside_the_final_state(api: Api, tmp_path: Path) -> None:
+    """/done commits, then its history writes and final state's report stall; the sidecar is stopped
+    (SIGTERM) while /done still waits for them: it exits within a container's grace period (10 s here:
+    the engine's stalled report holds stop() for SHUTDOWN_REPORT_SECONDS; 0.2 s when the history was
+    written before the final state), /done answers 200 or 503 "call again", the run record keeps the
+    flow run unreported, and a successor answers /done 200 without publishing again and reports it."""
+    process = SidecarProcess(tmp_path, sidecar_args(), env={"PREFECT_API_URL": api.proxied})
+    try:
+        process.wait_healthy(300)
+        response, _ = get(process, "/ready")
+        assert response.status_code == 200, response.text
+        write_outputs(process.basedir, 2)
+        api.proxy.drip(when=WRITES_HISTORY, past_head=False, interval=None)
+        answers: list[object] = []
+
+        def call() -> None:
+            try:
+                answers.append(process.get("/done", timeout=120))
+            except httpx.HTTPError as exc:
+                answers.append(exc)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        deadline = time.monotonic() + 30
+        while api.proxy.stalled == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert api.proxy.stalled > 0, "the history writes were not stalled: the fault did not happen"
+        time.sleep(0.5)
+        assert not answers, f"/done answered before the SIGTERM: {answers}"
+        started = time.monotonic()
+        process.proc.send_signal(signal.SIGTERM)
+        try:
+            code = process.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"SIGTERM did not stop the sidecar in 60 s:\n{process.output()}") from None
+        stopped_in = time.monotonic() - started
+        caller.join(60)
+        print(f"SIGTERM during the history writes: exit {code} in {stopped_in:.1f} s; /done: {answers}")
+        assert code == 0, process.output()
+        assert stopped_in < 25, f"SIGTERM took {stopped_in:.1f} s during the history writes"
+        answer = answers[0]
+        # A call stopped by SIGTERM answers 503 "call again" (as before beside_final_state); never 500.
+        assert isinstance(answer, httpx.Response) and (answer.status_code == 200 or (
+            answer.status_code == 503 and "SIGTERM" in answer.text)), answer
+        record = json.loads((process.basedir / ".sidecar" / "run.json").read_text())
+        unreported = list(record.get("unreported") or {})
+        print(f"record after SIGTERM: {record}")
+        assert unreported, record
+    finally:
+        api.proxy.up()
+        if process.proc.poll() is None:
+            process.stop()
+    successor = SidecarProcess(tmp_path, sidecar_args(), env={"PREFECT_API_URL": api.proxied},
+                               basedir=process.basedir)
+    try:
+        successor.wait_healthy(300)
+        again, _ = get(successor, "/done")
+        assert again.status_code == 200, again.text
+        for flow_run_id in unreported:  # reported once the API answers: none left Running
+            deadline = time.monotonic() + 60
+            while flow_run_state(api.url, flow_run_id) in ("RUNNING", "PENDING") and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert flow_run_state(api.url, flow_run_id) not in ("RUNNING", "PENDING"), flow_run_id
+        assert len([p for p in (tmp_path / ".dev" / "events").rglob("*") if p.is_file()]) == 1
+    finally:
+        successor.stop()
+    no_flow_run_running(api)
