@@ -483,3 +483,74 @@ def test_sigterm_while_the_history_is_written_beside_the_final_state(api: Api, t
     finally:
         successor.stop()
     no_flow_run_running(api)
+
+
+@pytest.mark.parametrize("fault", ["hang", "down", "no-api-logging"])
+def test_sigterm_of_a_sidecar_that_never_served_a_call(api: Api, tmp_path: Path, fault: str) -> None:
+    """Warm-up starts Prefect's log and event workers before /healthz turns 200 (57620f4). The API then
+    hangs (SIGSTOP-like: connections held) or refuses, before any call; or logging to the API is off.
+    SIGTERM stops the sidecar within a container's grace period, exit 0, and the log says nothing of an
+    unhandled error in the workers."""
+    env = {"PREFECT_API_URL": api.proxied}
+    if fault == "no-api-logging":
+        env["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
+    process = SidecarProcess(tmp_path, sidecar_args(), env=env)
+    try:
+        process.wait_healthy(300)
+        if fault == "hang":
+            api.proxy.hang()
+        elif fault == "down":
+            api.proxy.down()
+        time.sleep(1.0)  # the workers' next batch (logs every 2 s) meets the fault
+        if fault == "no-api-logging":
+            response, _ = get(process, "/ready")
+            assert response.status_code == 200, response.text
+        started = time.monotonic()
+        process.proc.send_signal(signal.SIGTERM)
+        try:
+            code = process.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"SIGTERM did not stop the sidecar in 60 s:\n{process.output()}") from None
+        stopped_in = time.monotonic() - started
+        print(f"SIGTERM of a sidecar that served no call ({fault}): exit {code} in {stopped_in:.1f} s")
+        output = process.output()
+        assert code == 0, output
+        assert stopped_in < 25, f"SIGTERM took {stopped_in:.1f} s ({fault})"
+        assert "Traceback" not in output, output
+    finally:
+        api.proxy.up()
+        if process.proc.poll() is None:
+            process.stop()
+
+
+def _flow_run_logs(api: Api, flow_run_id: str, timeout: float = 30) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.post(f"{api.url}/logs/filter", timeout=30,
+                              json={"logs": {"flow_run_id": {"any_": [flow_run_id]}}})
+        response.raise_for_status()
+        if response.json() or time.monotonic() > deadline:
+            return response.json()
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("fault", ["hang", "down"])
+def test_api_away_right_after_warm_up_then_back(api: Api, tmp_path: Path, fault: str) -> None:
+    """The API goes away (held or refused) right after warm-up started the log and event workers, before
+    any call, then comes back: /ready answers 200 and its flow run's log lines reach the API (the
+    workers started at warm-up do not keep a dead connection or stop for good)."""
+    process = SidecarProcess(tmp_path, sidecar_args(), env={"PREFECT_API_URL": api.proxied})
+    try:
+        process.wait_healthy(300)
+        getattr(api.proxy, fault)()
+        wait_health(process, 503, 30)
+        time.sleep(3.0)  # the log worker's next batches and the event worker's reconnects meet the fault
+        api.proxy.up()
+        wait_health(process, 200, 120)
+        response, _ = get(process, "/ready")
+        assert response.status_code == 200, response.text
+        logs = _flow_run_logs(api, response.json()["flowRunId"])
+        assert logs, f"no log line of the flow run reached the API:\n{process.output()[-3000:]}"
+    finally:
+        api.proxy.up()
+        process.stop()
