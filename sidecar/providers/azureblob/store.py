@@ -336,7 +336,7 @@ class AzureBlobStore:
                     await self._budget.acquire(length)
                     try:
                         buffer = self._buffers.take(length)
-                        got = await asyncio.to_thread(_read_into_md5, f, buffer, whole)
+                        got = await _in_thread(_read_into_md5, f, buffer, whole)
                         if got != length:
                             raise BlobVerificationError(blob.blob_name, f"the file changed while read: {offset + got} "
                                                                         f"of {size} bytes")
@@ -422,15 +422,7 @@ class AzureBlobStore:
                 offset, task, length = item
                 try:
                     data = await task
-                    write = asyncio.ensure_future(asyncio.to_thread(_pwrite_md5, fd, data, offset, digest))
-                    try:
-                        await asyncio.shield(write)
-                    except asyncio.CancelledError:
-                        # A started worker thread is not stopped by the cancellation: the caller closes
-                        # fd on the way out, and the thread would then write into whichever file the
-                        # process opens next under that number. Let it finish first.
-                        await asyncio.wait([write])
-                        raise
+                    await _in_thread(_pwrite_md5, fd, data, offset, digest)
                     self._range_buffers.give(data)  # written and hashed: it can take the next range
                 finally:
                     self._budget.release(length)
@@ -877,10 +869,29 @@ async def _range_into(blob: BlobClient, offset: int, buffer: bytearray, etag: st
     return got
 
 
+async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a worker thread, awaited to its end even when the caller is cancelled (the
+    cancellation is raised after it).
+
+    Cancelling ``asyncio.to_thread`` does not stop its thread. The calls here read or write a file the
+    caller closes on its way out (``with open(...)``, :meth:`AzureBlobStore._get`): a thread still
+    running then wrote into, or read from, whichever file or socket the process opened next under the
+    same descriptor number; a failed download's range landed in another download's partial file, whose
+    MD5 is computed from the bytes received and still matched (tests/azure/test_range_answers.py).
+    """
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        raise
+
+
 async def _offload(nbytes: int, fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn(*args)`` in a worker thread when it touches ``nbytes`` or more, else inline."""
+    """Run ``fn(*args)`` in a worker thread (:func:`_in_thread`) when it touches ``nbytes`` or more,
+    else inline."""
     if nbytes >= _THREAD_BYTES:
-        return await asyncio.to_thread(fn, *args)
+        return await _in_thread(fn, *args)
     return fn(*args)
 
 
