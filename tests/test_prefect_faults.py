@@ -515,7 +515,9 @@ def test_sigterm_of_a_sidecar_that_never_served_a_call(api: Api, tmp_path: Path,
         print(f"SIGTERM of a sidecar that served no call ({fault}): exit {code} in {stopped_in:.1f} s")
         output = process.output()
         assert code == 0, output
-        assert stopped_in < 25, f"SIGTERM took {stopped_in:.1f} s ({fault})"
+        # Without a flow run the idle workers are not drained in stop() (each waited 5 s for a hanging API:
+        # 10.3 s); Prefect's exit hook still waits for them, which serving.exit_within ends after 5 s.
+        assert stopped_in < 15, f"SIGTERM took {stopped_in:.1f} s ({fault})"
         assert "Traceback" not in output, output
     finally:
         api.proxy.up()
