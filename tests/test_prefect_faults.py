@@ -284,6 +284,28 @@ def test_api_drips_after_the_commit(api: Api, sidecar: SidecarProcess) -> None:
     no_flow_run_running(api)
 
 
+def test_artifacts_stall_while_the_final_state_goes_through(api: Api, sidecar: SidecarProcess) -> None:
+    """/done commits; the API stops answering its run-history artifacts but answers its final state's
+    report, which goes beside them: /done answers 200 within the bound, and the flow run is already
+    Completed in the API when it does (the engine's report was not held behind the artifacts)."""
+    fresh_run(sidecar)
+    response, _ = get(sidecar, "/ready")
+    assert response.status_code == 200, response.text
+    write_outputs(sidecar.basedir, 2)
+    api.proxy.drip(when=WRITES_ARTIFACTS, interval=None)
+    try:
+        done, seconds = get(sidecar, "/done")
+        assert api.proxy.stalled > 0, "no artifact write was stalled: the fault did not happen"
+        assert done.status_code == 200, done.text
+        assert seconds < ANSWER_WITHIN, f"a committed /done took {seconds:.1f} s to answer"
+        assert flow_run_state(api.url, done.json()["flowRunId"]) == "COMPLETED"
+    finally:
+        api.proxy.up()
+    again, _ = get(sidecar, "/done")
+    assert again.status_code == 200 and again.json()["flowRunId"] == done.json()["flowRunId"], again.text
+    no_flow_run_running(api)
+
+
 def test_hang_after_commit_then_sigterm_and_restart(api: Api, sidecar: SidecarProcess) -> None:
     """Stops the file's ``sidecar`` (SIGTERM): the last test of this file to use that fixture.
 
@@ -392,28 +414,6 @@ def test_sigkill_while_the_api_hangs_at_running(api: Api, tmp_path: Path) -> Non
 
 # The run-history artifacts only (not the final state's report), which go beside it.
 WRITES_ARTIFACTS = rb"POST /api/artifacts/ HTTP/1\.1"
-
-
-def test_artifacts_stall_while_the_final_state_goes_through(api: Api, sidecar: SidecarProcess) -> None:
-    """/done commits; the API stops answering its run-history artifacts but answers its final state's
-    report, which goes beside them: /done answers 200 within the bound, and the flow run is already
-    Completed in the API when it does (the engine's report was not held behind the artifacts)."""
-    fresh_run(sidecar)
-    response, _ = get(sidecar, "/ready")
-    assert response.status_code == 200, response.text
-    write_outputs(sidecar.basedir, 2)
-    api.proxy.drip(when=WRITES_ARTIFACTS, interval=None)
-    try:
-        done, seconds = get(sidecar, "/done")
-        assert api.proxy.stalled > 0, "no artifact write was stalled: the fault did not happen"
-        assert done.status_code == 200, done.text
-        assert seconds < ANSWER_WITHIN, f"a committed /done took {seconds:.1f} s to answer"
-        assert flow_run_state(api.url, done.json()["flowRunId"]) == "COMPLETED"
-    finally:
-        api.proxy.up()
-    again, _ = get(sidecar, "/done")
-    assert again.status_code == 200 and again.json()["flowRunId"] == done.json()["flowRunId"], again.text
-    no_flow_run_running(api)
 
 
 def test_sigterm_while_the_history_is_written_beside_the_final_state(api: Api, tmp_path: Path) -> None:
