@@ -76,6 +76,21 @@ class Api:
         return response.json()
 
 
+def sigterm(process: SidecarProcess) -> tuple[int, float]:
+    """SIGTERM ``process`` and wait for it to exit: (exit code, seconds it took).
+
+    Raises:
+        AssertionError: it did not exit within 60 s (its output in the message).
+    """
+    started = time.monotonic()
+    process.proc.send_signal(signal.SIGTERM)
+    try:
+        code = process.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"SIGTERM did not stop the sidecar in 60 s:\n{process.output()}") from None
+    return code, time.monotonic() - started
+
+
 @pytest.fixture(scope="module")
 def api() -> Iterator[Api]:
     # Not under pytest's basetemp (private to this user; the postgres user must reach its folder).
@@ -331,13 +346,7 @@ def test_hang_after_commit_then_sigterm_and_restart(api: Api, sidecar: SidecarPr
     record = json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
     assert record["unreported"].get(flow_run_id, {}).get("type") == "COMPLETED", record
 
-    started = time.monotonic()
-    sidecar.proc.send_signal(signal.SIGTERM)
-    try:
-        code = sidecar.proc.wait(60)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"SIGTERM did not stop the sidecar in 60 s:\n{sidecar.output()}") from None
-    stopped_in = time.monotonic() - started
+    code, stopped_in = sigterm(sidecar)
     assert code == 0, sidecar.output()
     print(f"SIGTERM during the outage: exit {code} in {stopped_in:.1f} s")
     assert stopped_in < 25, f"SIGTERM took {stopped_in:.1f} s during the outage"
@@ -445,13 +454,7 @@ def test_sigterm_while_the_history_is_written_beside_the_final_state(api: Api, t
         assert api.proxy.stalled > 0, "the history writes were not stalled: the fault did not happen"
         time.sleep(0.5)
         assert not answers, f"/done answered before the SIGTERM: {answers}"
-        started = time.monotonic()
-        process.proc.send_signal(signal.SIGTERM)
-        try:
-            code = process.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"SIGTERM did not stop the sidecar in 60 s:\n{process.output()}") from None
-        stopped_in = time.monotonic() - started
+        code, stopped_in = sigterm(process)
         caller.join(60)
         print(f"SIGTERM during the history writes: exit {code} in {stopped_in:.1f} s; /done: {answers}")
         assert code == 0, process.output()
@@ -505,13 +508,7 @@ def test_sigterm_of_a_sidecar_that_never_served_a_call(api: Api, tmp_path: Path,
         if fault == "no-api-logging":
             response, _ = get(process, "/ready")
             assert response.status_code == 200, response.text
-        started = time.monotonic()
-        process.proc.send_signal(signal.SIGTERM)
-        try:
-            code = process.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"SIGTERM did not stop the sidecar in 60 s:\n{process.output()}") from None
-        stopped_in = time.monotonic() - started
+        code, stopped_in = sigterm(process)
         print(f"SIGTERM of a sidecar that served no call ({fault}): exit {code} in {stopped_in:.1f} s")
         output = process.output()
         assert code == 0, output

@@ -278,6 +278,20 @@ def test_memory_stays_bounded_by_the_budget_for_several_large_files(azurite: Azu
     assert rise < 128 * MiB, f"peak RSS rose {rise / MiB:.0f} MiB moving {files} files of {size // MiB} MiB at once"
 
 
+def new_buffers(buffers, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The lengths of the buffers ``buffers`` (a ``BlockBuffers``) makes anew rather than reuses, from now on."""
+    made: list[int] = []
+    take = type(buffers).take
+
+    def counting_take(self, length: int) -> bytearray:
+        if self is buffers and not (length == self.size and self._free):
+            made.append(length)
+        return take(self, length)
+
+    monkeypatch.setattr(type(buffers), "take", counting_take)
+    return made
+
+
 async def test_block_buffers_are_reused_during_uploads_and_freed_after_them(
         azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two files of many blocks at once: their blocks are read into buffers taken again once a block
@@ -286,17 +300,7 @@ async def test_block_buffers_are_reused_during_uploads_and_freed_after_them(
     chunk = TEST_CHUNK_BYTES
     store = azure_blob_store(azure_config(azurite, inflightbytes=4 * chunk))
     buffers = store._buffers
-    made: list[int] = []
-    take = type(buffers).take
-
-    def counting_take(self, length: int) -> bytearray:
-        fresh = not (length == self.size and self._free)
-        buffer = take(self, length)
-        if fresh:
-            made.append(id(buffer))
-        return buffer
-
-    monkeypatch.setattr(type(buffers), "take", counting_take)
+    made = new_buffers(buffers, monkeypatch)
     data = {name: os.urandom(12 * chunk + 7) for name in ("a", "b")}
     for name, content in data.items():
         (tmp_path / name).write_bytes(content)
@@ -320,15 +324,7 @@ async def test_range_buffers_are_reused_during_downloads_and_freed_after_them(
     chunk = TEST_CHUNK_BYTES
     store = azure_blob_store(azure_config(azurite, inflightbytes=4 * chunk))
     buffers = store._range_buffers
-    made: list[int] = []
-    take = type(buffers).take
-
-    def counting_take(self, length: int) -> bytearray:
-        if self is buffers and not (length == self.size and self._free):
-            made.append(length)
-        return take(self, length)
-
-    monkeypatch.setattr(type(buffers), "take", counting_take)
+    made = new_buffers(buffers, monkeypatch)
     data = {name: os.urandom(12 * chunk + 7) for name in ("a", "b")}
     for name, content in data.items():
         (tmp_path / name).write_bytes(content)
