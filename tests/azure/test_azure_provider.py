@@ -278,6 +278,14 @@ def test_memory_stays_bounded_by_the_budget_for_several_large_files(azurite: Azu
     assert rise < 128 * MiB, f"peak RSS rose {rise / MiB:.0f} MiB moving {files} files of {size // MiB} MiB at once"
 
 
+def two_sources(folder: Path, size: int) -> dict[str, bytes]:
+    """Files ``a`` and ``b`` of ``size`` random bytes in ``folder``; returns name -> content."""
+    data = {name: os.urandom(size) for name in ("a", "b")}
+    for name, content in data.items():
+        (folder / name).write_bytes(content)
+    return data
+
+
 def new_buffers(buffers, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The lengths of the buffers ``buffers`` (a ``BlockBuffers``) makes anew rather than reuses, from now on."""
     made: list[int] = []
@@ -301,9 +309,7 @@ async def test_block_buffers_are_reused_during_uploads_and_freed_after_them(
     store = azure_blob_store(azure_config(azurite, inflightbytes=4 * chunk))
     buffers = store._buffers
     made = new_buffers(buffers, monkeypatch)
-    data = {name: os.urandom(12 * chunk + 7) for name in ("a", "b")}
-    for name, content in data.items():
-        (tmp_path / name).write_bytes(content)
+    data = two_sources(tmp_path, 12 * chunk + 7)
     try:
         infos = await asyncio.gather(*(store.upload(tmp_path / name, f"buffers/{name}") for name in data))
         assert buffers._free == [], "buffers kept after the last upload ended"
@@ -325,9 +331,7 @@ async def test_range_buffers_are_reused_during_downloads_and_freed_after_them(
     store = azure_blob_store(azure_config(azurite, inflightbytes=4 * chunk))
     buffers = store._range_buffers
     made = new_buffers(buffers, monkeypatch)
-    data = {name: os.urandom(12 * chunk + 7) for name in ("a", "b")}
-    for name, content in data.items():
-        (tmp_path / name).write_bytes(content)
+    data = two_sources(tmp_path, 12 * chunk + 7)
     try:
         infos = await asyncio.gather(*(store.upload(tmp_path / name, f"ranges/{name}") for name in data))
         await asyncio.gather(*(store.download(info.key, tmp_path / f"{name}.in", info)

@@ -15,7 +15,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -106,6 +106,16 @@ def _through(url: str) -> str:
     return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={url};"
 
 
+def _through_mangler(azurite: Azurite, mangler: type[Mangler], folder: Path, size: int,
+                     inflightbytes: int) -> tuple[Any, Path, Path]:
+    """A store whose requests go through ``mangler`` with an ``inflightbytes`` budget, a source file of
+    ``size`` random bytes in ``folder`` and the download target beside it: (store, source, target)."""
+    store = azure_blob_store(azure_config(azurite, connectionstring=_through(mangler.url), inflightbytes=inflightbytes))
+    source = folder / "source"
+    source.write_bytes(os.urandom(size))
+    return store, source, folder / "in" / "blob"
+
+
 @pytest.mark.parametrize("mode, error, words", [
     ("short", BlobVerificationError, "received"),
     ("long", BlobVerificationError, "more than"),
@@ -116,11 +126,7 @@ def _through(url: str) -> str:
 async def test_a_wrong_answer_to_a_range_fails_transient_and_leaves_nothing(
         azurite: Azurite, mangler: type[Mangler], tmp_path: Path, mode: str, error: type, words: str) -> None:
     chunk = TEST_CHUNK_BYTES
-    cfg = azure_config(azurite, connectionstring=_through(mangler.url), inflightbytes=chunk)
-    store = azure_blob_store(cfg)
-    source = tmp_path / "source"
-    source.write_bytes(os.urandom(5 * chunk + 3))
-    target = tmp_path / "in" / "blob"
+    store, source, target = _through_mangler(azurite, mangler, tmp_path, 5 * chunk + 3, chunk)
     try:
         info = await store.upload(source, "e/m/blob")
         mangler.content = source.read_bytes()
@@ -142,10 +148,7 @@ async def test_a_wrong_answer_to_a_range_fails_transient_and_leaves_nothing(
 async def test_a_range_without_content_range_still_gets_the_right_bytes(
         azurite: Azurite, mangler: type[Mangler], tmp_path: Path) -> None:
     chunk = TEST_CHUNK_BYTES
-    store = azure_blob_store(azure_config(azurite, connectionstring=_through(mangler.url), inflightbytes=chunk))
-    source = tmp_path / "source"
-    source.write_bytes(os.urandom(3 * chunk))
-    target = tmp_path / "in" / "blob"
+    store, source, target = _through_mangler(azurite, mangler, tmp_path, 3 * chunk, chunk)
     try:
         info = await store.upload(source, "e/m/blob")
         mangler.mode = "norange"
@@ -161,14 +164,10 @@ async def test_a_blob_deleted_between_its_ranges_is_retried_then_missing_and_lea
     from azure.storage.blob import BlobClient as SyncBlobClient
 
     chunk = TEST_CHUNK_BYTES
-    cfg = azure_config(azurite, connectionstring=_through(mangler.url), inflightbytes=chunk)
-    store = azure_blob_store(cfg)
-    source = tmp_path / "source"
-    source.write_bytes(os.urandom(4 * chunk))
-    target = tmp_path / "in" / "blob"
+    store, source, target = _through_mangler(azurite, mangler, tmp_path, 4 * chunk, chunk)
     try:
         info = await store.upload(source, "e/m/blob")
-        direct = SyncBlobClient.from_connection_string(azurite.connection_string(), cfg.containername, "e/m/blob")
+        direct = SyncBlobClient.from_connection_string(azurite.connection_string(), store.container, "e/m/blob")
         mangler.before_range = lambda: direct.delete_blob() if direct.exists() else None
         mangler.mode = "deleted"
         # If-Match on a blob deleted meanwhile: Azurite answers 412 (a retry reads the blob again) ...
