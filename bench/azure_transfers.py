@@ -518,6 +518,12 @@ def run(argv: argparse.Namespace) -> None:
     one_gib: dict[str, dict[str, Sample]] = {}
     try:
         with run_azurite() as azurite:
+            def measure(approach: str, src: Path, digests: dict[str, str], tag: str, name: str) -> dict[str, Sample]:
+                """One round of ``approach`` moving ``src`` up and down, with the plain settings of ``name``."""
+                if approach in plains:
+                    return plain_round(azurite, src, digests, work, tag, plains[approach](PLAIN[name]))
+                return sidecar_round(azurite, src, digests, work, tag, argv.profile, variants[approach])
+
             sources = {name: (work / f"src-{count}", make_files(work / f"src-{count}", count, size))
                        for name, (count, size) in workloads.items() if argv.rounds > 0 or argv.tune}
             if argv.tune:
@@ -528,10 +534,7 @@ def run(argv: argparse.Namespace) -> None:
                     turn = (r + w) % len(approaches)
                     for approach in approaches[turn:] + approaches[:turn]:
                         tag = f"{r}-{w}-{approach}"
-                        if approach in plains:
-                            got = plain_round(azurite, src, digests, work, tag, plains[approach](PLAIN[name]))
-                        else:
-                            got = sidecar_round(azurite, src, digests, work, tag, argv.profile, variants[approach])
+                        got = measure(approach, src, digests, tag, name)
                         for direction, sample in got.items():
                             results[name].add(approach, direction, sample)
                         print(f"round {r + 1} {name:>13} {approach:>8}: " + ", ".join(
@@ -542,15 +545,13 @@ def run(argv: argparse.Namespace) -> None:
                 big = work / "src-1g"
                 digests = make_files(big, 1, GiB)
                 rounds: dict[str, list[dict[str, Sample]]] = collections.defaultdict(list)
-                # Rotated as the workloads are: Azurite slows as it holds more (its CPU per block grew by up
-                # to half over one run), so an approach always last would pay for it.
+                # Rotated as the workloads are, so no approach always meets the state Azurite is in at the
+                # end of a run (it served the sidecar's last upload of this file with up to 2.4x the CPU).
                 for r in range(argv.rounds_1gib):
                     turn = r % len(approaches)
                     for approach in approaches[turn:] + approaches[:turn]:
                         tag = f"1g{r}-{approach}"
-                        got = (plain_round(azurite, big, digests, work, tag, plains[approach](PLAIN["1 x 1 GiB"]))
-                               if approach in plains else
-                               sidecar_round(azurite, big, digests, work, tag, argv.profile, variants[approach]))
+                        got = measure(approach, big, digests, tag, "1 x 1 GiB")
                         rounds[approach].append(got)
                         print(f"1 GiB round {r + 1} {approach}: up {got['up'].seconds:.2f} s (Azurite "
                               f"{got['up'].azurite_cpu:.1f} s), down {got['down'].seconds:.2f} s, load average "
