@@ -159,3 +159,25 @@ def test_slow_peers_get_503_within_deadlines_and_retry_commits_once(tmp_path: Pa
     staged = {p.name: p.read_bytes() for p in child.layout.in_data.rglob("*") if p.is_file()}
     assert staged == {"put-blob.bin": blobs[blob_key(runtime.cfg, "put-blob.bin")],
                       "blocks.bin": blobs[blob_key(runtime.cfg, "blocks.bin")]}
+
+
+def test_trickled_handshake_is_503_within_the_deadline_then_ready(tmp_path: Path, stack: Stack) -> None:
+    """A document store that trickles its connection handshake (the ``hello`` reply, which carries pymongo's
+    speculative authentication) a byte every 0.3 s: each gap is under every read timeout, so only the
+    call's total deadline can end it. A sidecar whose client connects for the first time inside /ready
+    answers 503 naming the document store within its deadline, and /ready succeeds once the fault is lifted.
+    (The test above covers replies to commands on connections already open.)"""
+    runtime = runtime_for(stack, tmp_path, "handshake-drip", "mod")
+    proxy = stack.docs_proxy
+    with TestClient(create_app(runtime)) as client:
+        proxy.drip(when=rb"(?i)hello|ismaster", after=0, interval=GAP)
+        before = proxy.drips
+        started = time.monotonic()
+        answer = client.get("/ready", headers=H)
+        seconds = time.monotonic() - started
+        proxy.up()
+        assert proxy.drips > before and proxy.dripped > 0, "the handshake was never slowed"
+        assert answer.status_code == 503 and "document store" in answer.json()["message"], answer.text
+        assert seconds <= DOCS_DEADLINE + SLACK, seconds
+        again = client.get("/ready", headers=H)
+        assert again.status_code == 200, again.text
