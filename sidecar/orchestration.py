@@ -200,8 +200,9 @@ def tracked(flow: Flow) -> Flow:
 
 
 async def beside_final_state(work: Coroutine[Any, Any, None]) -> None:
-    """Run ``work``, a flow body's last writes to the run history (which never fail the run), while
-    Prefect's engine proposes the flow run's final state instead of before it: the call
+    """Run ``work``, a flow body's writes to the run history that nothing later in the body waits for
+    (they never fail the run), alongside the rest of the body and Prefect's engine proposing the flow
+    run's final state instead of before them: the call
     (:meth:`PrefectApi.run`) waits for both before it answers, so the history is whole when the module
     hears back, one round trip to the API sooner (the artifacts of a /done took 15-80 ms, its final
     state 25-55 ms more; bench/azure_transfers.py, the sidecar's requests logged). Outside a call made

@@ -240,3 +240,54 @@ def test_bad_input_raised_in_a_task_is_one_warning_for_task_and_flow_runs() -> N
     assert record("prefect.flow_runs", logging.ERROR, "Finished in state Failed()", flow_run_id="f").levelno == logging.INFO
     # Another run's failure is left as Prefect logs it.
     assert record("prefect.flow_runs", logging.ERROR, "Finished in state Failed()", flow_run_id="g").levelno == logging.ERROR
+
+
+def test_the_last_progress_write_goes_beside_the_final_state(monkeypatch) -> None:
+    """A transfer's last progress write does not hold the flow's next step (it goes beside the final
+    state: a /done of 1000 files waited 0.13 s for it), yet a call made through ``PrefectApi.run``
+    answers only once it is done, so the artifact reads 100 % when the module hears back."""
+    from prefect import flow
+
+    from sidecar.orchestration import PrefectApi
+
+    key = f"progress-tail-{time.time_ns()}"
+    order: list[str] = []
+    original = history.aupdate_progress_artifact
+
+    async def slow_update(*args, **kwargs):
+        # The last write waits for the flow's next step, or 10 s: with the write in the flow's path
+        # the step comes after it, and the order says so.
+        for _ in range(100):
+            if "next step" in order:
+                break
+            await asyncio.sleep(0.1)
+        result = await original(*args, **kwargs)
+        order.append("last write")
+        return result
+
+    monkeypatch.setattr(history, "aupdate_progress_artifact", slow_update)
+
+    @flow(name="sidecar-progress-tail", persist_result=False)
+    async def transfer() -> str:
+        async with history.TransferProgress(key, "uploaded", 2, 200, after=0.2, every=5.0) as progress:
+            await progress.track(asyncio.sleep(0.5), 100)  # long enough for the artifact to be created
+            await progress.track(asyncio.sleep(0), 100)
+        order.append("next step")
+        return "committed"
+
+    async def call() -> tuple[str, list[str]]:
+        api = PrefectApi(timeout=60)
+        api.resolve()
+        api.start()
+        try:
+            result = await api.run(transfer)
+            return result, list(order)
+        finally:
+            await api.stop()
+
+    result, answered_after = asyncio.run(call())
+    assert result == "committed"
+    assert answered_after == ["next step", "last write"], answered_after
+    artifact = latest(key)
+    assert artifact.type == "progress" and artifact.data == 100.0, artifact
+    assert artifact.description == "2 of 2 files, 200 of 200 bytes uploaded"
