@@ -112,9 +112,12 @@ TEST_CHUNK_BYTES = 64 * 1024
 
 
 def azure_config(azurite: Azurite, container: str | None = None, **overrides: object) -> AzureBlobConfig:
-    """An enabled Azure provider config on ``azurite`` with a fresh container (unless named)."""
+    """An enabled Azure provider config on ``azurite`` with a fresh container (unless named): small chunks,
+    so a file of a few chunks moves as blocks and ranges; ``maxsingleputbytes=0`` keeps files above one
+    chunk on the block path, which most tests here are about (those of the streamed Put Blob set it)."""
     settings: dict = dict(enabled=True, containername=container or f"c{uuid.uuid4().hex[:20]}",
                           connectionstring=azurite.connection_string(), chunkbytes=TEST_CHUNK_BYTES,
+                          maxsingleputbytes=0,
                           connecttimeoutseconds=5.0, readtimeoutseconds=10.0)
     settings.update(overrides)
     return AzureBlobConfig(**settings)

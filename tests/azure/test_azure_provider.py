@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import socket
@@ -194,14 +195,18 @@ def scripted() -> Iterator[tuple[str, type[ScriptedStorage]]]:
     (400, "Md5Mismatch", BlobVerificationError),
     (400, "InvalidHeaderValue", DataPlaneError),
 ])
-async def test_service_answers_are_classified_and_sent_once(scripted, azurite: Azurite, small_file: Path,
-                                                           status: int, code: str, error: type) -> None:
+@pytest.mark.parametrize("size", [5, 3 * TEST_CHUNK_BYTES], ids=["put-blob", "streamed-put-blob"])
+async def test_service_answers_are_classified_and_sent_once(scripted, azurite: Azurite, tmp_path: Path,
+                                                           status: int, code: str, error: type, size: int) -> None:
     url, handler = scripted
     handler.blob_status, handler.error_code = status, code
-    store = azure_blob_store(azure_config(azurite, connectionstring=endpoint_string(url)))
+    source = tmp_path / "f.txt"
+    source.write_bytes(os.urandom(size))
+    store = azure_blob_store(azure_config(azurite, connectionstring=endpoint_string(url),
+                                          maxsingleputbytes=4 * TEST_CHUNK_BYTES))
     try:
         with pytest.raises(error) as caught:
-            await store.upload(small_file, "e/m/f.txt")
+            await store.upload(source, "e/m/f.txt")
     finally:
         await store.close()
     assert type(caught.value) is error and "e/m/f.txt" in caught.value.message
@@ -263,8 +268,9 @@ def test_bad_settings_stop_start_up_with_one_line(setting: str, value: str) -> N
     assert setting == "containername" or value not in str(caught.value), "a connection string is never shown"
 
 
-def test_memory_stays_bounded_by_the_budget_for_several_large_files(azurite: Azurite) -> None:
-    files, size = 4, 64 * MiB
+@pytest.mark.parametrize("files, size", [(4, 64 * MiB), (2, 96 * MiB)],
+                         ids=["streamed-put-blobs", "blocks-above-maxsingleputbytes"])
+def test_memory_stays_bounded_by_the_budget_for_several_large_files(azurite: Azurite, files: int, size: int) -> None:
     result = subprocess.run([sys.executable, "-m", "tests.azure.rss_probe", str(files), str(size)], cwd=ROOT,
                             capture_output=True, text=True, timeout=240,
                             env=python_env(PROBE_CONNECTION_STRING=azurite.connection_string()))
@@ -416,5 +422,88 @@ async def test_a_download_that_cannot_open_its_file_gives_its_budget_back(
         # Leaked budget makes a download wait for ever: the deadline turns that into a failure.
         await asyncio.wait_for(fail_then_succeed(), 60)
         assert fine.read_bytes() == source.read_bytes()
+    finally:
+        await store.close()
+
+
+async def test_files_up_to_maxsingleputbytes_go_as_one_put_blob_the_service_checks(
+        azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file above one chunk and at most ``maxsingleputbytes`` goes as one Put Blob streamed from the file
+    (no Put Block), a larger one as blocks; both blobs hold the files' bytes and record their MD5, and the
+    download checks it. The streamed upload holds about two pieces of the file, not the file."""
+    from azure.storage.blob.aio import BlobClient
+
+    from sidecar.providers.azureblob import store as store_module
+
+    chunk = TEST_CHUNK_BYTES
+    store = azure_blob_store(azure_config(azurite, maxsingleputbytes=16 * chunk, inflightbytes=8 * chunk))
+    staged: list[str] = []
+    stage_block = BlobClient.stage_block
+
+    async def counting_stage_block(self, *args, **kwargs):
+        staged.append(self.blob_name)
+        return await stage_block(self, *args, **kwargs)
+
+    monkeypatch.setattr(BlobClient, "stage_block", counting_stage_block)
+    held: list[int] = []
+    hold = store_module.ByteBudget.hold
+
+    def recording_hold(self, nbytes: int):
+        held.append(nbytes)
+        return hold(self, nbytes)
+
+    monkeypatch.setattr(store_module.ByteBudget, "hold", recording_hold)
+    sizes = {"streamed": 16 * chunk, "blocks": 16 * chunk + 1}
+    data = {name: os.urandom(size) for name, size in sizes.items()}
+    for name, content in data.items():
+        (tmp_path / name).write_bytes(content)
+    try:
+        infos = {name: await store.upload(tmp_path / name, f"e/m/{name}") for name in data}
+        assert "e/m/streamed" not in staged and "e/m/blocks" in staged, staged
+        assert held and max(held) <= 2 * store_module._PIECE_BYTES < sizes["streamed"], held
+        for name, content in data.items():
+            assert infos[name].md5 == hashlib.md5(content).hexdigest()
+            props = await store._client.get_blob_client(f"e/m/{name}").get_blob_properties()
+            assert bytes(props.content_settings.content_md5).hex() == infos[name].md5, name
+            await store.download(infos[name].key, tmp_path / f"{name}.in", infos[name])
+            assert (tmp_path / f"{name}.in").read_bytes() == content, name
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("change", ["rewritten", "truncated"])
+async def test_a_file_changed_between_its_hash_and_its_streamed_put_is_not_stored(
+        azurite: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    """The streamed Put Blob reads its file twice (to hash it, then to send it). A file rewritten in
+    between (same size, other bytes) is refused by the service against the MD5 sent first
+    (``Md5Mismatch``); one cut short ends the request before its length. Either way the upload fails as
+    transient (the flow then tells a changed output, a 409, from a transfer fault) and no blob is left."""
+    from sidecar.providers.azureblob import store as store_module
+
+    chunk = TEST_CHUNK_BYTES
+    store = azure_blob_store(azure_config(azurite, maxsingleputbytes=16 * chunk))
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(8 * chunk))
+    pread_md5 = store_module._pread_md5
+    changed: list[str] = []
+
+    def change_after_hashing(fd: int, size: int):
+        result = pread_md5(fd, size)
+        if change == "rewritten":
+            source.write_bytes(os.urandom(8 * chunk))  # same inode: the open descriptor sees the new bytes
+        else:
+            os.truncate(source, 3 * chunk)
+        changed.append(change)
+        return result
+
+    monkeypatch.setattr(store_module, "_pread_md5", change_after_hashing)
+    try:
+        with pytest.raises(DataPlaneUnavailable) as caught:
+            await store.upload(source, "e/m/changing")
+        assert changed == [change], "the file was not changed: the fault did not happen"
+        assert is_transient(caught.value), caught.value
+        if change == "rewritten":
+            assert type(caught.value) is BlobVerificationError and "Md5Mismatch" in caught.value.message
+        assert await store.info("e/m/changing") is None, "a blob was stored from a file that changed"
     finally:
         await store.close()

@@ -37,7 +37,10 @@ BUS_DEADLINE = 3.0  # --servicebuseventprovider.publishtimeoutseconds, seconds
 # What a call may take past its deadline: the flow and task runs' reports to the Prefect API (1.7 to
 # 2.8 s at a load of 17 on 2 cores: tests/restart/test_timeouts.py) and tearing the connection down.
 SLACK = 10.0
-SMALL, BIG = 3000, 4 * CHUNK - 1000  # bytes: one Put Blob; four Put Blocks and a Put Block List
+# bytes: one Put Blob; one Put Blob streamed from the file (above a chunk, at most SINGLE_PUT); four Put
+# Blocks and a Put Block List
+SMALL, STREAMED, BIG = 3000, 2 * CHUNK - 500, 4 * CHUNK - 1000
+SINGLE_PUT = 2 * CHUNK  # --azureblobprovider.maxsingleputbytes
 
 
 def runtime_for(stack: Stack, root: Path, event_id: str, name: str, parent: str = "") -> Runtime:
@@ -45,7 +48,8 @@ def runtime_for(stack: Stack, root: Path, event_id: str, name: str, parent: str 
     cfg, _ = compose_config(seed_args(stack, event_id, "corr-slow", name, parent) + [
         f"--sharedsecret={SECRET}", f"--basedir={root / name}", f"--devdir={root / '.dev'}",
         "--transfer.retries=1", "--transfer.retrydelayseconds=0.1",
-        f"--azureblobprovider.chunkbytes={CHUNK}", "--azureblobprovider.connecttimeoutseconds=1",
+        f"--azureblobprovider.chunkbytes={CHUNK}", f"--azureblobprovider.maxsingleputbytes={SINGLE_PUT}",
+        "--azureblobprovider.connecttimeoutseconds=1",
         "--azureblobprovider.readtimeoutseconds=1", f"--azureblobprovider.minbytespersecond={SPEED}",
         "--mongodbdocprovider.serverselectiontimeoutseconds=1", f"--mongodbdocprovider.sockettimeoutseconds={DOCS_DEADLINE}",
         f"--servicebuseventprovider.publishtimeoutseconds={BUS_DEADLINE}",
@@ -54,13 +58,14 @@ def runtime_for(stack: Stack, root: Path, event_id: str, name: str, parent: str 
 
 
 def write_outputs(basedir: Path, label: str) -> None:
-    """Two files (one Put Blob, one block list), one event naming both, an insight."""
+    """Three files (one Put Blob, one streamed Put Blob, one block list), one event naming them, an insight."""
     from ion_sidecar_client import SidecarClient
 
     client = SidecarClient(url="http://unused", secret="unused", basedir=basedir)
     client.write_file("put-blob.bin", (label.encode() * SMALL)[:SMALL])
+    client.write_file("streamed.bin", (label.encode() * STREAMED)[:STREAMED])
     client.write_file("blocks.bin", (label.encode() * BIG)[:BIG])
-    client.write_event("found", "file_discovered", ["put-blob.bin", "blocks.bin"], label=label)
+    client.write_event("found", "file_discovered", ["put-blob.bin", "streamed.bin", "blocks.bin"], label=label)
     client.write_insight(label=label)
 
 
@@ -100,6 +105,8 @@ def test_slow_peers_get_503_within_deadlines_and_retry_commits_once(tmp_path: Pa
     faults = [
         (stack.blob_proxy, "blob store", blob_deadline, "Put Blob: the answer's headers trickle",
          dict(when=rb"PUT /[^ ?]*/put-blob\.bin HTTP", after=20, interval=GAP)),
+        (stack.blob_proxy, "blob store", blob_deadline, "Put Blob streamed from the file: the answer's headers trickle",
+         dict(when=rb"PUT /[^ ?]*/streamed\.bin HTTP", after=20, interval=GAP)),
         (stack.blob_proxy, "blob store", blob_deadline, "Put Block: the answer's headers trickle",
          dict(when=rb"comp=block&", after=20, interval=GAP)),
         (stack.blob_proxy, "blob store", blob_deadline, "Put Block List: the headers trickle after the status line",
@@ -131,6 +138,7 @@ def test_slow_peers_get_503_within_deadlines_and_retry_commits_once(tmp_path: Pa
     assert child_ids == [child_event_id(runtime.cfg, "found.json")]
     blobs, metas, insights, delivered = committed(stack, event_id, child_ids)
     assert blobs == {blob_key(runtime.cfg, "put-blob.bin"): (event_id.encode() * SMALL)[:SMALL],
+                     blob_key(runtime.cfg, "streamed.bin"): (event_id.encode() * STREAMED)[:STREAMED],
                      blob_key(runtime.cfg, "blocks.bin"): (event_id.encode() * BIG)[:BIG]}
     assert metas == {child_ids[0]: 1} and len(insights) == 1
     assert delivered == {child_ids[0]: 1}, "each event delivered exactly once"
@@ -157,8 +165,7 @@ def test_slow_peers_get_503_within_deadlines_and_retry_commits_once(tmp_path: Pa
         assert answer.status_code == 200, answer.text
     print("\n".join(figures[-len(faults):]))
     staged = {p.name: p.read_bytes() for p in child.layout.in_data.rglob("*") if p.is_file()}
-    assert staged == {"put-blob.bin": blobs[blob_key(runtime.cfg, "put-blob.bin")],
-                      "blocks.bin": blobs[blob_key(runtime.cfg, "blocks.bin")]}
+    assert staged == {name: blobs[blob_key(runtime.cfg, name)] for name in ("put-blob.bin", "streamed.bin", "blocks.bin")}
 
 
 def test_trickled_handshake_is_503_within_the_deadline_then_ready(tmp_path: Path, stack: Stack) -> None:

@@ -36,6 +36,8 @@ class AzureBlobConfig:
         "connecttimeoutseconds": Bounds(0, above=True, unit="s"),
         "readtimeoutseconds": Bounds(0, above=True, unit="s"),
         "minbytespersecond": Bounds(1, unit="bytes/s"),
+        # Azure's largest Put Blob is 5000 MiB (version 2019-12-12 and later).
+        "maxsingleputbytes": Bounds(0, 5000 * MiB, unit="bytes"),
     }
 
     enabled: bool = False
@@ -53,6 +55,10 @@ class AzureBlobConfig:
     # its CPU per request, and on a shared machine 4 MiB ranges cost it 2.0 s per 512 MiB against 0.8 s
     # (bench/azure_transfers_results.md).
     chunkbytes: int = 8 * 1024 * 1024
+    # Files larger than chunkbytes and at most this size go up as one Put Blob streamed from the file, its
+    # MD5 checked by the service (hashed once; blocks are hashed twice); larger files as blocks of
+    # chunkbytes in parallel, bytes (0: always blocks). 64 MiB: azure-storage-blob's max_single_put_size.
+    maxsingleputbytes: int = 64 * 1024 * 1024
     # Most bytes of file data held in memory by all transfers at once (blocks and ranges in flight):
     # three 8 MiB requests; tests/azure's memory test measures the rise it allows (109-110 MiB).
     inflightbytes: int = 24 * 1024 * 1024
