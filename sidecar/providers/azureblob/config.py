@@ -36,8 +36,9 @@ class AzureBlobConfig:
         "connecttimeoutseconds": Bounds(0, above=True, unit="s"),
         "readtimeoutseconds": Bounds(0, above=True, unit="s"),
         "minbytespersecond": Bounds(1, unit="bytes/s"),
-        # Azure's largest Put Blob is 5000 MiB (version 2019-12-12 and later).
-        "maxsingleputbytes": Bounds(0, 5000 * MiB, unit="bytes"),
+        # maxsingleputbytes: Put Blob takes 256 MiB in every service version (5000 MiB only from version
+        # 2019-12-12 on); one request that large has no parallelism anyway, blocks do better above it.
+        "maxsingleputbytes": Bounds(0, 256 * MiB, unit="bytes"),
     }
 
     enabled: bool = False

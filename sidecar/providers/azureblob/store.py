@@ -69,7 +69,7 @@ from azure.storage.blob.aio import BlobClient, BlobServiceClient, StorageStreamD
 # The generated layer under BlobClient.download_blob, for a range received into a reused buffer
 # (:func:`_range_into`); azure-storage-blob is pinned in uv.lock.
 from azure.storage.blob._deserialize import deserialize_blob_stream
-from azure.storage.blob._generated.models import ModifiedAccessConditions
+from azure.storage.blob._generated.models import BlobHTTPHeaders, ModifiedAccessConditions
 from azure.storage.blob._shared.response_handlers import process_storage_error, return_response_headers
 
 from sidecar.dataplane.blobs import (STORE, BlobInfo, BlobVerificationError, check_key, download_verified,
@@ -341,6 +341,8 @@ class AzureBlobStore:
                 async with self.deadline.bound("Put Blob", self._where(key), size):
                     stored = await blob._client.block_blob.upload(  # noqa: SLF001 - see above
                         content_length=size, body=_file_pieces(fd, size, key), transactional_content_md5=digest,
+                        # The blob's recorded MD5, set in so many words rather than left to the service.
+                        blob_http_headers=BlobHTTPHeaders(blob_content_md5=digest),
                         cls=return_response_headers, data_stream_total=size, upload_stream_current=0)
             except HttpResponseError as error:
                 process_storage_error(error)  # raises the SDK's own error for it (its error code read)
