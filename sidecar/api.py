@@ -140,10 +140,38 @@ class RunState:
             log.warning("could not list out/ to compare a repeated /done with this one: %s", exc)
             return None
 
+    def _hold_to_what_was_sent(self, fingerprint: dict[str, list[int]] | None) -> None:
+        """Before a ``/done`` attempt: once an earlier attempt (this process's, or a killed predecessor's)
+        handed child events to the event bus, ``out/`` must be as that attempt found it. Children may
+        already have those events and read their event metas and blobs; committing an edited ``out/``
+        would change them under the same event ids (or drop a published event from the summary). While
+        nothing was sent, the attempt's fingerprint is recorded (durably, before anything is committed):
+        a failed ``/done`` may still be fixed and retried.
+
+        Raises:
+            StateError: naming every entry added, removed or changed since the attempt that sent events
+                (HTTP 409, not retried by the module client); nothing is committed.
+        """
+        if fingerprint is None:
+            return
+        record = self.store.record
+        sent = len({*record.published, *record.sending, *record.uncertain})
+        if not sent:
+            self.store.save(committed=fingerprint)
+            return
+        if record.committed is None:  # a record written before fingerprints were kept
+            return
+        problems = changed_since(record.committed, fingerprint)
+        if problems:
+            named = spelt_out(problems, InputError.MAX_NAMED)
+            raise StateError(f"{COMMITTED_ALREADY} in part: an earlier /done handed {sent} child events to the "
+                             "event bus, which committed out/ as it was then; not committed: " + "; ".join(named))
+
     async def _step(self, step: Phase, start: Callable[[], Awaitable[Any]]) -> Any:
         # Taken before the plan reads out/: a file written meanwhile is named by a repeated /done
         # (at worst a 409 for a file this commit took), never dropped behind its 200.
         fingerprint = self._fingerprint() if step is Phase.done else None
+        self._hold_to_what_was_sent(fingerprint)
         summary = await start()
         # Recorded before anyone is answered: a restarted sidecar then answers the same.
         self.store.save(phase=step.value, committed=fingerprint, **{step.value: summary.model_dump(mode="json")})

@@ -66,6 +66,8 @@ class RunRecord(BaseModel):
     done: dict[str, Any] | None = None  # the /done summary (DoneSummary as JSON)
     # out/ when the committed /done was called (ModuleLayout.fingerprint: name -> layout.file_version), so a
     # repeated /done tells an unchanged retry (same summary) from outputs written after the commit (409).
+    # Recorded at the start of each /done attempt while no child event was sent yet: an attempt after some
+    # were (a retry, a restarted sidecar) finds out/ as the one that sent them did, or gets a 409.
     committed: dict[str, list[int]] | None = None
     published: list[str] = Field(default_factory=list)  # child event ids the event bus accepted
     # Child event ids handed to the event bus whose answer has not come yet (recorded before the transfer).
