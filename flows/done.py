@@ -68,10 +68,14 @@ async def upsert_event_metas(runtime: Runtime, metas: list[EventMeta], count: in
 async def publish_events(runtime: Runtime, events: list[Event], count: int) -> None:
     """Publish the child events (message id = child event id, so a re-publish is dropped where the topic
     has duplicate detection); the ids of each batch are recorded on the volume before its transfer and
-    again once the bus accepted it (``sidecar.runstate``). A batch an earlier attempt sent without an
-    answer (this task's previous try, a killed predecessor) is recorded as "may have been delivered"
-    before it is sent again."""
+    again once the bus accepted it (``sidecar.runstate``). Events recorded as accepted (by this task's
+    previous try) are not sent again. A batch an earlier attempt sent without an answer (this task's
+    previous try, a killed predecessor) is recorded as "may have been delivered" before it is sent again."""
     runtime.run.settle_sending(maybe_delivered=True)
+    # A retry of this task sends only what the bus has not accepted: a batch accepted before the failure
+    # (recorded by on_published) was delivered again on every retry after a connection lost between batches.
+    published = set(runtime.run.record.published)
+    events = [event for event in events if event.id not in published]
     uncertain = set(runtime.run.record.uncertain)
     resent = [event.id for event in events if event.id in uncertain]
     if resent:

@@ -1,0 +1,245 @@
+"""The event bus itself stopped and started again on the same port while /done publishes in several
+batches: the answer is honest (503, retryable, while not every event was accepted), the module's retry
+delivers every child event, and an event is delivered twice only when the run record lists it as
+"may have been delivered" (README: The one window left).
+
+Real processes and peers: a ``python -m sidecar`` frozen at a crash point (``sidecar/crashpoints.py``)
+while the bus goes away; Azurite and nx-27017 from the stack; an AMQP 1.0 peer of this module's own
+(``testsupport.amqp_peer``), with small messages so that a publish takes several batches and duplicate
+detection off so that every delivery counts. A stopped peer closes every connection; the one started
+again on the same port keeps the topics and what they hold, as a broker's storage outlives its process.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import psutil
+import pytest
+
+from ion_sidecar_client import SidecarClient
+from testsupport.amqp_peer import AmqpPeer, Topic
+from testsupport.processes import SECRET, RestartableSidecar, free_port
+from testsupport.servicebus import receive_all_sync, unique
+from testsupport.stack import Stack, seed_args
+
+EVENTS = 9
+MAX_MESSAGE = 1200  # bytes: a few events per batch
+pytestmark = pytest.mark.timeout(300)
+
+
+class BrokerKilled(Exception):
+    """Raised inside the peer's reactor: its thread ends there, as the process would."""
+
+
+class Bus:
+    """The module's own AMQP peer, which a test stops and starts again on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.peer = AmqpPeer(self.port, max_message_size=MAX_MESSAGE).start()
+        self.topic = self.peer.create_topic(unique("restarted"), ["next"], duplicate_detection=False)
+        self.delivered: collections.Counter[str] = collections.Counter()
+
+    def stop(self) -> None:
+        """As a killed broker process: the listener closed and every connection ended by the kernel (FIN).
+
+        ``AmqpPeer.stop`` ends its reactor thread but leaves the accepted sockets open (ESTABLISHED, no
+        byte ever again): what a hung broker looks like, not a killed one. Here each is shut down."""
+        self.peer.stop()
+        assert not self.peer._thread.is_alive(), "the peer did not stop"
+        mine = [c for c in psutil.Process().net_connections("tcp") if c.laddr and c.laddr.port == self.port]
+        ends = [c for c in mine if c.status == psutil.CONN_ESTABLISHED]
+        for conn in ends:
+            with socket.socket(fileno=os.dup(conn.fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        # Each socket (the listener too) closed in place: its descriptor now holds /dev/null, which the dead
+        # reactor's objects may close later without ever closing a descriptor reused by someone else.
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            for conn in mine:
+                os.dup2(null, conn.fd)
+        finally:
+            os.close(null)
+        self.killed = len(ends)
+
+    def die_on_transfer(self, n: int) -> None:
+        """Make the broker die the moment it has stored the ``n``-th transfer to a topic, before it
+        answers it (its disposition never goes out): the publish's outcome is unknown to the sender."""
+        broker = self.peer._broker
+        original, seen = broker._incoming, [0]
+
+        def incoming(link, payload):
+            outcome = original(link, payload)
+            if isinstance(link.entity, Topic):
+                seen[0] += 1
+                if seen[0] == n:
+                    raise BrokerKilled(f"killed after storing transfer {n}")
+            return outcome
+
+        broker._incoming = incoming
+
+    def start(self) -> None:
+        topics = self.peer.topics
+        self.peer = AmqpPeer(self.port, max_message_size=MAX_MESSAGE)
+        self.peer.topics = topics  # what the broker accepted survives its restart
+        self.peer.start()
+
+    def connection_string(self) -> str:
+        return self.peer.connection_string()
+
+    def receive(self, parent: str) -> collections.Counter[str]:
+        for message in receive_all_sync(self.connection_string(), self.topic.name, "next"):
+            if message.event.context.parentEventId == parent:
+                self.delivered[message.message_id] += 1
+        return self.delivered
+
+
+@pytest.fixture
+def bus() -> Iterator[Bus]:
+    bus = Bus()
+    yield bus
+    bus.stop()
+
+
+def start_sidecar(tmp_path: Path, stack: Stack, bus: Bus, sidecars: list, pause_at: str,
+                  *extra: str) -> tuple[RestartableSidecar, SidecarClient, str]:
+    event_id = unique("busrestart")
+    args = [a for a in seed_args(stack, event_id, f"corr-{event_id}", "mod")
+            if not a.startswith(("--servicebuseventprovider.topic", "--servicebuseventprovider.connectionstring"))]
+    args += [f"--servicebuseventprovider.topic={bus.topic.name}",
+             f"--servicebuseventprovider.connectionstring={bus.connection_string()}",
+             f"--devdir={tmp_path / '.dev'}", "--transfer.retrydelayseconds=0.5", *extra]
+    sidecar = RestartableSidecar(tmp_path, args)
+    sidecars.append(sidecar)
+    sidecar.start(pause_at=pause_at)
+    sidecar.wait_healthy()
+    client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
+    client.ready(retry_seconds=60)
+    for i in range(EVENTS):
+        client.write_file(f"f{i}.txt", f"{i}".encode() * 100)
+        client.write_event(f"e{i}", "file_discovered", [f"f{i}.txt"], index=str(i))
+    return sidecar, client, event_id
+
+
+def record(sidecar: RestartableSidecar) -> dict:
+    return json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
+
+
+def done_in_background(sidecar: RestartableSidecar) -> tuple[threading.Thread, list]:
+    answers: list = []
+
+    def call() -> None:
+        try:
+            answers.append(httpx.get(f"{sidecar.url}/done", headers={"secret": SECRET}, timeout=120))
+        except httpx.HTTPError as exc:
+            answers.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    return caller, answers
+
+
+def test_bus_restarted_between_batches_delivers_each_event_once(tmp_path: Path, stack: Stack, bus: Bus,
+                                                                 sidecars: list) -> None:
+    """Frozen right after the bus accepted the first batch; the bus stops (every connection closed) and
+    is started again on the same port before the sidecar goes on: the next batches fail on the closed
+    connection, the task retries on a new one. Each event once; none was ever in doubt."""
+    sidecar, client, event_id = start_sidecar(tmp_path, stack, bus, sidecars, "accepted#1")
+    caller, answers = done_in_background(sidecar)
+    sidecar.wait_paused()
+    first_ids = set(bus.topic.seen_ids)
+    first = len(first_ids)
+    assert 0 < first < EVENTS, f"the first batch held {first} of {EVENTS} events"  # several batches
+    bus.stop()  # the fault: the broker goes away between two batches ...
+    assert bus.killed >= 1, "the sidecar had no connection to the bus"
+    bus.start()  # ... and comes back on the same port
+    os.kill(sidecar.proc.pid, signal.SIGCONT)
+    caller.join(120)
+    [answer] = answers
+    assert isinstance(answer, httpx.Response), answer
+    if answer.status_code != 200:
+        assert answer.status_code == 503, answer.text
+        done = client.done(retry_seconds=60)
+    else:
+        done = answer.json()
+    delivered = bus.receive(event_id)
+    ids = {e["eventId"] for e in done["events"]}
+    assert len(ids) == EVENTS and set(delivered) == ids, (done, dict(delivered))
+    twice = {i for i, n in delivered.items() if n > 1}
+    print(f"\nfirst batch {first}; answer {answer.status_code}; transfers {bus.topic.transfers}; "
+          f"deliveries of an id seen before {bus.topic.duplicates}; uncertain {len(record(sidecar)['uncertain'])}")
+    assert all(delivered[i] == 1 for i in first_ids), f"the batch accepted before the restart went out again: {dict(delivered)}"
+    assert twice <= set(record(sidecar)["uncertain"]), \
+        f"delivered twice though never in doubt: {sorted(twice)}; record {record(sidecar)}; transfers {bus.topic.transfers}"
+    assert sidecar.stop() == 0
+
+
+def test_bus_down_between_batches_answers_503_and_the_retry_delivers_the_rest_once(
+        tmp_path: Path, stack: Stack, bus: Bus, sidecars: list) -> None:
+    """Frozen right after the bus accepted the first batch; the bus goes away and stays away while the
+    sidecar goes on: /done answers 503 (not every event was accepted), retryable, naming the event bus.
+    The bus comes back; the module's retry delivers the rest, and the first batch is not sent again."""
+    sidecar, client, event_id = start_sidecar(tmp_path, stack, bus, sidecars, "accepted#1", "--transfer.retries=1")
+    caller, answers = done_in_background(sidecar)
+    sidecar.wait_paused()
+    first_ids = set(bus.topic.seen_ids)
+    assert 0 < len(first_ids) < EVENTS
+    bus.stop()
+    assert bus.killed >= 1, "the sidecar had no connection to the bus"
+    os.kill(sidecar.proc.pid, signal.SIGCONT)
+    caller.join(120)
+    [answer] = answers
+    assert isinstance(answer, httpx.Response) and answer.status_code == 503, answer
+    assert answer.json()["message"].startswith("event bus unavailable"), answer.text
+    kept = record(sidecar)
+    assert set(kept["published"]) == first_ids and kept["phase"] == "ready", kept
+    bus.start()
+    done = client.done(retry_seconds=60)
+    delivered = bus.receive(event_id)
+    ids = {e["eventId"] for e in done["events"]}
+    assert len(ids) == EVENTS and set(delivered) == ids, (done, dict(delivered))
+    assert all(delivered[i] == 1 for i in first_ids), dict(delivered)
+    twice = {i for i, n in delivered.items() if n > 1}
+    assert twice <= set(record(sidecar)["uncertain"]), (sorted(twice), record(sidecar))
+    assert sidecar.stop() == 0
+
+
+def test_bus_killed_after_storing_a_batch_unanswered_is_said_and_only_that_batch_repeats(
+        tmp_path: Path, stack: Stack, bus: Bus, sidecars: list) -> None:
+    """The broker dies after it stored the second batch and before it answered: the 503 says those events
+    may have been delivered, the record lists exactly them as uncertain, and after the bus is back the
+    retry delivers every event, with only that batch twice (the documented window)."""
+    bus.die_on_transfer(2)
+    sidecar, client, event_id = start_sidecar(tmp_path, stack, bus, sidecars, "", "--transfer.retries=1")
+    caller, answers = done_in_background(sidecar)
+    deadline = time.monotonic() + 60
+    while bus.peer._thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not bus.peer._thread.is_alive(), "the broker never died"
+    stored = list(bus.topic.seen_ids)  # what the broker holds: batches 1 and 2
+    bus.stop()
+    caller.join(120)
+    [answer] = answers
+    assert isinstance(answer, httpx.Response) and answer.status_code == 503, answer
+    kept = record(sidecar)
+    second = set(stored) - set(kept["published"])
+    assert second and len(kept["published"]) + len(second) == len(stored), (stored, kept)
+    assert set(kept["uncertain"]) == second, kept
+    assert f"{len(second)} of these events may have been delivered" in answer.json()["message"], answer.text
+    bus.start()
+    done = client.done(retry_seconds=60)
+    delivered = bus.receive(event_id)
+    ids = {e["eventId"] for e in done["events"]}
+    assert len(ids) == EVENTS and set(delivered) == ids, (done, dict(delivered))
+    assert {i for i, n in delivered.items() if n > 1} == second, dict(delivered)
+    assert sidecar.stop() == 0
