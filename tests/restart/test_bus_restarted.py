@@ -243,3 +243,32 @@ def test_bus_killed_after_storing_a_batch_unanswered_is_said_and_only_that_batch
     assert len(ids) == EVENTS and set(delivered) == ids, (done, dict(delivered))
     assert {i for i, n in delivered.items() if n > 1} == second, dict(delivered)
     assert sidecar.stop() == 0
+
+
+def test_an_event_edited_after_a_partial_publish_is_refused_and_nothing_is_sent_again(
+        tmp_path: Path, stack: Stack, bus: Bus, sidecars: list) -> None:
+    """The first batch went out, the bus went away (503); the module rewrites an event file before it
+    retries: the retry (the same sidecar) answers 409 naming the file, and neither the event meta a
+    child may have read nor any delivery changes (README: Restarts)."""
+    from ion_sidecar_client import COMMITTED_ALREADY, SidecarCallError
+
+    sidecar, client, event_id = start_sidecar(tmp_path, stack, bus, sidecars, "accepted#1", "--transfer.retries=0")
+    caller, answers = done_in_background(sidecar)
+    sidecar.wait_paused()
+    first_ids = set(bus.topic.seen_ids)
+    bus.stop()
+    os.kill(sidecar.proc.pid, signal.SIGCONT)
+    caller.join(120)
+    [answer] = answers
+    assert isinstance(answer, httpx.Response) and answer.status_code == 503, answer
+    metas = {m["eventId"]: m for m in stack.documents() if m["parentEventId"] == event_id}
+    bus.start()
+    client.write_event("e0", "file_discovered", ["f0.txt"], index="rewritten")
+    with pytest.raises(SidecarCallError) as refused:
+        client.done(retry_seconds=30)
+    assert refused.value.status_code == 409 and COMMITTED_ALREADY in refused.value.body, refused.value.body
+    assert "out/events/e0.json" in refused.value.body, refused.value.body
+    assert {m["eventId"]: m for m in stack.documents() if m["parentEventId"] == event_id} == metas
+    delivered = bus.receive(event_id)
+    assert set(delivered) == first_ids and all(n == 1 for n in delivered.values()), dict(delivered)
+    assert sidecar.stop() == 0
