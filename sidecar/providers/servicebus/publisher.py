@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from azure.servicebus import ServiceBusMessage
@@ -175,7 +175,17 @@ class ServiceBusEventPublisher:
         for event in events:
             by_topic.setdefault(topic_of(self.cfg, event), []).append(event)
         current = [""]  # the topic being published to, for error messages
-        work = asyncio.ensure_future(self._send_all(by_topic, current, on_published, on_sending))
+        # The batches go out on a task of their own, which the caller's cancellation (SIGTERM, the flow's
+        # deadline) reaches only once it is running again: a batch started in between would go out and
+        # be cut off before its answer ("may have been delivered"). So each batch first checks that no
+        # cancellation of the caller was requested since this publish began.
+        caller = asyncio.current_task()
+        baseline = caller.cancelling() if caller is not None else 0
+
+        def halted() -> bool:
+            return caller is not None and caller.cancelling() > baseline
+
+        work = asyncio.ensure_future(self._send_all(by_topic, current, on_published, on_sending, halted))
         try:
             finished, _ = await asyncio.wait({work}, timeout=self.cfg.publishtimeoutseconds)
         except asyncio.CancelledError:
@@ -197,10 +207,11 @@ class ServiceBusEventPublisher:
             raise error from exc
 
     async def _send_all(self, by_topic: dict[str, list[Event]], current: list[str],
-                        on_published: OnPublished | None, on_sending: OnPublished | None) -> None:
+                        on_published: OnPublished | None, on_sending: OnPublished | None,
+                        halted: Callable[[], bool]) -> None:
         for topic, group in by_topic.items():
             current[0] = topic
-            await self._send(topic, group, on_published or _ignore, on_sending or _ignore)
+            await self._send(topic, group, on_published or _ignore, on_sending or _ignore, halted)
 
     async def _abandon(self, work: asyncio.Future) -> None:
         """Stop the publish ``work`` that outlived its deadline, leaving no connection open.
@@ -222,10 +233,18 @@ class ServiceBusEventPublisher:
         await self._discard()
 
     async def _send(self, topic: str, events: list[Event], on_published: OnPublished,
-                    on_sending: OnPublished) -> None:
+                    on_sending: OnPublished, halted: Callable[[], bool]) -> None:
         sender = await self._sender(topic)
         batch = await sender.create_message_batch()
         ids: list[str] = []
+
+        async def send() -> None:
+            if halted():  # the caller is being cancelled: no new batch, whose answer it would not wait for
+                raise asyncio.CancelledError("publish cancelled before its next batch")
+            on_sending(ids)
+            await sender.send_messages(batch)
+            on_published(ids)
+
         for event in events:
             message = to_message(event)
             try:
@@ -235,16 +254,12 @@ class ServiceBusEventPublisher:
             except MessageSizeExceededError:
                 if len(batch) == 0:
                     raise
-            on_sending(ids)
-            await sender.send_messages(batch)
-            on_published(ids)
+            await send()
             batch = await sender.create_message_batch()
             batch.add_message(message)
             ids = [event.id]
         if len(batch):
-            on_sending(ids)
-            await sender.send_messages(batch)
-            on_published(ids)
+            await send()
         log.debug("published %d events to topic %s", len(events), topic)
 
     async def _sender(self, topic: str) -> ServiceBusSender:
