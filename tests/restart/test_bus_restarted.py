@@ -302,3 +302,32 @@ def test_sigterm_between_batches_then_restart_delivers_each_event_once(tmp_path:
     assert twice <= set(record(sidecar)["uncertain"]), (sorted(twice), record(sidecar))
     assert twice == set(), f"a graceful stop delivered {len(twice)} events twice; record at the stop {kept}"
     assert sidecar.stop() == 0
+
+
+def test_an_event_edited_after_a_kill_mid_publish_is_refused_by_the_successor(tmp_path: Path, stack: Stack, bus: Bus,
+                                                                              sidecars: list) -> None:
+    """SIGKILL after the bus accepted the first batch and before its ids were recorded (the record says
+    only that it was handed to the bus): the module rewrites one of those events' files; the successor
+    answers 409 naming it and sends nothing."""
+    from ion_sidecar_client import COMMITTED_ALREADY, SidecarCallError
+
+    sidecar, client, event_id = start_sidecar(tmp_path, stack, bus, sidecars, "accepted#1")
+    caller, answers = done_in_background(sidecar)
+    sidecar.wait_paused()
+    first_ids = set(bus.topic.seen_ids)
+    kept = record(sidecar)
+    assert set(kept["sending"]) == first_ids and kept["published"] == [], kept  # handed over, outcome not recorded
+    sidecar.kill()
+    caller.join(30)
+    client.write_event("e0", "file_discovered", ["f0.txt"], index="rewritten")
+    sidecar.start()
+    sidecar.wait_healthy()
+    with pytest.raises(SidecarCallError) as refused:
+        client.done(retry_seconds=30)
+    assert refused.value.status_code == 409 and COMMITTED_ALREADY in refused.value.body, refused.value.body
+    assert "out/events/e0.json" in refused.value.body, refused.value.body
+    delivered = bus.receive(event_id)
+    assert set(delivered) == first_ids and all(n == 1 for n in delivered.values()), dict(delivered)
+    assert all(m["data"] == [{"key": "index", "value": m["data"][0]["value"]}] and m["data"][0]["value"] != "rewritten"
+               for m in stack.documents() if m["parentEventId"] == event_id)
+    assert sidecar.stop() == 0
