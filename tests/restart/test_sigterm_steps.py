@@ -100,6 +100,7 @@ def test_sigterm_at_each_step_of_dev_done_then_restart_commits_each_output_once(
     assert answer.status_code == 503 and "SIGTERM" in answer.json()["message"], answer.text
     assert kept["phase"] == "ready" and not kept["closed"], kept
     # ... and its flow run is not left Running.
+    print(f"\nSIGTERM at {step}: the stopped flow run is {flow_run_state(stopped_run[0])}")
     assert flow_run_state(stopped_run[0]) not in ("RUNNING", "PENDING", "SCHEDULED"), flow_run_state(stopped_run[0])
     published_before = set(kept["published"])
     events_before = versions(dev / "events")
