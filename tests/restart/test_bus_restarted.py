@@ -331,3 +331,47 @@ def test_an_event_edited_after_a_kill_mid_publish_is_refused_by_the_successor(tm
     assert all(m["data"] == [{"key": "index", "value": m["data"][0]["value"]}] and m["data"][0]["value"] != "rewritten"
                for m in stack.documents() if m["parentEventId"] == event_id)
     assert sidecar.stop() == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a SIGTERM cancels the publish at once and aborts its connection, so the batch whose transfer is out is "
+    "recorded 'may have been delivered' and resent by the successor (3 of 9 events delivered twice on a topic "
+    "without duplicate detection). Fix: on cancellation ServiceBusEventPublisher.publish waits a short, bounded "
+    "while (~1 s) for the answer of the batch in flight (no new batch starts: halted()) before _abandon; to keep "
+    "the deadline's bound, only on a stop, not when the flow's publish deadline cancels it"))
+def test_sigterm_while_a_batch_awaits_the_bus_answer_delivers_each_event_once(tmp_path: Path, stack: Stack, bus: Bus,
+                                                                               sidecars: list) -> None:
+    """SIGTERM while the bus takes 3 s to answer the second batch (stored, not answered yet): a graceful
+    stop could wait for that answer; cut off, the batch is "may have been delivered" and its events
+    reach the children twice once the successor resends them."""
+    broker = bus.peer._broker
+    original, seen, storing = broker._incoming, [0], threading.Event()
+
+    def slow_second(link, payload):
+        outcome = original(link, payload)
+        if isinstance(link.entity, Topic):
+            seen[0] += 1
+            if seen[0] == 2:
+                storing.set()
+                time.sleep(3)  # the answer (disposition) goes out only after this
+        return outcome
+
+    broker._incoming = slow_second
+    sidecar, client, event_id = start_sidecar(tmp_path, stack, bus, sidecars, "")
+    caller, answers = done_in_background(sidecar)
+    assert storing.wait(60), "the second batch never reached the bus"
+    os.kill(sidecar.proc.pid, signal.SIGTERM)
+    assert sidecar.proc.wait(60) == 0, sidecar.output()[-3000:]
+    caller.join(60)
+    kept = record(sidecar)
+    sidecar.start()
+    sidecar.wait_healthy()
+    done = client.done(retry_seconds=60)
+    delivered = bus.receive(event_id)
+    twice = {i for i, n in delivered.items() if n > 1}
+    print(f"\nanswer {answers[0].status_code if isinstance(answers[0], httpx.Response) else answers[0]!r}; at the stop: "
+          f"published {len(kept['published'])}, sending {len(kept['sending'])}; twice {len(twice)}")
+    assert len(done["events"]) == EVENTS and set(delivered) == {e["eventId"] for e in done["events"]}
+    assert twice <= set(record(sidecar)["uncertain"])
+    assert twice == set(), f"a graceful stop cut off a batch in flight: {len(twice)} events delivered twice"
+    assert sidecar.stop() == 0
