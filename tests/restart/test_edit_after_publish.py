@@ -97,6 +97,7 @@ def test_an_output_edited_after_events_were_published_is_refused_by_the_restarte
     sidecar.wait_healthy()
     with pytest.raises(SidecarCallError) as refused:
         client.done(retry_seconds=60)
+    print(f"\n{edit}: {refused.value.status_code} {refused.value.body}")
     assert refused.value.status_code == 409, refused.value.body
     assert named in refused.value.body and COMMITTED_ALREADY in refused.value.body, refused.value.body
     assert snapshot(dev) == committed  # nothing the children could have read has changed
