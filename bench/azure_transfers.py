@@ -114,7 +114,9 @@ PLAIN = {
 }
 TUNE_GRID = {
     "1000 x 4 KiB": [Plain(4 * MiB, 1, f, m) for f in (32, 64, 128) for m in (False, True)],
-    "8 x 64 MiB": [Plain(c, p, 8, m) for c in (4 * MiB, 8 * MiB) for p in (2, 4, 8) for m in (False, True)],
+    "8 x 64 MiB": [Plain(c, p, 8, m) for c in (4 * MiB, 8 * MiB) for p in (2, 4, 8) for m in (False, True)]
+                  # each file in one request (a 64 MiB Put Blob, a 64 MiB Get Blob), held whole in memory
+                  + [Plain(64 * MiB, 1, 8, m) for m in (False, True)],
 }
 
 

@@ -866,8 +866,11 @@ async def _pieces(block: bytes | bytearray) -> AsyncIterator[memoryview]:
 async def _content(stream: StorageStreamDownloader) -> bytes:
     """The bytes a download's first GET returned, without a copy or further requests: the first item of
     ``chunks()``, which is the downloader's own buffer when the first GET asked for one chunk
-    (``max_single_get_size`` = ``max_chunk_get_size``, :func:`azure_blob_store`); ``read(n)`` copied them."""
-    return await stream.chunks().__anext__()
+    (``max_single_get_size`` = ``max_chunk_get_size``, :func:`azure_blob_store`); ``read(n)`` copied them.
+    An empty blob has no chunk at all."""
+    async for chunk in stream.chunks():
+        return chunk
+    return b""
 
 
 async def _range_into(blob: BlobClient, offset: int, buffer: bytearray, etag: str) -> int:
