@@ -9,15 +9,77 @@ file and key, and a refused case must commit nothing. The rules behind the answe
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
+
+from flows.runtime import Runtime
+from sidecar.cli import compose_config
+from sidecar.dataplane import DataPlane, build_dataplane
+from testsupport.processes import SECRET
+from testsupport.stack import Stack
+
+T = TypeVar("T")
 
 GOOD = "good.txt"
+# The provider sets every case runs against (``Plane``; the fixture ``plane`` in tests/hostile/conftest.py).
+KINDS = ["dev", "real"]
+
+
+class Plane:
+    """One provider set: the development providers under ``root/.dev``, or the real stack."""
+
+    def __init__(self, kind: str, root: Path, stack: Stack | None):
+        self.kind, self.root, self.stack = kind, root, stack
+
+    def runtime(self, event_id: str, name: str = "mod", parent: str = "", extra: tuple[str, ...] = ()) -> Runtime:
+        flags = self.stack.seed_flags() if self.stack else ["--development=true"]
+        cfg, _ = compose_config(flags + [*extra,
+            f"--context.eventid={event_id}", "--context.correlationid=corr-hostile", f"--context.name={name}",
+            f"--context.parenteventid={parent}", "--valideventtypes=file_discovered", f"--sharedsecret={SECRET}",
+            f"--basedir={self.root / name}", f"--devdir={self.root / '.dev'}", "--transfer.retries=0",
+        ])
+        return Runtime.for_config(cfg)
+
+    def committed(self, event_id: str) -> object:
+        """What the data plane holds that a run of ``event_id`` could have written."""
+        if self.stack is None:
+            dev = self.root / ".dev"
+            return sorted(str(p.relative_to(dev)) for p in dev.rglob("*")) if dev.exists() else []
+        topic = self.stack.peer.topics[self.stack.topic]
+        return (sorted(self.stack.blobs(f"{event_id}/")),
+                sorted(m["_id"] for m in self.stack.documents() if m.get("parentEventId") == event_id),
+                sorted(d["_id"] for d in self.stack.documents("_insights") if d.get("eventId") == event_id),
+                len(topic.seen_ids) + topic.duplicates)
+
+
+def files_under(root: Path) -> set[str]:
+    """Every file and link under ``root`` (relative, as bytes-safe text)."""
+    found = set()
+    for folder, dirs, names in os.walk(root):
+        found.update(os.path.relpath(os.path.join(folder, n), root) for n in dirs + names
+                     if not os.path.isdir(os.path.join(folder, n)) or os.path.islink(os.path.join(folder, n)))
+    return found
+
+
+def on_own_dataplane(runtime: Runtime, work: Callable[[DataPlane], Awaitable[T]]) -> T:
+    """``work`` done by a data plane of its own, as another sidecar would: the app's providers live on
+    the TestClient's event loop, which this thread cannot await, and pymongo's client belongs to the
+    loop that made it (awaiting the app's store here swapped its client and left the old one open)."""
+
+    async def run() -> T:
+        plane = build_dataplane(runtime.cfg)
+        try:
+            return await work(plane)
+        finally:
+            await plane.close()
+
+    return asyncio.run(run())
 
 
 @dataclass(frozen=True)
