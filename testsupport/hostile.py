@@ -275,6 +275,13 @@ DONE_CASES: list[DoneCase] = [
         "out/events/big.json: key 'files'", "over the 2097152 bytes"),
     DoneCase("insight-too-large", lambda out: (out / "meta.json").write_text(pairs(("pad", "x" * (2 * 1024 * 1024)))),
              "out/meta.json", "over the limit"),
+    # Numbers Python's JSON reader will not convert (more than 4,300 digits: CVE-2020-10735): a ValueError
+    # that is not a JSONDecodeError, which passed /done as a 500 (hostile trial 6).
+    DoneCase("event-number-too-long", lambda out: event(out, "bad.json", '[{"key": "eventType", "value": "file_discovered"}, '
+                                                                        '{"key": "n", "value": 1' + "0" * 5000 + "}]"),
+             "out/events/bad.json: malformed JSON: a number too long to read", "5001 digits"),
+    DoneCase("insight-number-too-long", lambda out: (out / "meta.json").write_text("[" + "9" * 4301 + "]"),
+             "out/meta.json: malformed JSON: a number too long to read", "4301 digits"),
 ]
 
 
@@ -287,7 +294,7 @@ HTTP_DONE = {
     "dangling-link", "fifo", "event-link-outside", "event-value-surrogate", "insight-surrogate",
     "event-file-name-latin1", "event-deep-nesting", "event-nan", "files-dotdot", "event-meta-too-large",
     "event-too-large", "event-not-json-suffix", "event-type-unprintable", "data-empty-folder", "out-events-case",
-    "out-stray-file",
+    "out-stray-file", "event-number-too-long",
 }
 
 
