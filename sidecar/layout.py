@@ -14,7 +14,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -103,7 +102,7 @@ class ModuleLayout(Layout):
                 if entry.is_dir() and not entry.is_symlink():
                     if any(entry.iterdir()) and entry != self.staging:
                         removed.append(self.name(entry) + "/")
-                    shutil.rmtree(entry)
+                    remove_tree(entry)
                 else:
                     removed.append(self.name(entry))
                     entry.unlink()
@@ -145,6 +144,34 @@ class ModuleLayout(Layout):
     def write_input_meta(self, pairs: list[KeyValuePair]) -> None:
         """Write ``in/meta.json`` atomically (temp file, then rename) as a KeyValuePairs array."""
         write_json_atomic(self.in_meta, [p.model_dump() for p in pairs])
+
+
+def remove_tree(folder: Path) -> None:
+    """Remove ``folder`` and everything below it, links as links (never followed), however deep the tree.
+
+    ``shutil.rmtree`` recurses once per level (Python 3.11), so a tree a module nested a thousand
+    folders deep raised RecursionError on every later ``/ready`` of its volume (a 500 until someone
+    removed it by hand). Here each subfolder is first renamed beside ``folder`` (same file system: a
+    rename, never a copy) and emptied from there, so no path grows with the depth (no PATH_MAX either).
+    A sidecar killed midway leaves hidden ``.removing-*`` folders beside it: more stale entries for the
+    next :meth:`ModuleLayout.clear`.
+
+    Raises:
+        OSError: an entry cannot be removed (its path in the message).
+    """
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        with os.scandir(current) as listing:
+            entries = list(listing)
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                hoisted = folder.parent / f".removing-{secrets.token_hex(8)}"
+                os.rename(entry.path, hoisted)
+                pending.append(hoisted)
+            else:
+                os.unlink(entry.path)
+        os.rmdir(current)
 
 
 def file_version(stat: os.stat_result) -> tuple[int, int, int, int]:
@@ -392,7 +419,8 @@ def _walk_output_files(layout: ModuleLayout) -> tuple[list[OutputFile], list[tup
 
     Refused: a name that is not a good blob name (``paths.segment_problem``), a link pointing outside
     ``out/data``, a link to nothing, a link loop, a folder link that leads back to a folder holding it,
-    something that is neither a file nor a folder (FIFO, socket, device), and a folder with no file
+    something that is neither a file nor a folder (FIFO, socket, device), a folder so deep that no name
+    below it is a blob name (too many segments or characters; not walked), and a folder with no file
     below it (a blob store holds files, not folders, so the child would never see it), named once at
     its top.
     """
@@ -423,6 +451,10 @@ def _walk_output_files(layout: ModuleLayout) -> tuple[list[OutputFile], list[tup
                 real = os.path.realpath(path)
                 if real in ancestors:
                     problem = "is a link to a folder that holds it (a cycle)"
+                elif too_long := name_problem(rel + "/x"):
+                    # Not walked further: no name below is a blob name, and walking a tree a thousand folders
+                    # deep (a recursion) or longer than PATH_MAX (full paths) was a 500.
+                    problem = f"is a folder no file below which can be committed: a name below it {too_long}"
                 else:
                     inner = visit(path, rel + "/", ancestors | {real})
                     if inner == 0:  # named as a whole, not by its own empty subfolders

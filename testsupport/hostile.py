@@ -14,13 +14,14 @@ import json
 import os
 import shutil
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Awaitable, Callable, TypeVar
 
 from flows.runtime import Runtime
 from sidecar.cli import compose_config
 from sidecar.dataplane import DataPlane, build_dataplane
+from sidecar.layout import remove_tree
 from testsupport.processes import SECRET
 from testsupport.stack import Stack
 
@@ -117,6 +118,21 @@ def event(out: Path, name: str | bytes, raw: str | bytes) -> None:
         f.write(raw if isinstance(raw, bytes) else raw.encode("utf-8"))
 
 
+def nest(folder: Path, names: list[str]) -> None:
+    """Folders ``names[0]/names[1]/...`` below ``folder`` and a file at the bottom, however deep or long
+    (made one level at a time from a descriptor of the level above, so no path reaches PATH_MAX)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in names:
+            os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open("bottom.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
 def event_in(folder: Path) -> None:
     """A good event file ``a.json`` in ``folder`` (to misplace it)."""
     (folder / "a.json").write_text(pairs(("eventType", "file_discovered"), ("files", GOOD)))
@@ -141,7 +157,8 @@ def refused_name(case_id: str, name: str | bytes, shown: str, detail: str) -> Do
 
 def reset_outputs(out: Path) -> None:
     """Fresh ``out/``: one good file and one good event that would be committed if nothing were refused."""
-    shutil.rmtree(out, ignore_errors=True)
+    if out.exists():
+        remove_tree(out)  # shutil.rmtree recurses once per level: a case's deep tree would raise RecursionError
     (out / "events").mkdir(parents=True)
     data(out, GOOD, b"good")
     event(out, "0-good.json", pairs(("eventType", "file_discovered"), ("files", GOOD)))
@@ -163,10 +180,14 @@ DONE_CASES: list[DoneCase] = [
     refused_name("control-c1", "nel\x85.txt", "nel\\x85.txt", "control character U+0085"),
     refused_name("noncharacter-ffff", "x\uffff.txt", "x\\uffff.txt", "noncharacter"),
     refused_name("private-use", "x\ue000.txt", "x\\ue000.txt", "private-use"),
-    refused_name("too-many-segments", "/".join(["d"] * 260) + "/f.txt", "/".join(["d"] * 260) + "/f.txt",
-                 "path segments"),
-    refused_name("too-long", "/".join(["n" * 200] * 6) + "/f.txt", "/".join(["n" * 200] * 6) + "/f.txt",
-                 "characters long"),
+    # Too deep or too long: refused at the folder below which no name can be a blob name (not walked further).
+    replace(refused_name("too-many-segments", "/".join(["d"] * 260) + "/f.txt", "/".join(["d"] * 260) + "/f.txt",
+                         "path segments"),
+            file="out/data/" + "/".join(["d"] * 254) + ": is a folder no file below which", detail="255 path segments"),
+    replace(refused_name("too-long", "/".join(["n" * 200] * 6) + "/f.txt", "/".join(["n" * 200] * 6) + "/f.txt",
+                         "characters long"),
+            file="out/data/" + "/".join(["n" * 200] * 6) + ": is a folder no file below which",
+            detail="1207 characters long"),
     # Names that are not UTF-8 (issue 9, item 2): a Latin-1 byte, a CESU-8 surrogate, a lone continuation.
     refused_name("latin1-byte", b"caf\xe9.txt", "caf\\xe9.txt", "not valid UTF-8"),
     refused_name("encoded-surrogate", b"s\xed\xa0\x80.txt", "s\\xed\\xa0\\x80.txt", "not valid UTF-8"),
@@ -282,6 +303,13 @@ DONE_CASES: list[DoneCase] = [
              "out/events/bad.json: malformed JSON: a number too long to read", "5001 digits"),
     DoneCase("insight-number-too-long", lambda out: (out / "meta.json").write_text("[" + "9" * 4301 + "]"),
              "out/meta.json: malformed JSON: a number too long to read", "4301 digits"),
+    # Trees no blob name can come from, refused at the folder where names get too long, not walked:
+    # a thousand folders deep (the walk, a recursion, raised RecursionError: a 500), and longer than
+    # PATH_MAX (4,096 bytes: the walk's full paths raised ENAMETOOLONG, a 500) (hostile trial 6).
+    DoneCase("data-tree-too-deep", lambda out: nest(out / "data", ["d"] * 1100),
+             "out/data/" + "d/" * 253 + "d: is a folder no file below which can be committed", "has 255 path segments"),
+    DoneCase("data-tree-past-path-max", lambda out: nest(out / "data", ["n" * 200] * 22),
+             "out/data/" + "/".join(["n" * 200] * 6) + ": is a folder no file below", "characters long"),
 ]
 
 
@@ -294,7 +322,7 @@ HTTP_DONE = {
     "dangling-link", "fifo", "event-link-outside", "event-value-surrogate", "insight-surrogate",
     "event-file-name-latin1", "event-deep-nesting", "event-nan", "files-dotdot", "event-meta-too-large",
     "event-too-large", "event-not-json-suffix", "event-type-unprintable", "data-empty-folder", "out-events-case",
-    "out-stray-file", "event-number-too-long",
+    "out-stray-file", "event-number-too-long", "data-tree-past-path-max",
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 from flows.ready import _check_paths
 from sidecar.cli import UsageError, compose_config, redacted_yaml
 from sidecar.errors import DataPlaneError, InputError
-from sidecar.layout import ModuleLayout, check_event_meta_sizes, plan_outputs
+from sidecar.layout import ModuleLayout, check_event_meta_sizes, plan_outputs, remove_tree
 from sidecar.models import BlobFile, EventMeta
 from sidecar.paths import Confinement, collisions, confine, inside, name_folding, name_problem, shown, text_problem
 from sidecar.sharedsecret import matches, secret_problem
@@ -212,8 +212,11 @@ def test_every_done_case_is_refused_before_any_commit(case, tmp_path: Path) -> N
     def key_of(path: str) -> str:
         return f"hostile-done/mod/{path}"
 
-    with pytest.raises(InputError) as err:
-        check_event_meta_sizes(plan_outputs(layout, ["file_discovered"], 256 * 1024, key_of=key_of), key_of)
+    try:
+        with pytest.raises(InputError) as err:
+            check_event_meta_sizes(plan_outputs(layout, ["file_discovered"], 256 * 1024, key_of=key_of), key_of)
+    finally:  # a case's tree a thousand folders deep would break pytest's own clean-up (shutil.rmtree recurses)
+        remove_tree(layout.basedir / "out")
     message = str(err.value)
     assert message.startswith(case.file) and case.detail in message, message
     message.encode("utf-8")  # sendable as JSON and to the Prefect API
