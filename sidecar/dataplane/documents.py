@@ -7,11 +7,36 @@ Cosmos DB) and ``sidecar.providers.jsonfiles`` (development), chosen by ``sideca
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
+from pydantic import BaseModel, ValidationError
+
+from sidecar.errors import DataPlaneError
 from sidecar.models import EventMeta, Insight
 
 STORE = "document store"
+R = TypeVar("R", bound=BaseModel)
+
+
+def parse_record(model: type[R], doc: Any, where: str) -> R:
+    """``doc`` (a stored document, as the provider read it) as a ``model`` record: the one check every
+    provider applies to what it reads, so a document that is not a valid record is refused alike in
+    development and production (HTTP 502, naming it), never a 500.
+
+    Args:
+        model: :class:`~sidecar.models.EventMeta` or :class:`~sidecar.models.Insight`.
+        doc: the document's fields (without the store's own ``_id``).
+        where: the document, as messages name it (e.g. ``"event meta 'x' in collection 'c'"``).
+
+    Raises:
+        DataPlaneError: naming ``where`` and the first field that is wrong.
+    """
+    try:
+        return model.model_validate(doc)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise DataPlaneError(STORE, f"{where} is not a valid record: {exc.error_count()} errors, "
+                                    f"first: {first['loc']}: {first['msg']}") from exc
 
 
 class DocumentStore(Protocol):

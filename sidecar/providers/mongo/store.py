@@ -26,14 +26,13 @@ from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import quote_plus
 
 from bson.errors import BSONError
-from pydantic import ValidationError
 from pymongo import AsyncMongoClient, ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, ConfigurationError, ConnectionFailure, OperationFailure, PyMongoError
 
-from sidecar.dataplane.documents import STORE
+from sidecar.dataplane.documents import STORE, R, parse_record
 from sidecar.dataplane.errors import first_line, permanent, transient, translated
-from sidecar.errors import DataPlaneError, DataPlaneTimeout
+from sidecar.errors import DataPlaneTimeout
 from sidecar.models import EventMeta, Insight
 from sidecar.providers.mongo.config import MongoConfig
 
@@ -207,15 +206,11 @@ class MongoDocumentStore:
         return self._parse(Insight, doc, where)
 
     @staticmethod
-    def _parse(model: type[T], doc: dict | None, where: str) -> T | None:
+    def _parse(model: type[R], doc: dict | None, where: str) -> R | None:
         if doc is None:
             return None
         doc.pop("_id", None)
-        try:
-            return model.model_validate(doc)  # type: ignore[attr-defined]
-        except ValidationError as exc:
-            raise DataPlaneError(STORE, f"{where} is not a valid record: {exc.error_count()} errors, "
-                                        f"first: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}") from exc
+        return parse_record(model, doc, where)
 
     async def upsert_event_metas(self, metas: list[EventMeta]) -> None:
         """Replace-or-insert each meta under ``_id = meta.id`` in one unordered bulk write.
