@@ -522,6 +522,10 @@ def _event_files(value: str, where: str, outputs: dict[str, OutputFile]) -> list
         normal = os.path.normpath(entry).replace(os.sep, "/")
         if normal == ".." or normal.startswith("../"):
             raise InputError(where, f"'{entry}' escapes out/data", key="files")
+        if ".." in entry.split("/"):
+            # normpath drops 'x/..' as text; where x is a link, the module's path names another file.
+            raise InputError(where, f"'{entry}' has a '..' segment: name each file by its path under out/data (read "
+                                    "as text, 'link/../b' would be out/data/b, not where the link leads)", key="files")
         if normal not in outputs:
             raise InputError(where, f"'{entry}' is not a file under out/data{_listed_file_hint(entry, normal, value, outputs)}",
                              key="files")

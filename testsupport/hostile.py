@@ -287,6 +287,13 @@ DONE_CASES: list[DoneCase] = [
              "out/events/bad.json: key 'files'", "escapes out/data"),
     DoneCase("files-absolute", lambda out: event(out, "bad.json", pairs(("eventType", "file_discovered"), ("files", "/etc/passwd"))),
              "out/events/bad.json: key 'files'", "absolute path"),
+    # 'link/../b' read lexically named out/data/b, while the module's path (link -> sub/inner) names sub/b: the
+    # child was sent another file than the one the module listed, behind a 200 (hostile trial 6).
+    DoneCase("files-dotdot-through-a-link", lambda out: (
+        data(out, "sub/inner/x.txt", b"x"), data(out, "sub/b", b"the file the module means"),
+        data(out, "b", b"the file sent before"), link(out, "link", "sub/inner"),
+        event(out, "bad.json", pairs(("eventType", "file_discovered"), ("files", "link/../b")))),
+        "out/events/bad.json: key 'files'", "'link/../b' has a '..' segment"),
     # Sizes.
     DoneCase("event-too-large", lambda out: event(out, "bad.json", pairs(("eventType", "file_discovered"), ("pad", "x" * 300_000))),
              "out/events/bad.json", "over the limit"),
@@ -320,7 +327,8 @@ HTTP_DONE = {
     "backslash-merges", "trailing-dot", "control-tab", "noncharacter-ffff", "private-use", "too-many-segments",
     "too-long", "latin1-byte", "invalid-utf8-folder", "symlink-two-loop", "folder-link-cycle", "file-link-outside",
     "dangling-link", "fifo", "event-link-outside", "event-value-surrogate", "insight-surrogate",
-    "event-file-name-latin1", "event-deep-nesting", "event-nan", "files-dotdot", "event-meta-too-large",
+    "event-file-name-latin1", "event-deep-nesting", "event-nan", "files-dotdot", "files-dotdot-through-a-link",
+    "event-meta-too-large",
     "event-too-large", "event-not-json-suffix", "event-type-unprintable", "data-empty-folder", "out-events-case",
     "out-stray-file", "event-number-too-long", "data-tree-past-path-max",
 }
