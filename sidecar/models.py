@@ -46,8 +46,11 @@ class BlobFile(_Record):
 
     path: str
     key: str  # blob key in the blob store
-    size: int  # bytes
-    md5: str | None = None  # hex digest, where known
+    # A stored event meta is read from outside (anyone with access to the document store): a size below 0 or
+    # an MD5 that is not 32 lower-case hex digits (as the providers write it) could never verify, and
+    # /ready answered 503 (retry) for good; refused as not a valid record (502) instead.
+    size: int = Field(ge=0)  # bytes
+    md5: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")  # hex digest, where known
     url: str | None = None  # read-only SAS URL, where the blob store can sign one
 
 

@@ -35,6 +35,8 @@ NOT_RECORDS = [
     ("files-not-a-list", {"files": "a.txt"}, "('files',)"),
     ("path-not-a-string", {"files": [{"path": 5, "key": "p/m/a", "size": 1}]}, "('files', 0, 'path')"),
     ("size-not-a-number", {"files": [{"path": "a", "key": "p/m/a", "size": "x"}]}, "('files', 0, 'size')"),
+    ("size-below-zero", {"files": [{"path": "a", "key": "p/m/a", "size": -1}]}, "('files', 0, 'size')"),
+    ("md5-not-hex", {"files": [{"path": "a", "key": "p/m/a", "size": 1, "md5": "not-an-md5"}]}, "('files', 0, 'md5')"),
     ("value-not-a-string", {"data": [{"key": "k", "value": 5}]}, "('data', 0, 'value')"),
     ("pair-with-extra-field", {"data": [{"key": "k", "value": "v", "x": 1}]}, "('data', 0, 'x')"),
     ("no-event-type", {"eventType": None}, "('eventType',)"),
