@@ -98,6 +98,19 @@ async def test_missing_blob_is_a_permanent_error_naming_it(store: BlobStore, tmp
     assert not any((tmp_path / "in").rglob("*")), "no partial file is left"
 
 
+async def test_a_prefix_of_other_keys_is_no_blob(store: BlobStore, tmp_path: Path) -> None:
+    """Blob names are flat: 'k/dir' beside 'k/dir/x' is no blob (Azure: BlobNotFound), however a provider
+    stores them (the development store read its folder as a blob of 4,096 bytes, and staged the folder)."""
+    await store.upload(write(tmp_path / "x", b"x"), "k/dir/x")
+    assert await store.info("k/dir") is None
+    for expected in (None, BlobInfo("k/dir", 4096)):
+        with pytest.raises(DataPlaneError) as caught:
+            await store.download("k/dir", tmp_path / "in" / "dir", expected)
+        assert "'k/dir'" in caught.value.message and "does not exist" in caught.value.message
+        assert not is_transient(caught.value) and caught.value.status_code == 502
+    assert not any((tmp_path / "in").rglob("*")), "nothing is staged"
+
+
 @pytest.mark.parametrize("wrong", ["size", "md5"])
 async def test_download_verifies_size_and_md5(store: BlobStore, tmp_path: Path, wrong: str) -> None:
     data = os.urandom(100 * 1024)

@@ -3,6 +3,8 @@ against the development providers and the real ones (Azurite, nx-27017, the AMQP
 
 - a stored event meta that is not a valid record: the MongoDB provider answered 502 naming it, the
   development one a 500 carrying pydantic's text (and a 500 for a file that is not JSON);
+- an event meta naming as a blob key the prefix of other blobs (a folder of the development store): Azure
+  answered 502 "does not exist", the development store staged the folder as the input file behind a 200;
 - a tree under ``out/data`` a thousand folders deep: ``/done``'s walk raised RecursionError (a 500), and
   so did every later ``/ready`` on that volume, whose clean-up (``shutil.rmtree``) recurses once per level;
 - a re-run with the same ids (development mode allows it: README, Restarts) committing ``report/a.csv``
@@ -175,3 +177,29 @@ def test_folder_links_that_multiply_are_refused_in_bounded_time(tmp_path: Path) 
             assert not (tmp_path / ".dev" / "blobs").exists() or not any((tmp_path / ".dev" / "blobs").rglob("*"))
         finally:
             sidecar.proc.kill()  # a walk of 2**40 names does not stop for SIGTERM
+
+
+@pytest.mark.parametrize("plane", KINDS, indirect=True)
+def test_an_event_meta_naming_a_folder_of_the_blob_store_is_refused_alike(plane: Plane) -> None:
+    """A key that is only the prefix of other blobs ('p/m' beside 'p/m/x.txt') names no blob: Azure answers
+    BlobNotFound (502). The development store is a folder tree, and read the folder as a blob of 4,096 bytes:
+    a meta saying so staged a folder as the input file behind a 200 (any other size: 503 'failed verification')."""
+    event_id = "hostile-folder-key"
+    runtime = plane.runtime(event_id, "child", parent="someone")
+    source = plane.root / "source.txt"
+    source.write_bytes(b"hello")
+
+    async def put(dataplane) -> None:
+        await dataplane.blobs.upload(source, "p/m/x.txt")
+
+    on_own_dataplane(runtime, put)
+    for size in (4096, 5):
+        runtime = plane.runtime(event_id, "child", parent="someone")  # an app closes its providers when it ends
+        store_raw(plane, runtime, event_id, meta_doc(event_id, files=[{"path": "a.txt", "key": "p/m", "size": size}]))
+        with TestClient(create_app(runtime), raise_server_exceptions=False) as client:
+            answer = client.get("/ready", headers=H)
+        assert answer.status_code == 502, (size, answer.text)
+        assert answer.json()["message"].startswith("blob store error: blob 'p/m' "), answer.text
+        assert "does not exist" in answer.json()["message"], answer.text
+        assert not any(runtime.layout.in_data.iterdir()), (size, os.listdir(runtime.layout.in_data))
+        shutil.rmtree(runtime.layout.basedir)

@@ -5,6 +5,8 @@ in development mode passes in production."""
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import fsspec
@@ -64,7 +66,8 @@ class LocalBlobStore:
             raw = await self.fs._info(self.path(key))
         except FileNotFoundError:
             return None
-        return BlobInfo(key, int(raw["size"]))
+        # A folder here is the common prefix of other blobs' keys, which Azure holds as no blob at all.
+        return BlobInfo(key, int(raw["size"])) if raw["type"] == "file" else None
 
     def url(self, key: str) -> str | None:
         return None
@@ -77,7 +80,12 @@ class LocalBlobStore:
         return None
 
     async def _get(self, key: str, local: Path, size_hint: int | None = None) -> str | None:
-        await self.fs._get_file(self.path(key), str(local))
+        path = self.path(key)
+        if not os.path.isfile(path):
+            # A folder (the prefix of other keys) is no blob, as on Azure (BlobNotFound): fsspec copied the
+            # folder itself, and a meta giving its size (4,096) staged a folder as the input file.
+            raise FileNotFoundError(errno.ENOENT, "no such blob", path)
+        await self.fs._get_file(path, str(local))
         return None
 
 
