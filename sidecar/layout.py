@@ -456,9 +456,13 @@ def _walk_output_files(layout: ModuleLayout) -> tuple[list[OutputFile], list[tup
                     # deep (a recursion) or longer than PATH_MAX (full paths) was a 500.
                     problem = f"is a folder no file below which can be committed: a name below it {too_long}"
                 else:
+                    mark = len(empty)  # the walk is depth first: what it adds from here on is below rel
                     inner = visit(path, rel + "/", ancestors | {real})
                     if inner == 0:  # named as a whole, not by its own empty subfolders
-                        empty[:] = [e for e in empty if not e.startswith(rel + "/")] + [rel + "/"]
+                        # Cut at the mark, not filtered from the whole list: that was quadratic (20,000 empty
+                        # folders side by side: a 400 after 34 s).
+                        del empty[mark:]
+                        empty.append(rel + "/")
                     below += inner
                     continue
             elif entry.is_file():

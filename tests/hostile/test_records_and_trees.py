@@ -9,7 +9,8 @@ against the development providers and the real ones (Azurite, nx-27017, the AMQP
   so did every later ``/ready`` on that volume, whose clean-up (``shutil.rmtree``) recurses once per level;
 - a re-run with the same ids (development mode allows it: README, Restarts) committing ``report/a.csv``
   where its earlier run committed ``report``: Azure keeps both blobs, the development store cannot;
-- folder links that multiply (each folder linking twice to the next): ``/done`` walks 2**depth names.
+- folder links that multiply (each folder linking twice to the next): ``/done`` walks 2**depth names;
+- tens of thousands of empty folders: the walk's bookkeeping of them was quadratic (minutes to a 400).
 """
 
 from __future__ import annotations
@@ -150,6 +151,28 @@ def test_a_rerun_may_commit_a_folder_where_its_earlier_run_committed_a_file(plan
         return {key: (info.size if (info := await dataplane.blobs.info(key)) else None) for key in keys}
 
     assert None not in on_own_dataplane(runtime, sizes).values()
+
+
+def test_many_empty_folders_are_refused_while_the_module_waits(tmp_path: Path) -> None:
+    """60,000 empty folders side by side: /done names them (400) in seconds. The walk used to drop the
+    empty subfolders of each empty folder by filtering the whole list so far, quadratic: 20,000 took
+    34 s and 60,000 about 5 minutes, while the module waited (the bound is 10 times what it takes here)."""
+    with SidecarProcess(tmp_path, dev_args("hostile-empty", "corr-hostile", "mod")) as sidecar:
+        sidecar.wait_healthy()
+        try:
+            assert sidecar.get("/ready").status_code == 200
+            out_data = sidecar.basedir / "out" / "data"
+            for i in range(60_000):
+                os.mkdir(out_data / f"e{i:05d}")
+            try:
+                answer = sidecar.get("/done", timeout=30)
+            except httpx.TimeoutException:
+                pytest.fail("/done did not answer within 30 s")
+            message = answer.json()["message"]
+            assert answer.status_code == 400, message
+            assert message.startswith("out/data/e00000/: is a folder with no file in it") and "and 59980 more" in message
+        finally:
+            sidecar.proc.kill()
 
 
 @pytest.mark.xfail(strict=True, reason=(
