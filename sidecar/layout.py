@@ -294,10 +294,13 @@ def read_pairs(path: Path, where: str, max_bytes: int, *, empty_ok: bool, limit:
         InputError: too large, empty (unless ``empty_ok``), malformed JSON, or not an array of
             ``{"key", "value"}`` string pairs; the message names ``where`` and the offending item.
     """
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise InputError(where, f"{size} bytes is over the limit of {max_bytes} bytes" + (f" ({limit})" if limit else ""))
-    raw = path.read_bytes()
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise InputError(where, f"{size} bytes is over the limit of {max_bytes} bytes" + (f" ({limit})" if limit else ""))
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(where, VANISHED.replace("out/data", "out/")) from None
     if not raw.strip():
         if empty_ok:
             return []
@@ -448,8 +451,12 @@ def _walk_output_files(layout: ModuleLayout) -> tuple[list[OutputFile], list[tup
 
     def visit(folder: Path, prefix: str, ancestors: frozenset[str]) -> int:
         """Walk ``folder``; returns how many files and refused entries are below it."""
-        with os.scandir(folder) as listing:
-            entries = sorted(listing, key=lambda e: e.name)
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            problems.append(("out/data/" + prefix, VANISHED))
+            return 1
         below = 0
         for entry in entries:
             rel = prefix + entry.name
@@ -480,10 +487,14 @@ def _walk_output_files(layout: ModuleLayout) -> tuple[list[OutputFile], list[tup
                     below += inner
                     continue
             elif entry.is_file():
-                stat = entry.stat()
-                found.append(OutputFile(rel, path, stat.st_size, file_version(stat)))
-                below += 1
-                continue
+                try:
+                    stat = entry.stat()
+                except FileNotFoundError:
+                    problem = VANISHED
+                else:
+                    found.append(OutputFile(rel, path, stat.st_size, file_version(stat)))
+                    below += 1
+                    continue
             else:
                 problem = "is neither a file nor a folder (a FIFO, socket or device cannot be committed)"
             problems.append((where, problem))
@@ -494,6 +505,11 @@ def _walk_output_files(layout: ModuleLayout) -> tuple[list[OutputFile], list[tup
     problems += [("out/data/" + rel, "is a folder with no file in it, which cannot be committed (a blob store "
                   "holds files, not folders); remove it, or put a file in it") for rel in empty]
     return sorted(found, key=lambda f: f.path), sorted(problems)
+
+
+# An entry listed under out/data and gone when the walk came to it: the module changed its outputs while
+# /done read them (a FileNotFoundError, a 500, before this was a refusal naming it).
+VANISHED = "vanished while /done was reading out/data: the module changed its outputs; restore them and call /done again"
 
 
 def _link_problem(path: Path, real_root: str) -> str | None:

@@ -10,11 +10,13 @@ against the development providers and the real ones (Azurite, nx-27017, the AMQP
 - a re-run with the same ids (development mode allows it: README, Restarts) committing ``report/a.csv``
   where its earlier run committed ``report``: Azure keeps both blobs, the development store cannot;
 - folder links that multiply (each folder linking twice to the next): ``/done`` walks 2**depth names;
-- tens of thousands of empty folders: the walk's bookkeeping of them was quadratic (minutes to a 400).
+- tens of thousands of empty folders: the walk's bookkeeping of them was quadratic (minutes to a 400);
+- an output that vanishes while /done reads out/data (the module still at work): FileNotFoundError, a 500.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +28,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from flows.runtime import blob_key
+from sidecar import layout
 from sidecar.api import create_app
 from sidecar.paths import id_segment
 from testsupport.hostile import KINDS, Plane, data, nest, on_own_dataplane, reset_outputs
@@ -226,3 +229,51 @@ def test_an_event_meta_naming_a_folder_of_the_blob_store_is_refused_alike(plane:
         assert "does not exist" in answer.json()["message"], answer.text
         assert not any(runtime.layout.in_data.iterdir()), (size, os.listdir(runtime.layout.in_data))
         shutil.rmtree(runtime.layout.basedir)
+
+
+class Racing:
+    """``os`` for ``sidecar.layout`` whose every ``scandir`` of ``folder`` runs ``before()``, lists the
+    folder, then runs ``after()``: an entry listed and gone when the walk comes to it, as when the module
+    changes its outputs while /done reads them (each walk of out/data sees it so, the plan's included)."""
+
+    def __init__(self, folder: Path, before, after):
+        self.folder, self.before, self.after, self.raced = str(folder), before, after, 0
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+    @contextlib.contextmanager
+    def scandir(self, path):
+        racing = str(path) == self.folder
+        if racing:
+            self.before()
+        with os.scandir(path) as listing:
+            entries = list(listing)
+        if racing:
+            self.after()
+            self.raced += 1
+        yield iter(entries)
+
+
+@pytest.mark.parametrize("plane", KINDS, indirect=True)
+def test_an_output_that_vanishes_while_done_reads_it_is_named(plane: Plane, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file or folder listed under out/data and gone when the walk came to it: 400 naming it, nothing
+    committed (before: FileNotFoundError, a 500)."""
+    runtime = plane.runtime("hostile-vanish")
+    out = runtime.layout.basedir / "out"
+    changes = {"out/data/b.txt": (lambda: data(out, "b.txt"), lambda: os.unlink(out / "data" / "b.txt")),
+               "out/data/sub/": (lambda: data(out, "sub/c.txt"), lambda: shutil.rmtree(out / "data" / "sub"))}
+    with TestClient(create_app(runtime), raise_server_exceptions=False) as client:
+        assert client.get("/ready", headers=H).status_code == 200
+        before = plane.committed("hostile-vanish")
+        for named, (restore, vanish) in changes.items():
+            reset_outputs(out)
+            racing = Racing(out / "data", restore, vanish)
+            monkeypatch.setattr(layout, "os", racing)
+            answer = client.get("/done", headers=H)
+            monkeypatch.undo()
+            assert racing.raced, named  # the change really happened mid-walk
+            body = answer.json()
+            assert answer.status_code == 400, (named, body)
+            assert body["message"].startswith(f"{named}: vanished while /done was reading out/data"), (named, body)
+            assert plane.committed("hostile-vanish") == before, named
