@@ -8,6 +8,7 @@ bad file fails ``/done`` with :class:`~sidecar.errors.InputError` and commits no
 
 from __future__ import annotations
 
+import collections
 import difflib
 import errno
 import json
@@ -448,6 +449,7 @@ def _walk_output_files(layout: ModuleLayout) -> tuple[list[OutputFile], list[tup
     found: list[OutputFile] = []
     problems: list[tuple[str, str]] = []
     empty: list[str] = []  # folders (relative, ending with "/") with no file and no refused entry below
+    names_of: collections.Counter[str] = collections.Counter()  # real folder -> the names it was walked under
 
     def visit(folder: Path, prefix: str, ancestors: frozenset[str]) -> int:
         """Walk ``folder``; returns how many files and refused entries are below it."""
@@ -470,8 +472,14 @@ def _walk_output_files(layout: ModuleLayout) -> tuple[list[OutputFile], list[tup
                 pass
             elif entry.is_dir():
                 real = os.path.realpath(path)
+                names_of[real] += 1
                 if real in ancestors:
                     problem = "is a link to a folder that holds it (a cycle)"
+                elif names_of[real] > MAX_FOLDER_NAMES:
+                    # Links that multiply (40 folders each linking twice to the next: 2**40 names) made the
+                    # walk go on for ever before any answer; bounded per folder, the walk is linear again.
+                    problem = (f"is a link to a folder already committed under {MAX_FOLDER_NAMES} names: folder "
+                               f"links may give one folder at most {MAX_FOLDER_NAMES} names")
                 elif too_long := name_problem(rel + "/x"):
                     # Not walked further: no name below is a blob name, and walking a tree a thousand folders
                     # deep (a recursion) or longer than PATH_MAX (full paths) was a 500.
@@ -506,6 +514,11 @@ def _walk_output_files(layout: ModuleLayout) -> tuple[list[OutputFile], list[tup
                   "holds files, not folders); remove it, or put a file in it") for rel in empty]
     return sorted(found, key=lambda f: f.path), sorted(problems)
 
+
+# The most names one folder under out/data may be committed under (itself and the folder links to it,
+# direct or through other links): a few aliases ("latest -> run-5") are fine, a tree of links that
+# multiplies names is not.
+MAX_FOLDER_NAMES = 16
 
 # An entry listed under out/data and gone when the walk came to it: the module changed its outputs while
 # /done read them (a FileNotFoundError, a 500, before this was a refusal naming it).
