@@ -29,6 +29,7 @@ from bson.errors import BSONError
 from pymongo import AsyncMongoClient, ReplaceOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, ConfigurationError, ConnectionFailure, OperationFailure, PyMongoError
+from pymongo.server_selectors import writable_server_selector
 
 from sidecar.dataplane.documents import STORE, R, parse_record
 from sidecar.dataplane.errors import first_line, permanent, transient, translated
@@ -186,7 +187,28 @@ class MongoDocumentStore:
     async def _call(self, what: str, operation: Callable[[tuple[AsyncCollection, AsyncCollection]], Awaitable[T]]) -> T:
         """Await ``operation`` on (metas, insights), every pymongo error translated (:func:`translate`)."""
         with translated(translate, what):
-            return await operation(self.open())
+            collections = self.open()
+            await self._select_server()
+            return await operation(collections)
+
+    async def _select_server(self) -> None:
+        """Wait for a server the operations can use (the primary) at most ``serverselectiontimeoutseconds``.
+
+        With ``timeoutMS`` set (:func:`client_options`), pymongo waits for a server up to the call's whole
+        remaining deadline and ignores ``serverSelectionTimeoutMS`` (``get_server_selection_timeout`` in
+        ``pymongo/topology_shared.py``, 4.20): a call against a server that was down failed after
+        ``sockettimeoutseconds`` (30 s), whatever the selection timeout said (0.3 s). Selecting first, with
+        the selection timeout, takes no request once a server is known, and the operation then finds it.
+
+        Raises:
+            pymongo.errors.ServerSelectionTimeoutError: no usable server within the selection timeout.
+        """
+        topology = getattr(self._client, "_topology", None)  # pymongo's own, as the operations use it
+        if topology is None:
+            return
+        await self._client.aconnect()
+        await topology.select_server(writable_server_selector, "select server",
+                                     server_selection_timeout=self.cfg.serverselectiontimeoutseconds)
 
     async def get_event_meta(self, event_id: str) -> EventMeta | None:
         """The event meta stored under ``event_id`` (its ``_id``), or None when there is none.
