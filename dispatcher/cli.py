@@ -78,10 +78,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"ion-offline: graph run {correlationid} in {rundir}; Prefect API {os.environ['PREFECT_API_URL']}", flush=True)
     started = time.monotonic()
     interrupted = False
+    refused = None
     try:
         records = asyncio.run(_run(graph, rundir, correlationid, args, files, {**graph.config.initial.data, **data}))
     except KeyboardInterrupt:
         interrupted = True
+    except ValueError as exc:
+        from dispatcher.workpool import WorkPoolMissing
+
+        if not isinstance(exc, WorkPoolMissing):
+            raise
+        refused = str(exc)
     finally:
         from dispatcher.processes import kill_all_groups
         from sidecar.orchestration import drain_workers_now
@@ -92,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         drain_workers_now()
         if devserver is not None:
             devserver.detach()  # its supervisor stops the server once no sidecar uses it either
+    if refused is not None:
+        _usage(refused)
     if interrupted:
         from sidecar.serving import EXIT_SECONDS, exit_within
 
@@ -121,6 +130,9 @@ async def _run(graph, rundir: Path, correlationid: str, args: argparse.Namespace
         launcher = WorkPoolLauncher(args.workpool)
     else:
         launcher = LocalLauncher()
+    # Before the graph's flow run and its seed: a launcher that cannot start runs (a work pool missing from
+    # this API) is one line, not a failed flow run whose traceback Prefect logs after the event was seeded.
+    await launcher.prepare()
     dispatcher = Dispatcher(graph, rundir, correlationid, launcher)
     try:
         # The tag the sidecars put on their flow runs (flows/history.py): one filter shows the graph run.

@@ -243,7 +243,6 @@ async def graph_run(dispatcher: Dispatcher, correlationid: str, files: str | Non
     """
     seed = await dispatcher.seed(Path(files) if files else None, data or {})
     log.info("graph run %s: seeded event %s (%s) in %s", correlationid, seed.id, seed.type, dispatcher.rundir)
-    await dispatcher.launcher.prepare()
     records = [asdict(r) for r in await dispatcher.run()]
     write_json_atomic(dispatcher.rundir / "summary.json", {
         "correlationId": correlationid, "graph": str(dispatcher.graph.path),

@@ -44,6 +44,10 @@ async def module_run_flow(run: dict) -> dict:
     return outcome.as_dict()
 
 
+class WorkPoolMissing(ValueError):
+    """``--workpool`` names no work pool in the Prefect API the dispatcher reports to."""
+
+
 class WorkPoolLauncher:
     """Hands every attempt to Prefect as a run of deployment ``module-run/{deployment}`` on ``pool``.
 
@@ -68,13 +72,22 @@ class WorkPoolLauncher:
         """Create (or update) the deployment on the work pool.
 
         Raises:
-            ValueError: the work pool does not exist (Prefect's message names it).
+            WorkPoolMissing: the work pool does not exist in this Prefect API (the message says where, and
+                how to create it there).
         """
         from prefect.client.orchestration import get_client
         from prefect.deployments.runner import EntrypointType
+        from prefect.exceptions import ObjectNotFound
 
         async with get_client() as client:
-            await client.read_work_pool(self.pool)  # ObjectNotFound: a clear error before any run
+            try:
+                await client.read_work_pool(self.pool)
+            except ObjectNotFound:
+                url = client.api_url
+                raise WorkPoolMissing(
+                    f"work pool '{self.pool}' does not exist in the Prefect API at {url}; create it there first "
+                    f"(PREFECT_API_URL={url} .venv/bin/prefect work-pool create {self.pool} --type process "
+                    "--base-job-template deploy/workpool/process.json) and start a worker on it") from None
         await module_run_flow.adeploy(name=self.deployment, work_pool_name=self.pool, build=False, push=False,
                                       entrypoint_type=EntrypointType.MODULE_PATH, print_next_steps=False)
 

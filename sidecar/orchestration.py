@@ -378,8 +378,9 @@ class PrefectApi:
         info = await asyncio.to_thread(self._devserver.attach)
         self.url, self.ui_url = info["url"], info["ui"]
         use_api_url(self.url)
-        log.info("Prefect UI: %s (development server shared by every sidecar in %s; run history in %s)",
-                 self.ui_url, Path.cwd(), self.state_dir / "prefect.db")
+        # One server per development folder (--devdir), not per working directory.
+        log.info("Prefect UI: %s (development server shared by every sidecar whose --devdir is %s; run history "
+                 "in %s)", self.ui_url, self.state_dir.parent, self.state_dir / "prefect.db")
 
     async def _reattach_devserver(self) -> None:
         # The supervisor itself may be gone (killed): start a new one; its port may differ.

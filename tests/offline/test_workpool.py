@@ -71,6 +71,21 @@ def test_the_example_graph_runs_on_a_process_work_pool(process_worker, tmp_path:
     assert leftovers(cid) == []
 
 
+def test_a_work_pool_missing_from_the_api_is_one_line_before_anything_is_seeded(tmp_path: Path) -> None:
+    """A --workpool the Prefect API does not hold (created on another server, or not at all): exit 2 with
+    one line saying where it was looked for and how to create it there, before the graph's event is
+    seeded (a fresh user got 93 lines of traceback after the seed)."""
+    pool = f"no-such-pool-{int(time.time())}"
+    result = run_offline(EXAMPLE / "graph.yaml", "--launcher", "workpool", "--workpool", pool,
+                         "--correlationid", f"corr-nopool-{int(time.time())}", "--rundir", str(tmp_path / "run"),
+                         cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ion-offline: error:")]
+    assert len(errors) == 1 and f"work pool '{pool}' does not exist in the Prefect API at http" in errors[0], result.stderr
+    assert "work-pool create" in errors[0] and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "run" / ".dev" / "events").exists() or not any((tmp_path / "run" / ".dev" / "events").rglob("*.json"))
+
+
 def test_the_kubernetes_base_job_template_is_accepted_by_prefect() -> None:
     # Not run on a cluster here; Prefect's server checks that every {{ placeholder }} of the job
     # configuration is a declared variable and that the variables are a JSON schema.
