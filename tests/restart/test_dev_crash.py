@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ion_sidecar_client import SidecarClient
-from testsupport.processes import SECRET, RestartableSidecar
+from testsupport.restart import dev_run_pausing_at
 
 FILES, EVENTS = 6, 3
 
@@ -24,20 +24,9 @@ def dev_files(dev: Path, sub: str) -> list[Path]:
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("step", ["uploaded-file#2", "uploaded", "metas", "accepted", "published"])
 def test_sigkill_during_dev_done_then_restart_commits_each_output_once(tmp_path: Path, sidecars: list, step: str) -> None:
-    args = ["--development=true", "--context.eventid=ev-devcrash", "--context.correlationid=corr-devcrash",
-            "--context.name=mod", "--valideventtypes=file_discovered", "--transfer.concurrency=1",
-            f"--devdir={tmp_path / '.dev'}"]
-    sidecar = RestartableSidecar(tmp_path, args)
-    sidecars.append(sidecar)
-    sidecar.start(pause_at=step)
-    sidecar.wait_healthy()
-    client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
-    client.ready(retry_seconds=60)
-    for i in range(FILES):
-        client.write_file(f"d/f{i}.bin", f"{i}".encode() * 1000)
-    for i in range(EVENTS):
-        client.write_event(f"e{i}", "file_discovered", [f"d/f{i}.bin"], index=str(i))
-    client.write_insight(files=str(FILES))
+    sidecar, client = dev_run_pausing_at(tmp_path, sidecars, step, "ev-devcrash", "corr-devcrash", files=FILES,
+                                         events=EVENTS, content=lambda i: f"{i}".encode() * 1000,
+                                         insight={"files": str(FILES)}, flags=("--transfer.concurrency=1",))
     answers: dict = {}
     t = threading.Thread(target=lambda: answers.setdefault("done", _try(client)), daemon=True)
     t.start()

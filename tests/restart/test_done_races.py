@@ -21,6 +21,7 @@ import pytest
 
 from ion_sidecar_client import SidecarClient
 from testsupport.processes import SECRET, RestartableSidecar
+from testsupport.restart import dev_run_pausing_at
 
 FILES, EVENTS = 6, 3
 pytestmark = pytest.mark.timeout(300)
@@ -31,21 +32,9 @@ def record(sidecar: RestartableSidecar) -> dict:
 
 
 def started(tmp_path: Path, sidecars: list, step: str, event_id: str) -> tuple[RestartableSidecar, SidecarClient]:
-    args = ["--development=true", f"--context.eventid={event_id}", "--context.correlationid=corr-race",
-            "--context.name=mod", "--valideventtypes=file_discovered", "--transfer.concurrency=1",
-            f"--devdir={tmp_path / '.dev'}"]
-    sidecar = RestartableSidecar(tmp_path, args)
-    sidecars.append(sidecar)
-    sidecar.start(pause_at=step)
-    sidecar.wait_healthy()
-    client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
-    client.ready(retry_seconds=60)
-    for i in range(FILES):
-        client.write_file(f"d/f{i}.bin", f"{i}".encode() * 1000)
-    for i in range(EVENTS):
-        client.write_event(f"e{i}", "file_discovered", [f"d/f{i}.bin"], index=str(i))
-    client.write_insight(files=str(FILES))
-    return sidecar, client
+    return dev_run_pausing_at(tmp_path, sidecars, step, event_id, "corr-race", files=FILES, events=EVENTS,
+                              content=lambda i: f"{i}".encode() * 1000, insight={"files": str(FILES)},
+                              flags=("--transfer.concurrency=1",))
 
 
 class Call(threading.Thread):

@@ -20,6 +20,7 @@ import pytest
 
 from ion_sidecar_client import COMMITTED_ALREADY, SidecarCallError, SidecarClient
 from testsupport.processes import SECRET, RestartableSidecar
+from testsupport.restart import dev_run_pausing_at
 
 FILES, EVENTS = 4, 3
 pytestmark = pytest.mark.timeout(300)
@@ -38,19 +39,9 @@ def snapshot(dev: Path) -> dict[str, bytes]:
 def killed_after(tmp_path: Path, sidecars: list, step: str) -> tuple[RestartableSidecar, SidecarClient, Path]:
     """A module run whose /done was SIGKILLed at ``step``; returns the (stopped) sidecar, the client, .dev."""
     dev = tmp_path / ".dev"
-    args = ["--development=true", "--context.eventid=ev-edit", "--context.correlationid=corr-edit",
-            "--context.name=mod", "--valideventtypes=file_discovered,other_type", f"--devdir={dev}"]
-    sidecar = RestartableSidecar(tmp_path, args)
-    sidecars.append(sidecar)
-    sidecar.start(pause_at=step)
-    sidecar.wait_healthy()
-    client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
-    client.ready(retry_seconds=60)
-    for i in range(FILES):
-        client.write_file(f"d/f{i}.bin", f"first {i}".encode() * 100)
-    for i in range(EVENTS):
-        client.write_event(f"e{i}", "file_discovered", [f"d/f{i}.bin"], index=str(i))
-    client.write_insight(label="first")
+    sidecar, client = dev_run_pausing_at(tmp_path, sidecars, step, "ev-edit", "corr-edit", files=FILES, events=EVENTS,
+                                         content=lambda i: f"first {i}".encode() * 100, insight={"label": "first"},
+                                         event_types="file_discovered,other_type")
     answers: list = []
     caller = threading.Thread(target=lambda: answers.append(_done(sidecar)), daemon=True)
     caller.start()

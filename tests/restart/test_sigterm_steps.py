@@ -26,6 +26,7 @@ import pytest
 
 from ion_sidecar_client import SidecarClient
 from testsupport.processes import SECRET, RestartableSidecar
+from testsupport.restart import dev_run_pausing_at
 from testsupport.servicebus import unique
 from testsupport.stack import Stack, seed_args
 
@@ -62,21 +63,10 @@ def sigterm_frozen(sidecar: RestartableSidecar) -> int:
 def test_sigterm_at_each_step_of_dev_done_then_restart_commits_each_output_once(tmp_path: Path, sidecars: list,
                                                                                 step: str) -> None:
     dev = tmp_path / ".dev"
-    args = ["--development=true", "--context.eventid=ev-term", "--context.correlationid=corr-term",
-            "--context.name=mod", "--valideventtypes=file_discovered", "--transfer.concurrency=1",
-            "--transfer.tasks=1", f"--devdir={dev}"]
-    sidecar = RestartableSidecar(tmp_path, args)
-    sidecars.append(sidecar)
-    sidecar.start(pause_at=step)
-    sidecar.wait_healthy()
-    client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
-    client.ready(retry_seconds=60)
+    sidecar, client = dev_run_pausing_at(tmp_path, sidecars, step, "ev-term", "corr-term", files=FILES, events=EVENTS,
+                                         content=lambda i: f"{i}".encode() * 1000, insight={"files": str(FILES)},
+                                         flags=("--transfer.concurrency=1", "--transfer.tasks=1"))
     contents = {f"d/f{i}.bin": f"{i}".encode() * 1000 for i in range(FILES)}
-    for path, data in contents.items():
-        client.write_file(path, data)
-    for i in range(EVENTS):
-        client.write_event(f"e{i}", "file_discovered", [f"d/f{i}.bin"], index=str(i))
-    client.write_insight(files=str(FILES))
     outputs_before = {str(p.relative_to(sidecar.basedir)): p.read_bytes()
                       for p in (sidecar.basedir / "out").rglob("*") if p.is_file()}
 
