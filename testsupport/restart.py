@@ -1,11 +1,16 @@
-"""A development-mode module run frozen at a crash point of its /done, for the restart trials
-(``tests/restart``): started, healthy, staged, its outputs written, and the sidecar told to stop itself
-(SIGSTOP) when it reaches the step (``sidecar/crashpoints.py``)."""
+"""What the restart trials (``tests/restart``) share: a development-mode module run frozen at a crash point of
+its /done (started, healthy, staged, its outputs written, and the sidecar told to stop itself, SIGSTOP,
+when it reaches the step: ``sidecar/crashpoints.py``), a call left running while the sidecar is stopped,
+and the run record it keeps on the volume."""
 
 from __future__ import annotations
 
+import json
+import threading
 from pathlib import Path
 from typing import Callable
+
+import httpx
 
 from ion_sidecar_client import SidecarClient
 from testsupport.processes import SECRET, RestartableSidecar
@@ -35,3 +40,25 @@ def dev_run_pausing_at(workdir: Path, sidecars: list, step: str, event_id: str, 
         client.write_event(f"e{i}", "file_discovered", [f"d/f{i}.bin"], index=str(i))
     client.write_insight(**insight)
     return sidecar, client
+
+
+def record(sidecar: RestartableSidecar) -> dict:
+    """The sidecar's run record (``{basedir}/.sidecar/run.json``, ``sidecar.runstate``) as JSON."""
+    return json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
+
+
+def call_in_background(sidecar: RestartableSidecar, path: str = "/done") -> tuple[threading.Thread, list]:
+    """Call ``path`` on ``sidecar`` in a thread (the module waiting while the sidecar is frozen, killed or
+    stopped); returns the thread and a list that gets its one answer: the response, or the
+    ``httpx.HTTPError`` the call ended with."""
+    answers: list = []
+
+    def call() -> None:
+        try:
+            answers.append(httpx.get(f"{sidecar.url}{path}", headers={"secret": SECRET}, timeout=120))
+        except httpx.HTTPError as exc:
+            answers.append(exc)
+
+    caller = threading.Thread(target=call, daemon=True)
+    caller.start()
+    return caller, answers

@@ -13,7 +13,6 @@ again on the same port keeps the topics and what they hold, as a broker's storag
 from __future__ import annotations
 
 import collections
-import json
 import os
 import signal
 import socket
@@ -29,6 +28,7 @@ import pytest
 from ion_sidecar_client import SidecarClient
 from testsupport.amqp_peer import AmqpPeer, Topic
 from testsupport.processes import SECRET, RestartableSidecar, free_port
+from testsupport.restart import call_in_background, record
 from testsupport.servicebus import receive_all_sync, unique
 from testsupport.stack import Stack, seed_args
 
@@ -131,31 +131,13 @@ def start_sidecar(tmp_path: Path, stack: Stack, bus: Bus, sidecars: list, pause_
     return sidecar, client, event_id
 
 
-def record(sidecar: RestartableSidecar) -> dict:
-    return json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
-
-
-def done_in_background(sidecar: RestartableSidecar) -> tuple[threading.Thread, list]:
-    answers: list = []
-
-    def call() -> None:
-        try:
-            answers.append(httpx.get(f"{sidecar.url}/done", headers={"secret": SECRET}, timeout=120))
-        except httpx.HTTPError as exc:
-            answers.append(exc)
-
-    caller = threading.Thread(target=call, daemon=True)
-    caller.start()
-    return caller, answers
-
-
 def test_bus_restarted_between_batches_delivers_each_event_once(tmp_path: Path, stack: Stack, bus: Bus,
                                                                  sidecars: list) -> None:
     """Frozen right after the bus accepted the first batch; the bus stops (every connection closed) and
     is started again on the same port before the sidecar goes on: the next batches fail on the closed
     connection, the task retries on a new one. Each event once; none was ever in doubt."""
     sidecar, client, event_id = start_sidecar(tmp_path, stack, bus, sidecars, "accepted#1")
-    caller, answers = done_in_background(sidecar)
+    caller, answers = call_in_background(sidecar)
     sidecar.wait_paused()
     first_ids = set(bus.topic.seen_ids)
     first = len(first_ids)
@@ -190,7 +172,7 @@ def test_bus_down_between_batches_answers_503_and_the_retry_delivers_the_rest_on
     sidecar goes on: /done answers 503 (not every event was accepted), retryable, naming the event bus.
     The bus comes back; the module's retry delivers the rest, and the first batch is not sent again."""
     sidecar, client, event_id = start_sidecar(tmp_path, stack, bus, sidecars, "accepted#1", "--transfer.retries=1")
-    caller, answers = done_in_background(sidecar)
+    caller, answers = call_in_background(sidecar)
     sidecar.wait_paused()
     first_ids = set(bus.topic.seen_ids)
     assert 0 < len(first_ids) < EVENTS
@@ -221,7 +203,7 @@ def test_bus_killed_after_storing_a_batch_unanswered_is_said_and_only_that_batch
     retry delivers every event, with only that batch twice (the documented window)."""
     bus.die_on_transfer(2)
     sidecar, client, event_id = start_sidecar(tmp_path, stack, bus, sidecars, "", "--transfer.retries=1")
-    caller, answers = done_in_background(sidecar)
+    caller, answers = call_in_background(sidecar)
     deadline = time.monotonic() + 60
     while bus.peer._thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -253,7 +235,7 @@ def test_an_event_edited_after_a_partial_publish_is_refused_and_nothing_is_sent_
     from ion_sidecar_client import COMMITTED_ALREADY, SidecarCallError
 
     sidecar, client, event_id = start_sidecar(tmp_path, stack, bus, sidecars, "accepted#1", "--transfer.retries=0")
-    caller, answers = done_in_background(sidecar)
+    caller, answers = call_in_background(sidecar)
     sidecar.wait_paused()
     first_ids = set(bus.topic.seen_ids)
     bus.stop()
@@ -279,7 +261,7 @@ def test_sigterm_between_batches_then_restart_delivers_each_event_once(tmp_path:
     """SIGTERM (a graceful stop) lands right after the bus accepted the first of several batches: the
     stopped call is answered 503, the successor publishes the rest, and no event goes out twice."""
     sidecar, client, event_id = start_sidecar(tmp_path, stack, bus, sidecars, "accepted#1")
-    caller, answers = done_in_background(sidecar)
+    caller, answers = call_in_background(sidecar)
     sidecar.wait_paused()
     first_ids = set(bus.topic.seen_ids)
     assert 0 < len(first_ids) < EVENTS
@@ -312,7 +294,7 @@ def test_an_event_edited_after_a_kill_mid_publish_is_refused_by_the_successor(tm
     from ion_sidecar_client import COMMITTED_ALREADY, SidecarCallError
 
     sidecar, client, event_id = start_sidecar(tmp_path, stack, bus, sidecars, "accepted#1")
-    caller, answers = done_in_background(sidecar)
+    caller, answers = call_in_background(sidecar)
     sidecar.wait_paused()
     first_ids = set(bus.topic.seen_ids)
     kept = record(sidecar)
@@ -358,7 +340,7 @@ def test_sigterm_while_a_batch_awaits_the_bus_answer_delivers_each_event_once(tm
 
     broker._incoming = slow_second
     sidecar, client, event_id = start_sidecar(tmp_path, stack, bus, sidecars, "")
-    caller, answers = done_in_background(sidecar)
+    caller, answers = call_in_background(sidecar)
     assert storing.wait(60), "the second batch never reached the bus"
     os.kill(sidecar.proc.pid, signal.SIGTERM)
     assert sidecar.proc.wait(60) == 0, sidecar.output()[-3000:]

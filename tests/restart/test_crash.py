@@ -16,7 +16,6 @@ CI size: 30 files of 64 KiB, 15 events. ``RESTART_FULL=1`` runs the issue's size
 from __future__ import annotations
 
 import collections
-import json
 import os
 import threading
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 
 from ion_sidecar_client import SidecarCallError, SidecarClient
 from testsupport.processes import SECRET, RestartableSidecar
+from testsupport.restart import record
 from testsupport.servicebus import unique
 from testsupport.stack import Stack
 
@@ -100,10 +100,6 @@ class Tally:
     def seen_again(self) -> int:
         """Deliveries whose message id the bus had already seen (what duplicate detection drops)."""
         return self.stack.peer.topics[self.stack.topic].duplicates - self.duplicates_before
-
-
-def record(sidecar: RestartableSidecar) -> dict:
-    return json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
 
 
 # The steps of /done where the sidecar is killed, one after the other in one module run (each start

@@ -7,7 +7,6 @@ SIGKILLed and started again with the same flags, against a real Prefect server."
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 from testsupport.processes import SECRET, RestartableSidecar, dev_args, free_port, start_prefect_server
+from testsupport.restart import record
 
 FILES = 6
 pytestmark = pytest.mark.timeout(900)  # two Prefect server starts and an outage the client retries ~60 s
@@ -30,10 +30,6 @@ def flow_run(flow_run_id: str, url: str | None = None) -> dict:
     response = httpx.get(f"{url or api_url()}/flow_runs/{flow_run_id}", timeout=30)
     response.raise_for_status()
     return response.json()
-
-
-def record(sidecar: RestartableSidecar) -> dict:
-    return json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
 
 
 def get(sidecar: RestartableSidecar, path: str) -> httpx.Response:

@@ -9,7 +9,6 @@ they reach it at the very moment it goes on.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -21,14 +20,10 @@ import pytest
 
 from ion_sidecar_client import SidecarClient
 from testsupport.processes import SECRET, RestartableSidecar
-from testsupport.restart import dev_run_pausing_at
+from testsupport.restart import dev_run_pausing_at, record
 
 FILES, EVENTS = 6, 3
 pytestmark = pytest.mark.timeout(300)
-
-
-def record(sidecar: RestartableSidecar) -> dict:
-    return json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
 
 
 def started(tmp_path: Path, sidecars: list, step: str, event_id: str) -> tuple[RestartableSidecar, SidecarClient]:

@@ -20,14 +20,10 @@ import pytest
 
 from ion_sidecar_client import COMMITTED_ALREADY, SidecarCallError, SidecarClient
 from testsupport.processes import SECRET, RestartableSidecar
-from testsupport.restart import dev_run_pausing_at
+from testsupport.restart import dev_run_pausing_at, record
 
 FILES, EVENTS = 4, 3
 pytestmark = pytest.mark.timeout(300)
-
-
-def record(sidecar: RestartableSidecar) -> dict:
-    return json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
 
 
 def snapshot(dev: Path) -> dict[str, bytes]:

@@ -14,10 +14,8 @@ runs all five.
 from __future__ import annotations
 
 import collections
-import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -26,16 +24,12 @@ import pytest
 
 from ion_sidecar_client import SidecarClient
 from testsupport.processes import SECRET, RestartableSidecar
-from testsupport.restart import dev_run_pausing_at
+from testsupport.restart import call_in_background, dev_run_pausing_at, record
 from testsupport.servicebus import unique
 from testsupport.stack import Stack, seed_args
 
 FILES, EVENTS = 6, 3
 pytestmark = pytest.mark.timeout(300)
-
-
-def record(sidecar: RestartableSidecar) -> dict:
-    return json.loads((sidecar.basedir / ".sidecar" / "run.json").read_text())
 
 
 def flow_run_state(flow_run_id: str) -> str:
@@ -70,16 +64,7 @@ def test_sigterm_at_each_step_of_dev_done_then_restart_commits_each_output_once(
     outputs_before = {str(p.relative_to(sidecar.basedir)): p.read_bytes()
                       for p in (sidecar.basedir / "out").rglob("*") if p.is_file()}
 
-    answers: list = []
-
-    def call() -> None:
-        try:
-            answers.append(httpx.get(f"{sidecar.url}/done", headers={"secret": SECRET}, timeout=120))
-        except httpx.HTTPError as exc:
-            answers.append(exc)
-
-    caller = threading.Thread(target=call, daemon=True)
-    caller.start()
+    caller, answers = call_in_background(sidecar)
     sidecar.wait_paused()
     stopped_run = [k for k, v in record(sidecar)["unreported"].items() if v is None]
     assert len(stopped_run) == 1, record(sidecar)
@@ -180,16 +165,7 @@ def test_sigterm_at_each_step_of_done_on_real_services_then_restart_commits_each
         client.write_event(f"e{i}", "file_discovered", [f"d/f{i}.bin"], index=str(i))
     client.write_insight(files=str(FILES))
 
-    answers: list = []
-
-    def call() -> None:
-        try:
-            answers.append(httpx.get(f"{sidecar.url}/done", headers={"secret": SECRET}, timeout=120))
-        except httpx.HTTPError as exc:
-            answers.append(exc)
-
-    caller = threading.Thread(target=call, daemon=True)
-    caller.start()
+    caller, answers = call_in_background(sidecar)
     sidecar.wait_paused()
     at_pause = tally.read()
     assert LANDED[step](at_pause), f"the stop did not land at {step}: {at_pause}"
@@ -252,16 +228,7 @@ def test_sigterm_mid_ready_on_real_services_then_restart_stages_every_input_once
     sidecar.start()
     sidecar.wait_healthy()
     stack.blob_proxy.drip(when=rb"GET [^ ]*f3\.bin", after=64 * 1024, interval=None, past_head=True)
-    answers: list = []
-
-    def call() -> None:
-        try:
-            answers.append(httpx.get(f"{sidecar.url}/ready", headers={"secret": SECRET}, timeout=120))
-        except httpx.HTTPError as exc:
-            answers.append(exc)
-
-    caller = threading.Thread(target=call, daemon=True)
-    caller.start()
+    caller, answers = call_in_background(sidecar, "/ready")
     try:
         deadline = time.monotonic() + 60
         while stack.blob_proxy.stalled == 0 and time.monotonic() < deadline:
