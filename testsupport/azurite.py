@@ -132,7 +132,7 @@ async def peak_requests_in_flight(store: Any, folder: Path, data: dict[str, byte
     ``monkeypatch.setattr``). Asserts every byte came back; closes ``store``."""
     from azure.storage.blob.aio import BlobClient
 
-    from sidecar.providers.azureblob import store as store_module
+    from sidecar.providers.azureblob.rest import BlobRest
 
     in_flight = peak = 0
 
@@ -149,8 +149,7 @@ async def peak_requests_in_flight(store: Any, folder: Path, data: dict[str, byte
         return wrapper
 
     patch(BlobClient, "stage_block", counted(BlobClient.stage_block))
-    patch(BlobClient, "download_blob", counted(BlobClient.download_blob))  # a download's first request
-    patch(store_module, "_range_into", counted(store_module._range_into))  # its other ranges
+    patch(BlobRest, "get", counted(BlobRest.get))  # every request of a download
     for name, content in data.items():
         (folder / name).write_bytes(content)
     try:

@@ -369,11 +369,11 @@ async def test_a_blob_overwritten_between_its_ranges_is_retried_not_mixed(
     overwritten: list[int] = []
     range_into = store_module._range_into
 
-    async def overwrite_first(blob, offset, buffer, etag):
+    async def overwrite_first(rest, key, offset, buffer, etag):
         if not overwritten:
             overwritten.append(offset)
-            await blob.upload_blob(os.urandom(4 * chunk), overwrite=True)
-        return await range_into(blob, offset, buffer, etag)
+            await store._client.get_blob_client(key).upload_blob(os.urandom(4 * chunk), overwrite=True)
+        return await range_into(rest, key, offset, buffer, etag)
 
     monkeypatch.setattr(store_module, "_range_into", overwrite_first)
     try:

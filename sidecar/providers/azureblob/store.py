@@ -10,6 +10,9 @@ GET (issue 3 measured 1.1 GB peak RSS for 8 files of 64 MiB that way). Here ever
 most ``chunkbytes`` of a file, and a large file has several blocks (upload) or ranges (download) in
 flight at once, all files of the store drawing on one :class:`ByteBudget` of ``inflightbytes``: the
 memory of the transfers follows the budget, not the number or sizes of the files (issue 13).
+Get Blob and Put Blob go as REST requests through the SDK's own pipeline
+(:mod:`sidecar.providers.azureblob.rest`: a ``BlobClient`` and its header parsing per request cost
+more CPU than a small file's transfer); blocks, block lists and properties through the SDK's clients.
 
 Verification (issue 3: "size, and MD5 where the service records one"):
 
@@ -47,7 +50,7 @@ import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import IO, Any, AsyncIterator, Callable, Iterator, TypeVar
-from urllib.parse import quote, urlparse
+from urllib.parse import urlparse
 
 from adlfs import AzureBlobFileSystem
 from azure.core.pipeline.transport import AioHttpTransport
@@ -65,12 +68,7 @@ from azure.storage.blob import (
     UserDelegationKey,
     generate_blob_sas,
 )
-from azure.storage.blob.aio import BlobClient, BlobServiceClient, StorageStreamDownloader
-# The generated layer under BlobClient.download_blob, for a range received into a reused buffer
-# (:func:`_range_into`); azure-storage-blob is pinned in uv.lock.
-from azure.storage.blob._deserialize import deserialize_blob_stream
-from azure.storage.blob._generated.models import BlobHTTPHeaders, ModifiedAccessConditions
-from azure.storage.blob._shared.response_handlers import process_storage_error, return_response_headers
+from azure.storage.blob.aio import BlobClient, BlobServiceClient
 
 from sidecar.dataplane.blobs import (STORE, BlobInfo, BlobVerificationError, check_key, download_verified,
                                      upload_verified)
@@ -78,6 +76,7 @@ from sidecar.dataplane.credentials import USER_DELEGATION_MAX_SECONDS, Credentia
 from sidecar.dataplane.errors import first_line, permanent, transient, translated
 from sidecar.errors import DataPlaneTimeout, DataPlaneUnavailable
 from sidecar.providers.azureblob.config import AzureBlobConfig
+from sidecar.providers.azureblob.rest import BlobRest
 
 T = TypeVar("T")
 
@@ -220,6 +219,7 @@ class AzureBlobStore:
         self._buffers = BlockBuffers(chunkbytes, max(chunkbytes, inflightbytes) // chunkbytes)
         self._range_buffers = BlockBuffers(chunkbytes, max(chunkbytes, inflightbytes) // chunkbytes)
         self._client = fs.service_client.get_container_client(container)
+        self._rest = BlobRest(self._client)
         self._container_ready = False
         self._container_lock = asyncio.Lock()
 
@@ -229,7 +229,7 @@ class AzureBlobStore:
     def blob_url(self, key: str) -> str:
         """The URL of blob ``key`` (no credentials in it), quoted as the SDK's ``BlobClient.url`` is;
         built directly because a ``BlobClient`` per recorded file costs more than the string."""
-        return f"{self._client.url}/{quote(key, safe='~/')}"
+        return self._rest.url(key)
 
     async def upload(self, local: Path, key: str) -> BlobInfo:
         """``BlobStore.upload``; with a user-delegation signer, first makes sure its key is fresh (an
@@ -282,7 +282,6 @@ class AzureBlobStore:
 
     async def _put(self, local: Path, key: str) -> BlobInfo:
         await self._ensure_container()
-        blob = self._client.get_blob_client(key)
         try:
             with open(local, "rb") as f:
                 size = _fstat_size(f)
@@ -290,14 +289,12 @@ class AzureBlobStore:
                     async with self._budget.hold(size):
                         data, digest = await _offload(size, _read_md5, f, size)
                         async with self.deadline.bound("Put Blob", self._where(key), size):
-                            stored = await blob.upload_blob(
-                                data, overwrite=True, length=len(data), max_concurrency=1,
-                                # Passed through to Put Blob: the service checks the body against it.
-                                transactional_content_md5=digest)
-                    _check_md5(key, _hex(stored.get("content_md5")), digest.hex(), "stored")
+                            stored = await self._rest.put(key, data, len(data), digest)
+                    _check_md5(key, _hex(stored), digest.hex(), "stored")
                     return BlobInfo(key, len(data), digest.hex())
                 if size <= self.single_put_bytes:
-                    return await self._put_streamed(blob, f.fileno(), size)
+                    return await self._put_streamed(key, f.fileno(), size)
+                blob = self._client.get_blob_client(key)
                 whole, blocks = await self._put_blocks(blob, f, size)
             recorded = ContentSettings(content_md5=bytearray(whole.digest()))
             # The request body lists each block as <Latest>base64 id</Latest>: about 32 bytes a block.
@@ -315,7 +312,7 @@ class AzureBlobStore:
             raise BlobVerificationError(key, f"stored {props.size}, sent {size} bytes")
         return BlobInfo(key, int(props.size), md5)
 
-    async def _put_streamed(self, blob: BlobClient, fd: int, size: int) -> BlobInfo:
+    async def _put_streamed(self, key: str, fd: int, size: int) -> BlobInfo:
         """Upload the first ``size`` bytes of file ``fd`` as one Put Blob whose body is read from the file
         as it is sent, after a first read that hashes them: the service checks the body against that MD5
         (the transactional ``Content-MD5``; ``Md5Mismatch`` if the file changed in between) and records
@@ -325,28 +322,20 @@ class AzureBlobStore:
         8 MiB blocks, and Azurite 1.7-2.0 s against 2.4-2.9 s (bench/azure_transfers_results.md).
 
         The SDK's ``upload_blob`` reads a single put's whole body into memory first
-        (``upload_block_blob``, azure-storage-blob 12.x); the same request goes here through its generated
-        operation, as ``upload_blob`` sends it, so a file holds about two pieces of :data:`_PIECE_BYTES`.
+        (``upload_block_blob``, azure-storage-blob 12.x); here the request (:meth:`BlobRest.put`) reads it
+        from the file as it is sent, so a file holds about two pieces of :data:`_PIECE_BYTES`.
 
         Raises:
             BlobVerificationError: the file ended before ``size`` bytes, or the service's MD5 differs.
             HttpResponseError: the service refused (as ``upload_blob`` raises it).
         """
-        key = blob.blob_name
         async with self._budget.hold(2 * _PIECE_BYTES):
             digest, got = await _in_thread(_pread_md5, fd, size)
             if got != size:
                 raise BlobVerificationError(key, f"the file changed while read: {got} of {size} bytes")
-            try:
-                async with self.deadline.bound("Put Blob", self._where(key), size):
-                    stored = await blob._client.block_blob.upload(  # noqa: SLF001 - see above
-                        content_length=size, body=_file_pieces(fd, size, key), transactional_content_md5=digest,
-                        # The blob's recorded MD5, set in so many words rather than left to the service.
-                        blob_http_headers=BlobHTTPHeaders(blob_content_md5=digest),
-                        cls=return_response_headers, data_stream_total=size, upload_stream_current=0)
-            except HttpResponseError as error:
-                process_storage_error(error)  # raises the SDK's own error for it (its error code read)
-        _check_md5(key, _hex(stored.get("content_md5")), digest.hex(), "stored")
+            async with self.deadline.bound("Put Blob", self._where(key), size):
+                stored = await self._rest.put(key, _file_pieces(fd, size, key), size, digest)
+        _check_md5(key, _hex(stored), digest.hex(), "stored")
         return BlobInfo(key, size, digest.hex())
 
     async def _put_blocks(self, blob: BlobClient, f: IO[bytes], size: int) -> tuple[Any, list[BlobBlock]]:
@@ -393,20 +382,30 @@ class AzureBlobStore:
         return whole, blocks
 
     async def _get(self, key: str, local: Path, size_hint: int | None = None) -> str:
-        blob = self._client.get_blob_client(key)
         # The first GET asks for up to chunkbytes and tells the blob's size, MD5 and ETag.
         held = self.chunkbytes if size_hint is None else min(size_hint, self.chunkbytes)
         await self._budget.acquire(held)
         try:
             async with self.deadline.bound("Get Blob", self._where(key), held):
-                stream = await blob.download_blob(max_concurrency=1)
-                size, properties = stream.size, stream.properties
-                first = await _content(stream)
-                del stream  # ``first`` is the only reference to those bytes left
+                answer = await self._rest.get(key, 0, held)
+                try:
+                    if answer.size is None:  # as download_blob: the blob's size is needed, and unknown
+                        raise BlobVerificationError(key, "the answer to its first range has no Content-Range")
+                    size, recorded, etag = answer.size, _hex(answer.md5), answer.etag
+                    if answer.length > max(held, 1):
+                        raise BlobVerificationError(key, f"{answer.length} bytes answered for its first {held}")
+                    # Received into a buffer of the ranges' pool (given back once written, in _get_ranges):
+                    # joined from the transport's pieces, each file's first chunk cost a second copy.
+                    first = self._range_buffers.take(answer.length)
+                    got = await answer.read_into(first)
+                    if got != answer.length:
+                        raise BlobVerificationError(key, f"received {got} of the {answer.length} bytes announced")
+                finally:
+                    await answer.close()
+                del answer
         except BaseException:
             self._budget.release(held)
             raise
-        recorded = _hex(properties.content_settings.content_md5)
         digest = hashlib.md5()
         try:
             f = open(local, "wb")
@@ -422,7 +421,7 @@ class AzureBlobStore:
                 if len(first) != size:
                     raise BlobVerificationError(key, f"received {len(first)} of {size} bytes")
             else:
-                ranges = self._get_ranges(blob, f.fileno(), first, held, size, properties.etag, digest)
+                ranges = self._get_ranges(key, f.fileno(), first, held, size, etag, digest)
                 # Only the coroutine holds the first chunk now, and drops it once it is written: kept here,
                 # each file held a chunk outside the byte budget to its end (8 files of 64 MiB at once
                 # rose 155 MiB above idle, 4 files 95 MiB; tracemalloc at the peak: every file's first chunk).
@@ -433,7 +432,7 @@ class AzureBlobStore:
             _check_md5(key, received, recorded, "received")
         return received
 
-    async def _get_ranges(self, blob: BlobClient, fd: int, first: bytes, held: int, size: int, etag: str,
+    async def _get_ranges(self, key: str, fd: int, first: bytearray, held: int, size: int, etag: str,
                           digest: Any) -> None:
         """Fetch the rest of a blob after its ``first`` bytes as ranges of ``chunkbytes``, several in
         flight under the byte budget and all from one version of the blob (``If-Match: etag``). One task
@@ -451,10 +450,10 @@ class AzureBlobStore:
 
         async def fetch(offset: int, length: int) -> bytes | bytearray:
             buffer = self._range_buffers.take(length)
-            async with self.deadline.bound(f"Get Blob (range at {offset})", self._where(blob.blob_name), length):
-                got = await _range_into(blob, offset, buffer, etag)
+            async with self.deadline.bound(f"Get Blob (range at {offset})", self._where(key), length):
+                got = await _range_into(self._rest, key, offset, buffer, etag)
             if got != length:
-                raise BlobVerificationError(blob.blob_name, f"range at {offset}: received {got} of {length} bytes")
+                raise BlobVerificationError(key, f"range at {offset}: received {got} of {length} bytes")
             return buffer
 
         async def fetched(data: bytes) -> bytes:
@@ -863,45 +862,26 @@ async def _pieces(block: bytes | bytearray) -> AsyncIterator[memoryview]:
         yield view[start:start + _PIECE_BYTES]
 
 
-async def _content(stream: StorageStreamDownloader) -> bytes:
-    """The bytes a download's first GET returned, without a copy or further requests: the first item of
-    ``chunks()``, which is the downloader's own buffer when the first GET asked for one chunk
-    (``max_single_get_size`` = ``max_chunk_get_size``, :func:`azure_blob_store`); ``read(n)`` copied them.
-    An empty blob has no chunk at all."""
-    async for chunk in stream.chunks():
-        return chunk
-    return b""
-
-
-async def _range_into(blob: BlobClient, offset: int, buffer: bytearray, etag: str) -> int:
-    """Receive the ``len(buffer)`` bytes of ``blob`` at ``offset`` (Get Blob with a Range header,
-    ``If-Match: etag``) into ``buffer``; returns how many bytes came (more than fit raises).
+async def _range_into(rest: BlobRest, key: str, offset: int, buffer: bytearray, etag: str) -> int:
+    """Receive the ``len(buffer)`` bytes of blob ``key`` at ``offset`` (Get Blob with a range,
+    ``If-Match: etag``, :meth:`BlobRest.get`) into ``buffer``; returns how many bytes came (more than
+    fit raises).
 
     ``BlobClient.download_blob`` joins a range's pieces into a new bytes object (``process_content``,
     azure-storage-blob 12.x): with large buffers mmapped (:data:`_MMAP_THRESHOLD`), each 8 MiB range cost
     2,048 page faults to fill and an munmap to free, about 0.35 s of system CPU per 512 MiB received
-    (``getrusage`` around 8 x 64 MiB downloads, 107,000 faults against none). Here the same request goes
-    through the SDK's generated operation, as ``download_blob`` sends it, and its pieces (the transport's
-    ``connection_data_block_size``) are copied into a buffer the store reuses (:class:`BlockBuffers`).
+    (``getrusage`` around 8 x 64 MiB downloads, 107,000 faults against none). Here its pieces (the
+    transport's ``connection_data_block_size``) are copied into a buffer the store reuses (:class:`BlockBuffers`).
 
     Raises:
         HttpResponseError: the service refused (as ``download_blob`` raises it: ``process_storage_error``).
         BlobVerificationError: the answer held more bytes than the range asked for.
     """
-    end = offset + len(buffer) - 1
+    answer = await rest.get(key, offset, len(buffer), etag)
     try:
-        _, stream = await blob._client.blob.download(  # noqa: SLF001 - see above
-            range=f"bytes={offset}-{end}", modified_access_conditions=ModifiedAccessConditions(if_match=etag),
-            cls=deserialize_blob_stream, data_stream_total=None, download_stream_current=0)
-    except HttpResponseError as error:
-        process_storage_error(error)  # raises the SDK's own error for it
-    view, got = memoryview(buffer), 0
-    async for piece in stream:
-        if got + len(piece) > len(view):
-            raise BlobVerificationError(blob.blob_name, f"range at {offset}: more than the {len(view)} bytes asked for")
-        view[got:got + len(piece)] = piece
-        got += len(piece)
-    return got
+        return await answer.read_into(buffer)
+    finally:
+        await answer.close()
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
