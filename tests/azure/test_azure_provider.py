@@ -174,6 +174,8 @@ class ScriptedStorage(BaseHTTPRequestHandler):
         if code:
             self.wfile.write(body)
 
+    do_GET = do_PUT
+
     def log_message(self, *args: object) -> None:
         pass
 
@@ -213,6 +215,29 @@ async def test_service_answers_are_classified_and_sent_once(scripted, azurite: A
     assert is_transient(caught.value) == (error is not DataPlaneError)
     blob_requests = [p for p in handler.requests if "restype=container" not in p]
     assert len(blob_requests) == 1, "the SDK does not retry: Prefect's task retries are the only layer"
+
+
+@pytest.mark.parametrize("status, code, error, words", [
+    (503, "ServerBusy", DataPlaneUnavailable, "HTTP 503 ServerBusy"),
+    (404, "BlobNotFound", DataPlaneError, "does not exist (BlobNotFound)"),
+    (403, "AuthenticationFailed", DataPlaneError, "authentication failed"),
+    (412, "ConditionNotMet", DataPlaneUnavailable, "changed while it was downloaded"),
+    (400, "InvalidHeaderValue", DataPlaneError, "HTTP 400 InvalidHeaderValue"),
+])
+async def test_download_answers_are_classified_and_sent_once(scripted, azurite: Azurite, tmp_path: Path,
+                                                            status: int, code: str, error: type, words: str) -> None:
+    url, handler = scripted
+    handler.blob_status, handler.error_code = status, code
+    store = azure_blob_store(azure_config(azurite, connectionstring=endpoint_string(url)))
+    target = tmp_path / "in" / "f.txt"
+    try:
+        with pytest.raises(error) as caught:
+            await store.download("e/m/f.txt", target)
+    finally:
+        await store.close()
+    assert type(caught.value) is error and "e/m/f.txt" in caught.value.message and words in caught.value.message
+    assert is_transient(caught.value) == (error is not DataPlaneError)
+    assert len(handler.requests) == 1 and not target.exists() and not partial_path(target).exists()
 
 
 async def test_proxy_from_the_environment_is_used(scripted, azurite: Azurite, small_file: Path,

@@ -45,7 +45,8 @@ class Mangler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP | {"host"}}
         rng = re.fullmatch(r"bytes=(\d+)-(\d+)", headers.get("x-ms-range", ""))
-        mode = type(self).mode if self.command == "GET" and rng and int(rng[1]) > 0 else "pass"
+        first = type(self).mode == "invalidrange"  # the one mode for a first range (at 0)
+        mode = type(self).mode if self.command == "GET" and rng and (int(rng[1]) > 0 or first) else "pass"
         if mode != "pass" and type(self).only_at not in (None, int(rng[1])):
             mode = "pass"
         if mode != "pass":
@@ -68,6 +69,9 @@ class Mangler(BaseHTTPRequestHandler):
         elif mode == "shifted":  # the blob's bytes one before the range asked for
             data = type(self).content[start - 1:end]
         status = 200 if mode == "full200" else answer.status
+        if mode == "invalidrange" and not data:  # as Azure answers a range of an empty blob (Azurite: 206)
+            status, data = 416, b'<?xml version="1.0"?><Error><Code>InvalidRange</Code><Message>The range specified is invalid for the current size of the resource.</Message></Error>'
+            answer.getheaders = lambda: [("x-ms-error-code", "InvalidRange"), ("Content-Type", "application/xml")]
         self.send_response(status)
         for k, v in answer.getheaders():
             if k.lower() not in HOP and not (mode in ("norange", "full200") and k.lower() == "content-range"):
@@ -155,6 +159,20 @@ async def test_a_range_without_content_range_still_gets_the_right_bytes(
         await asyncio.wait_for(store.download(info.key, target, info), 30)
         assert mangler.mangled >= 2
         assert target.read_bytes() == source.read_bytes()
+    finally:
+        await store.close()
+
+
+async def test_an_empty_blob_whose_range_is_refused_as_azure_does_downloads_empty(
+        azurite: Azurite, mangler: type[Mangler], tmp_path: Path) -> None:
+    """Azure refuses a range of an empty blob (HTTP 416 InvalidRange); the blob is then asked for whole,
+    as download_blob does, and its recorded MD5 still checked."""
+    store, source, target = _through_mangler(azurite, mangler, tmp_path, 0, TEST_CHUNK_BYTES)
+    try:
+        info = await store.upload(source, "e/m/empty")
+        mangler.mode = "invalidrange"
+        assert await asyncio.wait_for(store.download(info.key, target, info), 30) == info
+        assert mangler.mangled == 1 and target.read_bytes() == b""
     finally:
         await store.close()
 
