@@ -164,6 +164,22 @@ def recover(sidecar: SidecarProcess) -> None:
     assert response.status_code == 200, response.text
 
 
+def deferred_history_written(sidecar: SidecarProcess, timeout: float = 60) -> int:
+    """Wait until every run-history write ``sidecar`` deferred during an outage ("it is written when the
+    Prefect API answers again") was made ("after the Prefect API returned"), as its log tells; returns
+    how many there were. A write still waiting is made at the API watcher's next round, whichever test
+    runs then: it must not be the request a later test's fault is armed for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = sidecar.output()
+        deferred, written = log.count("it is written when the Prefect API answers again"), log.count(
+            "after the Prefect API returned")
+        if written >= deferred:
+            return deferred
+        assert time.monotonic() < deadline, f"{deferred - written} deferred history writes never made:\n{log}"
+        time.sleep(0.2)
+
+
 def no_flow_run_running(api: Api, timeout: float = 60) -> list[dict]:
     """Wait until none of this module run's flow runs is Running or Pending in the API; returns them."""
     deadline = time.monotonic() + timeout
@@ -319,6 +335,7 @@ def test_artifacts_stall_while_the_final_state_goes_through(api: Api, sidecar: S
     again, _ = get(sidecar, "/done")
     assert again.status_code == 200 and again.json()["flowRunId"] == done.json()["flowRunId"], again.text
     no_flow_run_running(api)
+    assert deferred_history_written(sidecar) > 0, "no stalled artifact was deferred to the API's return"
 
 
 def test_hang_after_commit_then_sigterm_and_restart(api: Api, sidecar: SidecarProcess) -> None:
@@ -332,6 +349,7 @@ def test_hang_after_commit_then_sigterm_and_restart(api: Api, sidecar: SidecarPr
     response, _ = get(sidecar, "/ready")
     assert response.status_code == 200, response.text
     write_outputs(sidecar.basedir, 3)
+    deferred_history_written(sidecar)  # an earlier test's write, made late, would trip the hang before /done
     api.proxy.hang_when(WRITES_HISTORY, forward=False)  # the commit is done; everything after it hangs
     done, seconds = get(sidecar, "/done")
     assert api.proxy.triggered.is_set(), "the API never hung after the commit"
