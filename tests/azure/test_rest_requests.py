@@ -77,3 +77,30 @@ async def test_a_blob_the_sdk_wrote_downloads_here_with_its_md5_checked(azurite:
     finally:
         await service.close()
         await store.close()
+
+
+async def test_a_sas_connection_string_signs_every_request_and_no_recorded_url(azurite: Azurite,
+                                                                               tmp_path: Path) -> None:
+    """A connection string with a SharedAccessSignature (no account key): the SAS goes on every request
+    after the blob's path, and never into a URL recorded for people (``blob_url``)."""
+    from datetime import datetime, timedelta, timezone
+
+    from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
+
+    from testsupport.azurite import ACCOUNT, ACCOUNT_KEY
+
+    sas = generate_account_sas(ACCOUNT, ACCOUNT_KEY, ResourceTypes(container=True, object=True),
+                               AccountSasPermissions(read=True, write=True, create=True),
+                               datetime.now(timezone.utc) + timedelta(hours=1))
+    cfg = azure_config(azurite, connectionstring=f"BlobEndpoint={azurite.endpoint};SharedAccessSignature={sas}")
+    store = azure_blob_store(cfg)
+    source = tmp_path / "source"
+    try:
+        for size in (5, 3 * CHUNK + 5):
+            source.write_bytes(os.urandom(size))
+            info = await store.upload(source, ODD_NAME)
+            target = tmp_path / "in" / f"{size}"
+            assert await store.download(ODD_NAME, target, info) == info and target.read_bytes() == source.read_bytes()
+        assert "sig=" not in store.blob_url(ODD_NAME) and "?" not in store.blob_url("e/m/f.txt")
+    finally:
+        await store.close()

@@ -28,7 +28,7 @@ import base64
 import re
 from dataclasses import dataclass
 from typing import Any, AsyncIterable, AsyncIterator, NoReturn
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from azure.core.exceptions import (
     ClientAuthenticationError,
@@ -101,11 +101,15 @@ class BlobRest:
 
     def __init__(self, container: ContainerClient):
         self._pipeline = container._pipeline  # noqa: SLF001 - the SDK's own policies and transport
-        self._url = container.url
+        # A SAS credential (a connection string's SharedAccessSignature) is the query of the client's URL:
+        # every request carries it after the blob's path; the URLs recorded for people never do.
+        parts = urlsplit(container.url)
+        self._url = urlunsplit(parts._replace(query=""))
+        self._query = f"?{parts.query}" if parts.query else ""
         self._version = container.api_version
 
     def url(self, key: str) -> str:
-        """The URL of blob ``key``, quoted as ``BlobClient.url`` quotes it."""
+        """The URL of blob ``key`` without credentials, quoted as ``BlobClient.url`` quotes it."""
         return f"{self._url}/{quote(key, safe='~/')}"
 
     async def get(self, key: str, offset: int, length: int, etag: str | None = None) -> BlobAnswer:
@@ -163,7 +167,7 @@ class BlobRest:
         headers = {**headers, "x-ms-version": self._version, "Accept": "application/xml"}
         if etag:
             headers["If-Match"] = etag
-        request = HttpRequest(method, self.url(key), headers=headers, content=body)
+        request = HttpRequest(method, self.url(key) + self._query, headers=headers, content=body)
         return (await self._pipeline.run(request, stream=True)).http_response
 
 
