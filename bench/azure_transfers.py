@@ -18,6 +18,12 @@ in at least three rounds whose order of approaches rotates, each direction on it
   worker thread before the upload with ``hashlib.file_digest``), and each download hashes the bytes in
   file order as the SDK writes its chunks (:class:`HashingFile`) and compares the blob's Content-MD5.
   The sidecar / plain+md5 ratio is the sidecar's cost beyond the MD5 work the plain client skips.
+- plain-rest (``--rest-baseline``, small files only): the same client sending each file in one Get Blob
+  or Put Blob through the SDK's pipeline (``client._pipeline``), as the sidecar does
+  (``sidecar/providers/azureblob/rest.py``), without a ``BlobClient`` per blob or its header parsing,
+  and checking nothing. The plain client above is what a user writes with the SDK's public API; this one
+  is what is left of the SDK's cost, so sidecar / plain-rest is the sidecar's own cost per call (its
+  Prefect flow run, its checks and records) on small files.
 
 How the plain client was tuned: ``--tune`` times it over a grid (``TUNE_GRID``: files at once 32/64/128
 for small files; chunk 4/8 MiB x 2/4/8 per blob x with or without MD5 for large ones, and each file in
@@ -95,16 +101,21 @@ class Plain:
     files: int
     md5: bool = False
     whole_md5: bool = False
+    rest: bool = False  # files of one request as Get/Put Blob sent through the SDK's pipeline, as the sidecar sends them
 
     def argv(self) -> list[str]:
-        return [str(self.chunk), str(self.per_blob), str(self.files), str(int(self.md5)), str(int(self.whole_md5))]
+        return [str(self.chunk), str(self.per_blob), str(self.files), str(int(self.md5)), str(int(self.whole_md5)),
+                str(int(self.rest))]
 
     def __str__(self) -> str:
         return (f"chunk {self.chunk // MiB:>2} MiB, per blob {self.per_blob}, files {self.files:>3}, md5 {int(self.md5)}"
-                + (", whole-file MD5" if self.whole_md5 else ""))
+                + (", whole-file MD5" if self.whole_md5 else "") + (", REST for one-request files" if self.rest else ""))
 
     def with_whole_md5(self) -> "Plain":
         return dataclasses.replace(self, whole_md5=True)
+
+    def with_rest(self) -> "Plain":
+        return dataclasses.replace(self, rest=True)
 
 
 # The fastest settings per workload and direction of `--tune` on this machine (see README, Benchmarks).
@@ -139,9 +150,30 @@ async def plain_transfer(connection_string: str, direction: str, src: Path, dst:
     async with service:
         client = service.get_container_client(CONTAINER)
         limit = asyncio.Semaphore(cfg.files)
+        # plain-rest: what the sidecar's REST requests skip (a BlobClient and its header parsing per blob),
+        # without its checks: no MD5 sent or compared.
+        pipeline, version = client._pipeline, client.api_version
+
+        async def rest(method: str, rel: str, **request: object) -> object:
+            from urllib.parse import quote
+
+            from azure.core.rest import HttpRequest
+
+            headers = {"x-ms-version": version, **request.pop("headers", {})}
+            url = f"{client.url}/{quote(f'{prefix}/{rel}', safe='~/')}"
+            answer = (await pipeline.run(HttpRequest(method, url, headers=headers, **request), stream=True)).http_response
+            if answer.status_code not in (200, 201, 206):
+                raise RuntimeError(f"{method} {rel}: HTTP {answer.status_code}")
+            return answer
 
         async def upload(rel: str) -> None:
             async with limit:
+                if cfg.rest and (src / rel).stat().st_size <= cfg.chunk:
+                    data = (src / rel).read_bytes()
+                    answer = await rest("PUT", rel, content=data, headers={
+                        "x-ms-blob-type": "BlockBlob", "Content-Type": "application/octet-stream"})
+                    await answer.read()
+                    return
                 with open(src / rel, "rb") as f:
                     settings = None
                     if cfg.whole_md5:
@@ -156,6 +188,12 @@ async def plain_transfer(connection_string: str, direction: str, src: Path, dst:
             async with limit:
                 target = dst / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
+                if cfg.rest:  # every file of the workloads it is run for fits one request
+                    answer = await rest("GET", rel, headers={"x-ms-range": f"bytes=0-{cfg.chunk - 1}"})
+                    data = b"".join([piece async for piece in answer.iter_raw()])
+                    with open(target, "wb") as f:
+                        f.write(data)
+                    return
                 stream = await client.get_blob_client(f"{prefix}/{rel}").download_blob(max_concurrency=cfg.per_blob)
                 with open(target, "wb") as f:
                     if not cfg.whole_md5:
@@ -539,6 +577,8 @@ def run(argv: argparse.Namespace) -> None:
     plains = {"plain": lambda settings: settings}
     if argv.md5_baseline:
         plains["plain+md5"] = lambda settings: {d: cfg.with_whole_md5() for d, cfg in settings.items()}
+    if argv.rest_baseline:
+        plains["plain-rest"] = lambda settings: {d: cfg.with_rest() for d, cfg in settings.items()}
     approaches = [*plains, *variants]
     results = {name: Results() for name in workloads}
     load_before = os.getloadavg()
@@ -558,9 +598,11 @@ def run(argv: argparse.Namespace) -> None:
                 return tune(azurite, sources, work, argv.rounds)
             for r in range(argv.rounds):
                 for w, (name, (src, digests)) in enumerate(sources.items()):
+                    # plain-rest sends each file in one request: only for files of one chunk.
+                    here = [a for a in approaches if a != "plain-rest" or WORKLOADS[name][1] <= PLAIN[name]["up"].chunk]
                     # Rotate which approach goes first, so drift in the machine's load evens out.
-                    turn = (r + w) % len(approaches)
-                    for approach in approaches[turn:] + approaches[:turn]:
+                    turn = (r + w) % len(here)
+                    for approach in here[turn:] + here[:turn]:
                         tag = f"{r}-{w}-{approach}"
                         got = measure(approach, src, digests, tag, name)
                         for direction, sample in got.items():
@@ -576,9 +618,10 @@ def run(argv: argparse.Namespace) -> None:
                 rounds: dict[str, list[dict[str, Sample]]] = collections.defaultdict(list)
                 # Rotated as the workloads are, so no approach always meets the state Azurite is in at the
                 # end of a run (it served the sidecar's last upload of this file with up to 2.4x the CPU).
+                large = [a for a in approaches if a != "plain-rest"]
                 for r in range(argv.rounds_1gib):
-                    turn = r % len(approaches)
-                    for approach in approaches[turn:] + approaches[:turn]:
+                    turn = r % len(large)
+                    for approach in large[turn:] + large[:turn]:
                         tag = f"1g{r}-{approach}"
                         got = measure(approach, big, digests, tag, "1 x 1 GiB")
                         rounds[approach].append(got)
@@ -627,11 +670,12 @@ def report(results: dict[str, Results], one_gib: dict[str, dict[str, Sample]], r
                   f"{spread([s.seconds for s in side])} | {ratio:12.2f}x | {cpu:>20} | {served:>13} | {body:11.2f} | "
                   f"{mib(max(s.peak for s in plain))}, "
                   f"{mib(max(s.peak for s in side))} ({mib(max(s.peak - s.idle for s in side))})")
-            if hashed := res.samples.get(("plain+md5", direction)):
-                print(f"{'':>13} | {direction:>4} | plain+md5 {spread([s.seconds for s in hashed])} s, "
-                      f"{statistics.median(s.cpu for s in hashed):.2f} s CPU, Azurite "
-                      f"{statistics.median(s.azurite_cpu for s in hashed):.2f} s: {label} / plain+md5 "
-                      f"{statistics.median(s.seconds for s in side) / statistics.median(s.seconds for s in hashed):.2f}x")
+            for baseline in ("plain+md5", "plain-rest"):
+                if hashed := res.samples.get((baseline, direction)):
+                    print(f"{'':>13} | {direction:>4} | {baseline} {spread([s.seconds for s in hashed])} s, "
+                          f"{statistics.median(s.cpu for s in hashed):.2f} s CPU, Azurite "
+                          f"{statistics.median(s.azurite_cpu for s in hashed):.2f} s: {label} / {baseline} "
+                          f"{statistics.median(s.seconds for s in side) / statistics.median(s.seconds for s in hashed):.2f}x")
     if one_gib:
         for direction, call, sidecar in ((d, c, v) for d, c in (("up", "/done"), ("down", "/ready")) for v in sidecars):
             side, plain = one_gib[sidecar][direction], one_gib["plain"][direction]
@@ -666,8 +710,8 @@ def tune(azurite, sources: dict[str, tuple[Path, dict[str, str]]], work: Path, r
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "plain":
-        _, _, direction, source, target, prefix, chunk, per_blob, files, md5, whole_md5 = sys.argv
-        settings = Plain(int(chunk), int(per_blob), int(files), md5 == "1", whole_md5 == "1")
+        _, _, direction, source, target, prefix, chunk, per_blob, files, md5, whole_md5, rest = sys.argv
+        settings = Plain(int(chunk), int(per_blob), int(files), md5 == "1", whole_md5 == "1", rest == "1")
         print(json.dumps(asyncio.run(plain_transfer(os.environ["BENCH_CONNECTION_STRING"], direction, Path(source),
                                                     Path(target), prefix, settings))))
     else:
@@ -681,6 +725,9 @@ if __name__ == "__main__":
                             help="the Prefect server's database (default: PostgreSQL, as a fleet's)")
         parser.add_argument("--md5-baseline", action="store_true",
                             help="also time plain+md5: the plain client hashing every file as the sidecar does")
+        parser.add_argument("--rest-baseline", action="store_true",
+                            help="also time plain-rest: the plain client sending small files as the sidecar does "
+                                 "(Get/Put Blob through the SDK's pipeline; 1000 x 4 KiB only)")
         parser.add_argument("--tune", action="store_true", help="time the plain client over its settings grid")
         parser.add_argument("--profile", type=Path, help="py-spy record each sidecar call into this folder")
         parser.add_argument("--variant", action="append", metavar="NAME=SRC[,FLAG...]",
