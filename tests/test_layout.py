@@ -214,10 +214,20 @@ def test_no_valid_event_types_rejects_every_event(layout: ModuleLayout) -> None:
 
 def test_split_batches_balances_and_bounds() -> None:
     sizes = [100, 1, 1, 1, 50, 50]
-    batches = split_batches(sizes, 3, lambda s: s)
+    batches = split_batches(sizes, 3, lambda s: s, least=1)
     assert len(batches) == 3 and sorted(x for b in batches for x in b) == sorted(sizes)
     assert max(sum(b) for b in batches) == 100
     assert split_batches([], 4, len) == [] and split_batches([5], 4, lambda s: s) == [[5]]
+
+
+def test_small_transfers_are_one_batch_and_large_ones_batches_of_at_least_the_least() -> None:
+    MiB = 1024 * 1024
+    assert len(split_batches([4096] * 1000, 4, lambda s: s)) == 1  # 4 MiB: one task run, not four
+    assert len(split_batches([MiB] * 127, 4, lambda s: s)) == 1  # under twice the least
+    assert len(split_batches([MiB] * 128, 4, lambda s: s)) == 2
+    batches = split_batches([64 * MiB] * 8, 4, lambda s: s)
+    assert len(batches) == 4 and all(sum(b) == 128 * MiB for b in batches)
+    assert len(split_batches([0] * 10, 4, lambda s: s)) == 1  # empty files: one batch
 
 
 def test_json_written_atomically_is_readable_like_any_new_file(tmp_path: Path) -> None:

@@ -8,7 +8,10 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
+
+import flows.runtime
 
 from sidecar.api import create_app
 from sidecar.errors import DataPlaneError
@@ -24,7 +27,8 @@ def files_under(root: Path) -> dict[str, float]:
     return {p.relative_to(root).as_posix(): p.stat().st_mtime for p in root.rglob("*") if p.is_file()}
 
 
-def test_failed_upload_cancels_every_sibling_before_done_answers(tmp_path: Path) -> None:
+def test_failed_upload_cancels_every_sibling_before_done_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flows.runtime, "BATCH_LEAST_BYTES", 1)  # small files in 4 batch task runs, not one
     runtime = dev_runtime(tmp_path, "--transfer.tasks=4", "--transfer.concurrency=2")
     blobs = runtime.dataplane.blobs
     original = blobs.upload
@@ -52,7 +56,9 @@ def test_failed_upload_cancels_every_sibling_before_done_answers(tmp_path: Path)
     assert len(at_answer) < FILES - 1  # siblings were cancelled, not waited for
 
 
-def test_failed_download_cancels_every_sibling_before_ready_answers(tmp_path: Path) -> None:
+def test_failed_download_cancels_every_sibling_before_ready_answers(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flows.runtime, "BATCH_LEAST_BYTES", 1)  # small files in 4 batch task runs, not one
     runtime = dev_runtime(tmp_path, "--transfer.tasks=4", "--transfer.concurrency=2")
     blobs = runtime.dataplane.blobs
     listed = []
