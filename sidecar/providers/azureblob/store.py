@@ -503,7 +503,9 @@ class AzureBlobStore:
         timeouts, 408/429/5xx, a blob changed mid-download and MD5 mismatches are retried."""
         where = self._where(key)
         if isinstance(exc, HttpResponseError) and exc.status_code is not None:
-            code = str(getattr(exc.error_code, "value", exc.error_code) or exc.reason or "")
+            # process_storage_error re-raises a 200/204 as it came, without error_code.
+            error_code = getattr(exc, "error_code", None)
+            code = str(getattr(error_code, "value", error_code) or exc.reason or "")
             detail = f"{where}: HTTP {exc.status_code} {code}: {first_line(str(exc.message or ''))}"
             if code.lower() == "md5mismatch":
                 return BlobVerificationError(key, detail)

@@ -1,0 +1,178 @@
+"""Hostile answers to the first Get Blob of a download (offset 0) and to Put Blob, from a proxy in
+front of Azurite that forwards each signed request unchanged and writes its own raw answer: the
+REST requests (``sidecar.providers.azureblob.rest``) must fail with the sidecar's errors, leave no
+file, give back their byte budget, read no more of a lying answer than they asked for, and never
+carry a SAS signature into an error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import os
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from sidecar.dataplane.blobs import BlobInfo, BlobVerificationError, partial_path
+from sidecar.errors import DataPlaneError, DataPlaneUnavailable, is_transient
+from sidecar.providers.azureblob.store import azure_blob_store
+from testsupport.azurite import ACCOUNT, ACCOUNT_KEY, TEST_CHUNK_BYTES, Azurite, azure_config
+
+pytestmark = pytest.mark.anyio
+
+CHUNK = TEST_CHUNK_BYTES
+HOP = {"connection", "keep-alive", "transfer-encoding", "content-length"}
+
+# (the proxy handler, method, x-ms-range start or None, Azurite's status, its headers, its body) ->
+# True when the rewrite wrote its own answer on the socket; False to pass Azurite's on.
+Rewrite = Callable[["Proxy", str, "int | None", int, dict[str, str], bytes], bool]
+
+
+class Proxy(BaseHTTPRequestHandler):
+    """Forwards every request to Azurite; ``rewrite`` may answer in its place (raw bytes)."""
+
+    protocol_version = "HTTP/1.1"
+    upstream = 0
+    rewrite: Rewrite | None = None
+    rewritten = 0
+    sent = 0  # bytes of rewritten bodies the client took
+
+    def _forward(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP | {"host"}}
+        rng = re.fullmatch(r"bytes=(\d+)-(\d+)", headers.get("x-ms-range", ""))
+        conn = http.client.HTTPConnection("127.0.0.1", self.upstream, timeout=30)
+        conn.request(self.command, self.path, body=body or None, headers=headers)
+        answer = conn.getresponse()
+        data = answer.read()
+        conn.close()
+        kept = {k: v for k, v in answer.getheaders() if k.lower() not in HOP}
+        self.close_connection = True
+        rewrite = type(self).rewrite
+        if rewrite and rewrite(self, self.command, int(rng[1]) if rng else None, answer.status, kept, data):
+            return
+        # A HEAD answer (Get Blob Properties) tells the blob's size in its Content-Length.
+        self.head(answer.status, kept, int(answer.getheader("Content-Length", "0")) if self.command == "HEAD"
+                  else len(data), rewritten=False)
+        self.wfile.write(data)
+
+    def head(self, status: int, headers: dict[str, str], length: int | None, rewritten: bool = True) -> None:
+        """Write a status line and ``headers`` (with ``Content-Length: length`` unless None); a rewrite's
+        answer is counted in ``rewritten`` before the client can see it."""
+        type(self).rewritten += rewritten
+        self.send_response_only(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        if length is not None:
+            self.send_header("Content-Length", str(length))
+        self.send_header("Connection", "close")
+        self.end_headers()
+
+    def stream(self, piece: bytes, total: int, chunked: bool = False) -> None:
+        """Write ``total`` bytes of repeated ``piece`` (chunked transfer coding if asked) until the
+        client stops taking them; counts what it took in ``sent``."""
+        try:
+            while type(self).sent < total:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+                type(self).sent += len(piece)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            pass
+
+    do_GET = do_PUT = do_HEAD = do_DELETE = do_POST = _forward
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def proxy(azurite: Azurite) -> Iterator[type[Proxy]]:
+    handler = type("Handler", (Proxy,), {"upstream": azurite.port})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    handler.url = f"http://127.0.0.1:{server.server_port}/{ACCOUNT}"
+    yield handler
+    server.shutdown()
+    server.server_close()
+
+
+def _key_string(url: str) -> str:
+    return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={url};"
+
+
+def _first_get(change: Callable[[Proxy, int, dict[str, str], bytes], bool]) -> Rewrite:
+    """A rewrite of the answers to the first request of a download (range at 0) only."""
+    def rewrite(handler: Proxy, method: str, start: int | None, status: int, headers: dict[str, str],
+                data: bytes) -> bool:
+        return method == "GET" and start == 0 and change(handler, status, headers, data)
+    return rewrite
+
+
+def _header(headers: dict[str, str], name: str, value: str | None) -> dict[str, str]:
+    """``headers`` with ``name`` replaced by ``value`` (removed when None)."""
+    kept = {k: v for k, v in headers.items() if k.lower() != name.lower()}
+    return kept if value is None else {**kept, name: value}
+
+
+def _put_blob(change: Callable[[Proxy, int, dict[str, str], bytes], bool]) -> Rewrite:
+    """A rewrite of the answers to Put Blob only (not Put Block, Put Block List or Create Container)."""
+    def rewrite(handler: Proxy, method: str, start: int | None, status: int, headers: dict[str, str],
+                data: bytes) -> bool:
+        return method == "PUT" and "comp=" not in handler.path and "restype=" not in handler.path and change(
+            handler, status, headers, data)
+    return rewrite
+
+
+def _store(azurite: Azurite, proxy: type[Proxy], **overrides: object):
+    return azure_blob_store(azure_config(azurite, connectionstring=_key_string(proxy.url), **overrides))
+
+
+async def _fails_and_leaves_nothing(store, key: str, target: Path, expected: BlobInfo | None) -> BaseException:
+    """Download ``key`` expecting a sidecar error; asserts no file or partial file is left; returns it."""
+    with pytest.raises((DataPlaneError, DataPlaneUnavailable)) as caught:
+        await asyncio.wait_for(store.download(key, target, expected), 30)
+    assert not target.exists() and not partial_path(target).exists()
+    return caught.value
+
+
+@pytest.mark.parametrize("request_, status", [("get", 204), ("get", 202), ("put", 200), ("put", 204)])
+async def test_an_unexpected_success_status_fails_as_a_sidecar_error(
+        azurite: Azurite, proxy: type[Proxy], tmp_path: Path, request_: str, status: int) -> None:
+    """Get Blob answers 200 or 206, Put Blob 201: any other 2xx is no answer the store can use, and
+    must fail as the sidecar's error (``process_storage_error`` re-raises a 200/204 as it came, with
+    no ``error_code``), never as a programming error."""
+    store = _store(azurite, proxy, inflightbytes=CHUNK)
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(CHUNK // 2))
+    target = tmp_path / "in" / "blob"
+
+    def lie(handler: Proxy, _status: int, headers: dict[str, str], _data: bytes) -> bool:
+        handler.head(status, headers, 0)
+        return True
+
+    try:
+        if request_ == "get":
+            info = await store.upload(source, "e/m/blob")
+            proxy.rewrite = _first_get(lie)
+            error = await _fails_and_leaves_nothing(store, info.key, target, info)
+        else:
+            proxy.rewrite = _put_blob(lie)
+            with pytest.raises((DataPlaneError, DataPlaneUnavailable)) as caught:
+                await asyncio.wait_for(store.upload(source, "e/m/blob"), 30)
+            error = caught.value
+        assert f"HTTP {status}" in str(error) and proxy.rewritten == 1, repr(error)
+        proxy.rewrite = None
+        info = await store.upload(source, "e/m/blob")
+        await asyncio.wait_for(store.download(info.key, target, info), 30)
+        assert target.read_bytes() == source.read_bytes()
+    finally:
+        await store.close()
