@@ -144,6 +144,59 @@ async def _fails_and_leaves_nothing(store, key: str, target: Path, expected: Blo
     return caught.value
 
 
+BIG = 64 * 1024 * 1024  # the body a lying answer offers, bytes
+
+
+@pytest.mark.parametrize("request_, answer", [
+    ("get", "500 with a 64 MiB body"),
+    ("get", "500 with an endless chunked body"),
+    ("put", "500 with a 64 MiB body"),
+    ("put", "201 with a 64 MiB body"),
+])
+async def test_an_answer_that_is_not_blob_data_is_never_read_past_a_small_bound(
+        azurite: Azurite, proxy: type[Proxy], tmp_path: Path, request_: str, answer: str) -> None:
+    """An error's body (Azure's is a few hundred bytes of XML) and Put Blob's (empty) are read into
+    memory whole by the generated layer; a proxy or server offering 64 MiB there must not make the
+    client take it: the client reads a small bound, drops the connection and goes on."""
+    store = _store(azurite, proxy, inflightbytes=CHUNK)
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(3 * CHUNK + 5))
+    target = tmp_path / "in" / "blob"
+    status = int(answer[:3])
+
+    def lie(handler: Proxy, _status: int, headers: dict[str, str], _data: bytes) -> bool:
+        chunked = "chunked" in answer
+        handler.head(status, {**(headers if status == 201 else {}), "Content-Type": "application/xml"},
+                     None if chunked else BIG)
+        handler.stream(b"<" * 65536, BIG, chunked=chunked)
+        return True
+
+    try:
+        if request_ == "get":
+            info = await store.upload(source, "e/m/blob")
+            proxy.rewrite = _first_get(lie)
+            error = await _fails_and_leaves_nothing(store, info.key, target, info)
+            assert is_transient(error) and "HTTP 500" in str(error), repr(error)
+        else:
+            proxy.rewrite = _put_blob(lie)
+            source.write_bytes(os.urandom(CHUNK // 2))
+            if status == 201:  # acknowledged with the right MD5: stored, whatever the body
+                info = await asyncio.wait_for(store.upload(source, "e/m/blob"), 30)
+                assert info.md5 == hashlib.md5(source.read_bytes()).hexdigest()
+            else:
+                with pytest.raises(DataPlaneUnavailable) as caught:
+                    await asyncio.wait_for(store.upload(source, "e/m/blob"), 30)
+                assert "HTTP 500" in str(caught.value), repr(caught.value)
+        assert proxy.rewritten == 1, "the fault did not happen"
+        assert proxy.sent < BIG // 2, f"the client read {proxy.sent} bytes of the lying body"
+        proxy.rewrite = None
+        info = await store.upload(source, "e/m/blob")
+        await asyncio.wait_for(store.download(info.key, target, info), 30)  # no budget was kept
+        assert target.read_bytes() == source.read_bytes()
+    finally:
+        await store.close()
+
+
 @pytest.mark.parametrize("request_, status", [("get", 204), ("get", 202), ("put", 200), ("put", 204)])
 async def test_an_unexpected_success_status_fails_as_a_sidecar_error(
         azurite: Azurite, proxy: type[Proxy], tmp_path: Path, request_: str, status: int) -> None:

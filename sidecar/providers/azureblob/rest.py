@@ -50,6 +50,10 @@ _ERROR_MAP = {401: ClientAuthenticationError, 404: ResourceNotFoundError, 409: R
 # The total after the slash, as the SDK reads it (parse_length_from_content_range): Azurite answers a
 # range of an empty blob with "bytes 0--1/0" where Azure refuses it (416).
 _CONTENT_RANGE = re.compile(r"bytes \S*/(\d+)")
+# The most bytes read of a body that is not blob data (an error's XML, Put Blob's empty body): Azure's
+# error bodies are a few hundred bytes, and the generated layer would read whatever a server or proxy
+# sends there into memory, whole (64 MiB offered, 64 MiB taken).
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 @dataclass
@@ -125,7 +129,7 @@ class BlobRest:
         response = await self._send("GET", key, {"x-ms-range": f"bytes={offset}-{end}"}, etag)
         whole = False
         if response.status_code == 416 and offset == 0:
-            await response.read()
+            await _read_small(response)
             response = await self._send("GET", key, {}, etag)
             whole = True
         if response.status_code not in (200, 206):
@@ -146,6 +150,7 @@ class BlobRest:
         iterable of bytes sent as it yields), checked by the service against ``md5`` (transactional
         ``Content-MD5``: ``Md5Mismatch`` if the body differs) and recorded as the blob's MD5
         (``x-ms-blob-content-md5``). Returns the MD5 the service computed (its ``Content-MD5``), or None.
+        The answer's body (empty from Azure) is read up to :data:`MAX_ANSWER_BYTES`, then dropped.
 
         Raises:
             HttpResponseError: the service refused (the SDK's subclass for it).
@@ -158,7 +163,7 @@ class BlobRest:
         response = await self._send("PUT", key, headers, None, body)
         if response.status_code != 201:
             await _refused(response)
-        await response.read()
+        await _read_small(response)
         stored = response.headers.get("Content-MD5")
         return base64.b64decode(stored) if stored else None
 
@@ -171,10 +176,29 @@ class BlobRest:
         return (await self._pipeline.run(request, stream=True)).http_response
 
 
+async def _read_small(response: AsyncHttpResponse) -> bytes:
+    """Read ``response``'s body, raw, up to :data:`MAX_ANSWER_BYTES`, as its ``content`` (where
+    ``process_storage_error`` and ``HttpResponseError`` read it); a longer body is cut there and its
+    connection closed, the rest never read."""
+    body = bytearray()
+    pieces = response.iter_raw()
+    try:
+        async for piece in pieces:
+            body += piece[:MAX_ANSWER_BYTES - len(body)]
+            if len(body) >= MAX_ANSWER_BYTES:
+                break
+    finally:
+        await pieces.aclose()
+        await response.close()
+    response._content = bytes(body)  # noqa: SLF001 - what read() would have set, within the bound
+    return response._content  # noqa: SLF001
+
+
 async def _refused(response: AsyncHttpResponse) -> NoReturn:
     """Raise what ``BlobClient`` raises for this refusal: the generated layer's error
-    (``map_error``, else ``HttpResponseError``) through ``process_storage_error``."""
-    await response.read()
+    (``map_error``, else ``HttpResponseError``) through ``process_storage_error``, from at most
+    :data:`MAX_ANSWER_BYTES` of its body (the generated layer would read it all)."""
+    await _read_small(response)
     try:
         map_error(status_code=response.status_code, response=response, error_map=_ERROR_MAP)
         raise HttpResponseError(response=response)
