@@ -229,3 +229,49 @@ async def test_an_unexpected_success_status_fails_as_a_sidecar_error(
         assert target.read_bytes() == source.read_bytes()
     finally:
         await store.close()
+
+
+# Not an MD5 in base64: no base64 at all (decodes to nothing, unless validated), not base64, too short.
+MALFORMED_MD5 = ["****", "not base64!", "AAAA"]
+
+
+@pytest.mark.parametrize("value", MALFORMED_MD5)
+async def test_a_malformed_recorded_md5_fails_the_download_verification(
+        azurite: Azurite, proxy: type[Proxy], tmp_path: Path, value: str) -> None:
+    """A first answer whose ``x-ms-blob-content-md5`` is no MD5 cannot be taken for "no MD5 recorded"
+    (which would skip the check of a download with no expected MD5)."""
+    store = _store(azurite, proxy, inflightbytes=CHUNK)
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(3 * CHUNK + 5))
+    target = tmp_path / "in" / "blob"
+    try:
+        info = await store.upload(source, "e/m/blob")
+        proxy.rewrite = _first_get(lambda handler, status, headers, data: (
+            handler.head(status, _header(headers, "x-ms-blob-content-md5", value), len(data)),
+            handler.wfile.write(data)) and True)
+        for expected in (None, BlobInfo(info.key, info.size, None), info):
+            error = await _fails_and_leaves_nothing(store, info.key, target, expected)
+            assert isinstance(error, BlobVerificationError) and "MD5" in str(error), repr(error)
+        assert proxy.rewritten == 3
+        proxy.rewrite = None
+        await asyncio.wait_for(store.download(info.key, target, info), 30)
+        assert target.read_bytes() == source.read_bytes()
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("value", MALFORMED_MD5)
+@pytest.mark.parametrize("single_put", [0, 4 * CHUNK], ids=["one-request", "streamed"])
+async def test_a_malformed_stored_md5_fails_the_upload_verification(
+        azurite: Azurite, proxy: type[Proxy], tmp_path: Path, value: str, single_put: int) -> None:
+    store = _store(azurite, proxy, maxsingleputbytes=single_put)
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(CHUNK // 2 if not single_put else 3 * CHUNK))
+    proxy.rewrite = _put_blob(lambda handler, status, headers, data: (
+        handler.head(status, _header(headers, "Content-MD5", value), len(data)), handler.wfile.write(data)) and True)
+    try:
+        with pytest.raises(BlobVerificationError) as caught:
+            await asyncio.wait_for(store.upload(source, "e/m/blob"), 30)
+        assert "MD5" in str(caught.value) and proxy.rewritten == 1, repr(caught.value)
+    finally:
+        await store.close()

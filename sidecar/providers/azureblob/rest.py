@@ -134,16 +134,19 @@ class BlobRest:
             whole = True
         if response.status_code not in (200, 206):
             await _refused(response)
-        headers = response.headers
-        answered = int(headers.get("Content-Length") or 0)
-        found = _CONTENT_RANGE.fullmatch(headers.get("Content-Range") or "")
-        if whole and answered:
+        try:
+            headers = response.headers
+            answered = int(headers.get("Content-Length") or 0)
+            found = _CONTENT_RANGE.fullmatch(headers.get("Content-Range") or "")
+            if whole and answered:
+                raise BlobVerificationError(key, f"empty when its range was asked for, {answered} bytes right after")
+            size = int(found[1]) if found else 0 if whole else None
+            name = "x-ms-blob-content-md5" if headers.get("x-ms-blob-content-md5") or not whole else "Content-MD5"
+            return BlobAnswer(key, size, answered, _md5_header(key, name, headers.get(name)),
+                              headers.get("ETag") or "", response)
+        except BaseException:
             await response.close()
-            raise BlobVerificationError(key, f"empty when its range was asked for, {answered} bytes right after")
-        size = int(found[1]) if found else 0 if whole else None
-        md5 = headers.get("x-ms-blob-content-md5") or (headers.get("Content-MD5") if whole else None)
-        return BlobAnswer(key, size, answered, base64.b64decode(md5) if md5 else None, headers.get("ETag") or "",
-                          response)
+            raise
 
     async def put(self, key: str, body: bytes | AsyncIterable[bytes], length: int, md5: bytes) -> bytes | None:
         """Put Blob (a block blob, overwriting) of ``length`` bytes from ``body`` (bytes, or an async
@@ -154,6 +157,7 @@ class BlobRest:
 
         Raises:
             HttpResponseError: the service refused (the SDK's subclass for it).
+            BlobVerificationError: the answer's ``Content-MD5`` is not a base64 MD5 (16 bytes).
         """
         encoded = base64.b64encode(md5).decode()
         headers = {"x-ms-blob-type": "BlockBlob", "Content-Length": str(length), "Content-MD5": encoded,
@@ -164,8 +168,7 @@ class BlobRest:
         if response.status_code != 201:
             await _refused(response)
         await _read_small(response)
-        stored = response.headers.get("Content-MD5")
-        return base64.b64decode(stored) if stored else None
+        return _md5_header(key, "Content-MD5", response.headers.get("Content-MD5"))
 
     async def _send(self, method: str, key: str, headers: dict[str, str], etag: str | None,
                     body: Any = None) -> AsyncHttpResponse:
@@ -174,6 +177,24 @@ class BlobRest:
             headers["If-Match"] = etag
         request = HttpRequest(method, self.url(key) + self._query, headers=headers, content=body)
         return (await self._pipeline.run(request, stream=True)).http_response
+
+
+def _md5_header(key: str, name: str, value: str | None) -> bytes | None:
+    """The MD5 (16 bytes) in header ``name`` of an answer about blob ``key``, or None when it has none.
+
+    Raises:
+        BlobVerificationError: the value is not 16 bytes in base64 (a lenient decode took some for
+            "no MD5" and let a download go unchecked: ``b64decode("****")`` is empty).
+    """
+    if not value:
+        return None
+    try:
+        md5 = base64.b64decode(value, validate=True)
+    except ValueError:
+        md5 = b""
+    if len(md5) != 16:
+        raise BlobVerificationError(key, f"the answer's {name} {value[:64]!r} is not a base64 MD5")
+    return md5
 
 
 async def _read_small(response: AsyncHttpResponse) -> bytes:
