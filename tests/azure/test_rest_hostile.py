@@ -275,3 +275,41 @@ async def test_a_malformed_stored_md5_fails_the_upload_verification(
         assert "MD5" in str(caught.value) and proxy.rewritten == 1, repr(caught.value)
     finally:
         await store.close()
+
+
+async def test_a_first_answer_without_etag_does_not_mix_two_versions(
+        azurite: Azurite, proxy: type[Proxy], tmp_path: Path) -> None:
+    """The ranges after the first are asked ``If-Match`` the first answer's ETag. A first answer without
+    one (a proxy dropped it) cannot pin them: the blob, overwritten right after that answer (same size,
+    no MD5 recorded, as Put Block List without one leaves it), must not come back as a mix of both."""
+    from azure.storage.blob import BlobBlock, BlobClient as SyncBlobClient
+
+    store = _store(azurite, proxy, inflightbytes=CHUNK)
+    target = tmp_path / "in" / "blob"
+    old, new = os.urandom(3 * CHUNK + 5), os.urandom(3 * CHUNK + 5)
+    direct = None
+
+    def write(data: bytes) -> None:  # a block blob with no MD5 recorded
+        direct.stage_block("b0", data)
+        direct.commit_block_list([BlobBlock("b0")])
+
+    def overwritten_after(handler: Proxy, status: int, headers: dict[str, str], data: bytes) -> bool:
+        write(new)
+        handler.head(status, _header(headers, "ETag", None), len(data))
+        handler.wfile.write(data)
+        return True
+
+    try:
+        (tmp_path / "seed").write_bytes(b"x")
+        await store.upload(tmp_path / "seed", "e/m/seed")  # creates the container
+        direct = SyncBlobClient.from_connection_string(azurite.connection_string(), store.container, "e/m/blob")
+        write(old)
+        proxy.rewrite = _first_get(overwritten_after)
+        error = await _fails_and_leaves_nothing(store, "e/m/blob", target, None)
+        assert isinstance(error, BlobVerificationError) and "ETag" in str(error), repr(error)
+        assert proxy.rewritten == 1
+        proxy.rewrite = None
+        await asyncio.wait_for(store.download("e/m/blob", target, None), 30)
+        assert target.read_bytes() == new
+    finally:
+        await store.close()

@@ -391,6 +391,11 @@ class AzureBlobStore:
                 try:
                     if answer.size is None:  # as download_blob: the blob's size is needed, and unknown
                         raise BlobVerificationError(key, "the answer to its first range has no Content-Range")
+                    if not answer.etag and answer.size > answer.length:
+                        # Without If-Match the other ranges could come from another version (download_blob
+                        # then sends none): a blob overwritten meanwhile, with no MD5, came back mixed.
+                        raise BlobVerificationError(key, "the answer to its first range has no ETag to ask "
+                                                         "the other ranges of the same version")
                     size, recorded, etag = answer.size, _hex(answer.md5), answer.etag
                     if answer.length > max(held, 1):
                         raise BlobVerificationError(key, f"{answer.length} bytes answered for its first {held}")
