@@ -313,3 +313,33 @@ async def test_a_first_answer_without_etag_does_not_mix_two_versions(
         assert target.read_bytes() == new
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("expected_size", [0, CHUNK // 2, 3 * CHUNK])
+async def test_a_blob_of_another_size_than_expected_is_refused_at_its_first_answer(
+        azurite: Azurite, proxy: type[Proxy], tmp_path: Path, expected_size: int) -> None:
+    """The size the event meta records is known before the first request: a blob of another size
+    (overwritten since) is refused by its first answer, not downloaded whole onto the module's volume
+    and refused after."""
+    store = _store(azurite, proxy, inflightbytes=CHUNK)
+    source = tmp_path / "source"
+    source.write_bytes(os.urandom(8 * CHUNK + 5))
+    target = tmp_path / "in" / "blob"
+    asked: list[int | None] = []
+
+    def count(handler: Proxy, method: str, start: int | None, status: int, headers: dict[str, str],
+              data: bytes) -> bool:
+        if method == "GET":
+            asked.append(start)
+        return False
+
+    try:
+        info = await store.upload(source, "e/m/blob")
+        proxy.rewrite = count
+        error = await _fails_and_leaves_nothing(store, info.key, target, BlobInfo(info.key, expected_size, info.md5))
+        assert isinstance(error, BlobVerificationError) and f"expected {expected_size} bytes" in str(error), repr(error)
+        assert asked == [0], f"ranges asked of a blob of the wrong size: {asked}"
+        await asyncio.wait_for(store.download(info.key, target, info), 30)
+        assert target.read_bytes() == source.read_bytes()
+    finally:
+        await store.close()

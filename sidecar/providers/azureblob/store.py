@@ -240,7 +240,8 @@ class AzureBlobStore:
 
     async def download(self, key: str, local: Path, expected: BlobInfo | None = None) -> BlobInfo:
         """``BlobStore.download``: ranges of ``chunkbytes``, MD5 checked against what the service and
-        ``expected`` record."""
+        ``expected`` record; a blob whose size is not ``expected``'s is refused by its first answer
+        (``BlobVerificationError``), before any other range is asked."""
         return await download_verified(key, local, expected, self._get, self.translate)
 
     async def info(self, key: str) -> BlobInfo | None:
@@ -397,6 +398,11 @@ class AzureBlobStore:
                         raise BlobVerificationError(key, "the answer to its first range has no ETag to ask "
                                                          "the other ranges of the same version")
                     size, recorded, etag = answer.size, _hex(answer.md5), answer.etag
+                    if size_hint is not None and size != size_hint:
+                        # Refused after the download anyway (download_verified): not a byte more is
+                        # fetched. An event meta of 10 bytes for a blob since overwritten with gigabytes
+                        # filled the module's volume with them first.
+                        raise BlobVerificationError(key, f"is {size} bytes, expected {size_hint} bytes")
                     if answer.length > max(held, 1):
                         raise BlobVerificationError(key, f"{answer.length} bytes answered for its first {held}")
                     # Received into a buffer of the ranges' pool (given back once written, in _get_ranges):
