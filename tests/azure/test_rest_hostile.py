@@ -343,3 +343,42 @@ async def test_a_blob_of_another_size_than_expected_is_refused_at_its_first_answ
         assert target.read_bytes() == source.read_bytes()
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize("at", [0, 2 * CHUNK], ids=["first-answer", "a-later-range"])
+async def test_an_answer_for_another_range_than_asked_is_refused(
+        azurite: Azurite, proxy: type[Proxy], tmp_path: Path, at: int) -> None:
+    """A cache that ignores the range answers another slice of the blob, its own Content-Range saying
+    so, with the length asked: with no MD5 recorded or expected, nothing else tells the bytes are
+    from the wrong place."""
+    from azure.storage.blob import BlobBlock, BlobClient as SyncBlobClient
+
+    store = _store(azurite, proxy, inflightbytes=CHUNK)
+    target = tmp_path / "in" / "blob"
+    content = os.urandom(4 * CHUNK)
+
+    def other_slice(handler: Proxy, method: str, start: int | None, status: int, headers: dict[str, str],
+                    data: bytes) -> bool:
+        if method != "GET" or start != at:
+            return False
+        shifted = at + CHUNK // 2
+        handler.head(206, _header(headers, "Content-Range", f"bytes {shifted}-{shifted + len(data) - 1}/{len(content)}"),
+                     len(data))
+        handler.wfile.write(content[shifted:shifted + len(data)])
+        return True
+
+    try:
+        (tmp_path / "seed").write_bytes(b"x")
+        await store.upload(tmp_path / "seed", "e/m/seed")  # creates the container
+        direct = SyncBlobClient.from_connection_string(azurite.connection_string(), store.container, "e/m/blob")
+        direct.stage_block("b0", content)  # a block blob with no MD5 recorded
+        direct.commit_block_list([BlobBlock("b0")])
+        proxy.rewrite = other_slice
+        error = await _fails_and_leaves_nothing(store, "e/m/blob", target, BlobInfo("e/m/blob", len(content), None))
+        assert isinstance(error, BlobVerificationError) and f"at {at}" in str(error), repr(error)
+        assert proxy.rewritten == 1
+        proxy.rewrite = None
+        await asyncio.wait_for(store.download("e/m/blob", target, None), 30)
+        assert target.read_bytes() == content
+    finally:
+        await store.close()
