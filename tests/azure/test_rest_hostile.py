@@ -382,3 +382,40 @@ async def test_an_answer_for_another_range_than_asked_is_refused(
         assert target.read_bytes() == content
     finally:
         await store.close()
+
+
+async def test_an_answer_whose_length_disagrees_with_its_content_range_is_refused(
+        azurite: Azurite, proxy: type[Proxy], tmp_path: Path) -> None:
+    """A proxy that compresses an answer (the client sends ``Accept-Encoding: gzip``, and a blob's own
+    ``Content-Encoding`` makes that header useless to tell) sends fewer bytes than its Content-Range
+    spans; taken raw, they were written as the blob's first bytes and the next range asked after them,
+    so the file had the right size and, with no MD5 known, passed."""
+    import gzip
+
+    from azure.storage.blob import BlobBlock, BlobClient as SyncBlobClient
+
+    store = _store(azurite, proxy, inflightbytes=CHUNK)
+    target = tmp_path / "in" / "blob"
+    content = bytes(4 * CHUNK)  # compresses well
+
+    def compressed(handler: Proxy, status: int, headers: dict[str, str], data: bytes) -> bool:
+        packed = gzip.compress(data)
+        handler.head(status, {**headers, "Content-Encoding": "gzip"}, len(packed))
+        handler.wfile.write(packed)
+        return True
+
+    try:
+        (tmp_path / "seed").write_bytes(b"x")
+        await store.upload(tmp_path / "seed", "e/m/seed")  # creates the container
+        direct = SyncBlobClient.from_connection_string(azurite.connection_string(), store.container, "e/m/blob")
+        direct.stage_block("b0", content)  # a block blob with no MD5 recorded
+        direct.commit_block_list([BlobBlock("b0")])
+        proxy.rewrite = _first_get(compressed)
+        error = await _fails_and_leaves_nothing(store, "e/m/blob", target, BlobInfo("e/m/blob", len(content), None))
+        assert isinstance(error, BlobVerificationError) and "Content-Range" in str(error), repr(error)
+        assert proxy.rewritten == 1
+        proxy.rewrite = None
+        await asyncio.wait_for(store.download("e/m/blob", target, None), 30)
+        assert target.read_bytes() == content
+    finally:
+        await store.close()

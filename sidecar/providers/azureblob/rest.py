@@ -47,10 +47,10 @@ from sidecar.dataplane.blobs import BlobVerificationError
 # The generated operations' error map (before process_storage_error reads the error code).
 _ERROR_MAP = {401: ClientAuthenticationError, 404: ResourceNotFoundError, 409: ResourceExistsError,
               304: ResourceNotModifiedError}
-# The first byte answered, when given, and the total after the slash, read as the SDK reads the total
-# (parse_length_from_content_range): Azurite answers a range of an empty blob with "bytes 0--1/0"
-# where Azure refuses it (416).
-_CONTENT_RANGE = re.compile(r"bytes (?:(\d+)-)?\S*/(\d+)")
+# The first and last bytes answered, when given, and the total after the slash, read as the SDK reads
+# the total (parse_length_from_content_range): Azurite answers a range of an empty blob with
+# "bytes 0--1/0" where Azure refuses it (416).
+_CONTENT_RANGE = re.compile(r"bytes (?:(\d+)-(-?\d+))?\S*/(\d+)")
 # The most bytes read of a body that is not blob data (an error's XML, Put Blob's empty body): Azure's
 # error bodies are a few hundred bytes, and the generated layer would read whatever a server or proxy
 # sends there into memory, whole (64 MiB offered, 64 MiB taken).
@@ -125,8 +125,8 @@ class BlobRest:
         Raises:
             HttpResponseError: the service refused (the SDK's subclass for it).
             BlobVerificationError: the empty blob's second answer has a body (it changed in between),
-                the answer's ``Content-Range`` starts elsewhere than ``offset``, or its MD5 header is
-                not a base64 MD5.
+                the answer's ``Content-Range`` starts elsewhere than ``offset`` or spans another
+                length than its ``Content-Length``, or its MD5 header is not a base64 MD5.
         """
         end = offset + max(length, 1) - 1
         response = await self._send("GET", key, {"x-ms-range": f"bytes={offset}-{end}"}, etag)
@@ -143,11 +143,16 @@ class BlobRest:
             found = _CONTENT_RANGE.fullmatch(headers.get("Content-Range") or "")
             if whole and answered:
                 raise BlobVerificationError(key, f"empty when its range was asked for, {answered} bytes right after")
-            if found and found[1] is not None and int(found[1]) != offset:
-                # A cache that ignores ranges answers another slice, with the length asked: with no
-                # MD5 recorded or expected, nothing else would tell.
-                raise BlobVerificationError(key, f"answered the bytes at {found[1]} for the range at {offset}")
-            size = int(found[2]) if found else 0 if whole else None
+            if found and found[1] is not None:
+                # A cache that ignores ranges answers another slice, with the length asked; a proxy that
+                # compresses sends fewer bytes than the range spans: with no MD5 recorded or expected,
+                # nothing else would tell.
+                if int(found[1]) != offset:
+                    raise BlobVerificationError(key, f"answered the bytes at {found[1]} for the range at {offset}")
+                spans = int(found[2]) - offset + 1
+                if "Content-Length" in headers and spans != answered:
+                    raise BlobVerificationError(key, f"its Content-Range spans {spans} bytes, its body {answered}")
+            size = int(found[3]) if found else 0 if whole else None
             name = "x-ms-blob-content-md5" if headers.get("x-ms-blob-content-md5") or not whole else "Content-MD5"
             return BlobAnswer(key, size, answered, _md5_header(key, name, headers.get(name)),
                               headers.get("ETag") or "", response)
