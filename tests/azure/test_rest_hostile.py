@@ -419,3 +419,41 @@ async def test_an_answer_whose_length_disagrees_with_its_content_range_is_refuse
         assert target.read_bytes() == content
     finally:
         await store.close()
+
+
+# Names name_problem accepts, side by side in one container: pairs that differ only by how a URL
+# would quote them or by Unicode normalisation must stay different blobs.
+NAMES = ["a/b", "a%2Fb", "a b", "a%20b", "a+b", "a%2Bb", "%", "%25", "%zz", "p%2e%2e/q", " lead", "trail ", "q?x=1&y",
+         "h#frag", "a;b=c", "'\"`", "$&@:,!()*", "[]{}^|", "~t", ".hidden", "..x", "x..y",
+         "caf\u00e9", "cafe\u0301", "\u00c5", "\u212b", "\u200b", "nb\u00a0sp", "\ufeffbom", "\ufffd", "😀/中文/שלום",
+         "/".join("d" * 254), "n" * 255, ("y" * 200 + "/") * 4 + "y" * 219, "/".join(["😀" * 63] * 8)]
+
+
+async def test_every_accepted_name_is_one_blob_to_the_rest_requests_and_the_sdk(azurite: Azurite,
+                                                                                tmp_path: Path) -> None:
+    """Each name written here is the blob the SDK's own clients read, list and address (same URL),
+    and each reads back here with its own bytes: no two names meet in one blob."""
+    from azure.storage.blob.aio import BlobServiceClient
+
+    from sidecar.paths import name_problem
+
+    assert [n for n in NAMES if name_problem(n)] == [] and len(set(NAMES)) == len(NAMES)
+    cfg = azure_config(azurite)
+    store = azure_blob_store(cfg)
+    service = BlobServiceClient.from_connection_string(azurite.connection_string())
+    try:
+        for i, name in enumerate(NAMES):
+            (tmp_path / f"{i}").write_bytes(f"{i}:{name}".encode())
+            await store.upload(tmp_path / f"{i}", name)
+        container = service.get_container_client(cfg.containername)
+        assert sorted([b.name async for b in container.list_blobs()]) == sorted(NAMES)
+        for i, name in enumerate(NAMES):
+            blob = container.get_blob_client(name)
+            assert store.blob_url(name) == blob.url, name
+            assert await (await blob.download_blob()).readall() == f"{i}:{name}".encode(), name
+            target = tmp_path / "in" / f"{i}"
+            await store.download(name, target, None)
+            assert target.read_bytes() == f"{i}:{name}".encode(), name
+    finally:
+        await service.close()
+        await store.close()
