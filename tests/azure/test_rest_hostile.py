@@ -457,3 +457,55 @@ async def test_every_accepted_name_is_one_blob_to_the_rest_requests_and_the_sdk(
     finally:
         await service.close()
         await store.close()
+
+
+async def test_a_range_answered_from_another_version_is_refused(azurite: Azurite, proxy: type[Proxy],
+                                                                tmp_path: Path) -> None:
+    """A cache that keys on the URL and range only answers a later range from the version it saw
+    before, ignoring ``If-Match``: its answer names that version's ETag, and must not be joined to
+    the current version's first range (same size, no MD5 recorded or expected)."""
+    from azure.storage.blob import BlobBlock, BlobClient as SyncBlobClient
+
+    store = _store(azurite, proxy, inflightbytes=CHUNK)
+    target = tmp_path / "in" / "blob"
+    old, new = os.urandom(4 * CHUNK), os.urandom(4 * CHUNK)
+    cached: dict[int, tuple[int, dict[str, str], bytes]] = {}
+    replaying = False
+
+    def stale_cache(handler: Proxy, method: str, start: int | None, status: int, headers: dict[str, str],
+                    data: bytes) -> bool:
+        if method != "GET" or start is None:
+            return False
+        if not replaying:
+            cached[start] = (status, headers, data)
+            return False
+        if start != 2 * CHUNK:
+            return False
+        status, headers, data = cached[start]
+        handler.head(status, headers, len(data))
+        handler.wfile.write(data)
+        return True
+
+    def write(data: bytes) -> None:  # a block blob with no MD5 recorded
+        direct.stage_block("b0", data)
+        direct.commit_block_list([BlobBlock("b0")])
+
+    try:
+        (tmp_path / "seed").write_bytes(b"x")
+        await store.upload(tmp_path / "seed", "e/m/seed")  # creates the container
+        direct = SyncBlobClient.from_connection_string(azurite.connection_string(), store.container, "e/m/blob")
+        write(old)
+        proxy.rewrite = stale_cache
+        await asyncio.wait_for(store.download("e/m/blob", target, None), 30)
+        assert target.read_bytes() == old and 2 * CHUNK in cached
+        target.unlink()
+        write(new)
+        replaying = True
+        error = await _fails_and_leaves_nothing(store, "e/m/blob", target, BlobInfo("e/m/blob", len(new), None))
+        assert isinstance(error, BlobVerificationError) and "ETag" in str(error), repr(error)
+        assert proxy.rewritten == 1
+        proxy.rewrite = None
+        await asyncio.wait_for(store.download("e/m/blob", target, None), 30)
+        assert target.read_bytes() == new
+    finally:
+        await store.close()

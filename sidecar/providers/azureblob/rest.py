@@ -126,7 +126,8 @@ class BlobRest:
             HttpResponseError: the service refused (the SDK's subclass for it).
             BlobVerificationError: the empty blob's second answer has a body (it changed in between),
                 the answer's ``Content-Range`` starts elsewhere than ``offset`` or spans another
-                length than its ``Content-Length``, or its MD5 header is not a base64 MD5.
+                length than its ``Content-Length``, its ETag is not ``etag``, or its MD5 header is not
+                a base64 MD5.
         """
         end = offset + max(length, 1) - 1
         response = await self._send("GET", key, {"x-ms-range": f"bytes={offset}-{end}"}, etag)
@@ -153,9 +154,12 @@ class BlobRest:
                 if "Content-Length" in headers and spans != answered:
                     raise BlobVerificationError(key, f"its Content-Range spans {spans} bytes, its body {answered}")
             size = int(found[3]) if found else 0 if whole else None
+            version = headers.get("ETag") or ""
+            if etag and version and version != etag:
+                # A cache that ignores If-Match answers from the version it saw before.
+                raise BlobVerificationError(key, f"answered ETag {version} for the range at {offset} asked of {etag}")
             name = "x-ms-blob-content-md5" if headers.get("x-ms-blob-content-md5") or not whole else "Content-MD5"
-            return BlobAnswer(key, size, answered, _md5_header(key, name, headers.get(name)),
-                              headers.get("ETag") or "", response)
+            return BlobAnswer(key, size, answered, _md5_header(key, name, headers.get(name)), version, response)
         except BaseException:
             await response.close()
             raise
