@@ -14,7 +14,12 @@ reads) and no retries (Prefect's task retries are the only layer). A refusal is 
 layer raises it and then passed through ``process_storage_error`` as ``BlobClient`` does, so callers
 see the SDK's own exceptions (``ResourceNotFoundError``, ``ResourceModifiedError``, an
 ``HttpResponseError`` with its ``error_code``). Bodies are read raw (``iter_raw``): the bytes stored,
-never decompressed, are the bytes hashed.
+never decompressed, are the bytes hashed; a body that is not blob data (an error's, Put Blob's) is read
+up to ``MAX_ANSWER_BYTES`` only. A Get Blob answer is taken only when its ``Content-Range`` (when
+given) starts at the offset asked and spans its ``Content-Length``, its ETag (when given) is the one
+asked ``If-Match``, and its MD5 header (when given) is an MD5 in base64: a cache or proxy in between
+answering another slice, another version or a compressed body is refused (``BlobVerificationError``),
+where the SDK's ``download_blob`` takes it.
 
 Sources: Azure Storage REST API, "Get Blob" and "Put Blob" (headers ``x-ms-range``, ``If-Match``,
 ``Content-Range``, ``x-ms-blob-content-md5``, ``Content-MD5``, ``x-ms-blob-type``); the headers the

@@ -23,7 +23,8 @@ Verification (issue 3: "size, and MD5 where the service records one"):
   ``maxsingleputbytes``, hashed in a first read and streamed from the file in a second. A larger file
   goes as Put Block (each block with its own transactional MD5) and Put Block List recording the whole
   file's MD5; the blob's properties are then read back and their size and MD5 compared with what was sent.
-- download: the ranges of one version of the blob (``If-Match`` its ETag), several in flight, each
+- download: the ranges of one version of the blob (``If-Match`` its ETag: a first answer without one is
+  refused when other ranges follow, as is one telling another size than expected), several in flight, each
   received into a reused buffer, are written at their offsets and hashed in file order, one
   worker-thread call per range; the MD5 is compared with the one the service returns with the blob
   (``x-ms-blob-content-md5``) and with the size and MD5 in the event meta.
