@@ -222,6 +222,9 @@ async def _read_small(response: AsyncHttpResponse) -> bytes:
     """Read ``response``'s body, raw, up to :data:`MAX_ANSWER_BYTES`, as its ``content`` (where
     ``process_storage_error`` and ``HttpResponseError`` read it); a longer body is cut there and its
     connection closed, the rest never read."""
+    length = response.headers.get("Content-Length") or ""
+    if length.isdigit() and int(length) <= MAX_ANSWER_BYTES:
+        return await response.read()  # aiohttp reads no more than Content-Length; the connection is kept
     body = bytearray()
     pieces = response.iter_raw()
     try:
