@@ -14,10 +14,12 @@ import ssl
 import subprocess
 import tempfile
 import uuid
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from sidecar.providers.azureblob.config import AzureBlobConfig
 from testsupport.identity import TlsFiles
@@ -161,3 +163,29 @@ async def peak_requests_in_flight(store: Any, folder: Path, data: dict[str, byte
         await store.close()
     assert all((folder / "in" / name).read_bytes() == content for name, content in data.items())
     return up, peak
+
+
+H = TypeVar("H", bound=BaseHTTPRequestHandler)
+
+
+def connection_string_to(url: str) -> str:
+    """A connection string of the development account whose blob endpoint is ``url`` (a proxy in front
+    of Azurite, signing with the account key as Azurite checks it)."""
+    return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={url};"
+
+
+@contextmanager
+def proxy_in_front(azurite: Azurite, handler: type[H]) -> Iterator[type[H]]:
+    """Serve a subclass of ``handler`` (a request handler forwarding to port ``upstream``, set here to
+    Azurite's) on a free loopback port, in a thread, until the block ends; yields the subclass, whose
+    ``url`` is the development account's endpoint through it (for :func:`connection_string_to`)."""
+    served = type("Handler", (handler,), {"upstream": azurite.port})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), served)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    served.url = f"http://127.0.0.1:{server.server_port}/{ACCOUNT}"
+    try:
+        yield served
+    finally:
+        server.shutdown()
+        server.server_close()

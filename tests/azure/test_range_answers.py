@@ -11,9 +11,8 @@ import asyncio
 import http.client
 import os
 import re
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -22,7 +21,7 @@ import pytest
 from sidecar.dataplane.blobs import BlobVerificationError, partial_path
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable, is_transient
 from sidecar.providers.azureblob.store import azure_blob_store
-from testsupport.azurite import ACCOUNT, ACCOUNT_KEY, TEST_CHUNK_BYTES, Azurite, azure_config
+from testsupport.azurite import TEST_CHUNK_BYTES, Azurite, azure_config, connection_string_to, proxy_in_front
 
 pytestmark = pytest.mark.anyio
 
@@ -96,25 +95,15 @@ class Mangler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def mangler(azurite: Azurite) -> Iterator[type[Mangler]]:
-    handler = type("Handler", (Mangler,), {"upstream": azurite.port})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    handler.url = f"http://127.0.0.1:{server.server_port}/{ACCOUNT}"
-    yield handler
-    server.shutdown()
-    server.server_close()
-
-
-def _through(url: str) -> str:
-    return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={url};"
+    with proxy_in_front(azurite, Mangler) as handler:
+        yield handler
 
 
 def _through_mangler(azurite: Azurite, mangler: type[Mangler], folder: Path, size: int,
                      inflightbytes: int) -> tuple[Any, Path, Path]:
     """A store whose requests go through ``mangler`` with an ``inflightbytes`` budget, a source file of
     ``size`` random bytes in ``folder`` and the download target beside it: (store, source, target)."""
-    store = azure_blob_store(azure_config(azurite, connectionstring=_through(mangler.url), inflightbytes=inflightbytes))
+    store = azure_blob_store(azure_config(azurite, connectionstring=connection_string_to(mangler.url), inflightbytes=inflightbytes))
     source = folder / "source"
     source.write_bytes(os.urandom(size))
     return store, source, folder / "in" / "blob"
@@ -215,7 +204,7 @@ async def test_a_failed_download_never_writes_into_a_file_opened_after_it(
     from sidecar.providers.azureblob import store as store_module
 
     chunk = TEST_CHUNK_BYTES
-    store = azure_blob_store(azure_config(azurite, connectionstring=_through(mangler.url),
+    store = azure_blob_store(azure_config(azurite, connectionstring=connection_string_to(mangler.url),
                                           inflightbytes=4 * chunk))
     source = tmp_path / "source"
     source.write_bytes(os.urandom(4 * chunk))

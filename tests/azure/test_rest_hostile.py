@@ -13,8 +13,7 @@ import http.client
 import os
 import re
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,7 +22,7 @@ import pytest
 from sidecar.dataplane.blobs import BlobInfo, BlobVerificationError, partial_path
 from sidecar.errors import DataPlaneError, DataPlaneUnavailable, is_transient
 from sidecar.providers.azureblob.store import azure_blob_store
-from testsupport.azurite import ACCOUNT, ACCOUNT_KEY, TEST_CHUNK_BYTES, Azurite, azure_config
+from testsupport.azurite import TEST_CHUNK_BYTES, Azurite, azure_config, connection_string_to, proxy_in_front
 
 pytestmark = pytest.mark.anyio
 
@@ -95,18 +94,24 @@ class Proxy(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def proxy(azurite: Azurite) -> Iterator[type[Proxy]]:
-    handler = type("Handler", (Proxy,), {"upstream": azurite.port})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    handler.url = f"http://127.0.0.1:{server.server_port}/{ACCOUNT}"
-    yield handler
-    server.shutdown()
-    server.server_close()
+    with proxy_in_front(azurite, Proxy) as handler:
+        yield handler
 
 
-def _key_string(url: str) -> str:
-    return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={ACCOUNT_KEY};BlobEndpoint={url};"
+async def _blob_without_md5(azurite: Azurite, store, tmp_path: Path, key: str) -> Callable[[bytes], None]:
+    """A writer of blob ``key`` in ``store``'s container (created by a first upload through the store) as
+    one committed block: a block blob with no MD5 recorded, as Put Block List without one leaves it."""
+    from azure.storage.blob import BlobBlock, BlobClient as SyncBlobClient
+
+    (tmp_path / "seed").write_bytes(b"x")
+    await store.upload(tmp_path / "seed", "e/m/seed")
+    direct = SyncBlobClient.from_connection_string(azurite.connection_string(), store.container, key)
+
+    def write(data: bytes) -> None:
+        direct.stage_block("b0", data)
+        direct.commit_block_list([BlobBlock("b0")])
+
+    return write
 
 
 def _first_get(change: Callable[[Proxy, int, dict[str, str], bytes], bool]) -> Rewrite:
@@ -133,7 +138,7 @@ def _put_blob(change: Callable[[Proxy, int, dict[str, str], bytes], bool]) -> Re
 
 
 def _store(azurite: Azurite, proxy: type[Proxy], **overrides: object):
-    return azure_blob_store(azure_config(azurite, connectionstring=_key_string(proxy.url), **overrides))
+    return azure_blob_store(azure_config(azurite, connectionstring=connection_string_to(proxy.url), **overrides))
 
 
 async def _fails_and_leaves_nothing(store, key: str, target: Path, expected: BlobInfo | None) -> BaseException:
@@ -145,6 +150,19 @@ async def _fails_and_leaves_nothing(store, key: str, target: Path, expected: Blo
 
 
 BIG = 64 * 1024 * 1024  # the body a lying answer offers, bytes
+
+
+async def _refused_once_then_read(store, proxy: type[Proxy], target: Path, expected: BlobInfo | None, words: str,
+                                  content: bytes) -> None:
+    """Blob ``e/m/blob``'s download through the rewriting ``proxy`` fails verification naming ``words``,
+    from one rewritten answer, and leaves nothing; with the proxy passing answers again, the same store
+    (its budget given back) reads ``content``."""
+    error = await _fails_and_leaves_nothing(store, "e/m/blob", target, expected)
+    assert isinstance(error, BlobVerificationError) and words in str(error), repr(error)
+    assert proxy.rewritten == 1
+    proxy.rewrite = None
+    await asyncio.wait_for(store.download("e/m/blob", target, None), 30)
+    assert target.read_bytes() == content
 
 
 @pytest.mark.parametrize("request_, answer", [
@@ -282,16 +300,9 @@ async def test_a_first_answer_without_etag_does_not_mix_two_versions(
     """The ranges after the first are asked ``If-Match`` the first answer's ETag. A first answer without
     one (a proxy dropped it) cannot pin them: the blob, overwritten right after that answer (same size,
     no MD5 recorded, as Put Block List without one leaves it), must not come back as a mix of both."""
-    from azure.storage.blob import BlobBlock, BlobClient as SyncBlobClient
-
     store = _store(azurite, proxy, inflightbytes=CHUNK)
     target = tmp_path / "in" / "blob"
     old, new = os.urandom(3 * CHUNK + 5), os.urandom(3 * CHUNK + 5)
-    direct = None
-
-    def write(data: bytes) -> None:  # a block blob with no MD5 recorded
-        direct.stage_block("b0", data)
-        direct.commit_block_list([BlobBlock("b0")])
 
     def overwritten_after(handler: Proxy, status: int, headers: dict[str, str], data: bytes) -> bool:
         write(new)
@@ -300,17 +311,10 @@ async def test_a_first_answer_without_etag_does_not_mix_two_versions(
         return True
 
     try:
-        (tmp_path / "seed").write_bytes(b"x")
-        await store.upload(tmp_path / "seed", "e/m/seed")  # creates the container
-        direct = SyncBlobClient.from_connection_string(azurite.connection_string(), store.container, "e/m/blob")
+        write = await _blob_without_md5(azurite, store, tmp_path, "e/m/blob")
         write(old)
         proxy.rewrite = _first_get(overwritten_after)
-        error = await _fails_and_leaves_nothing(store, "e/m/blob", target, None)
-        assert isinstance(error, BlobVerificationError) and "ETag" in str(error), repr(error)
-        assert proxy.rewritten == 1
-        proxy.rewrite = None
-        await asyncio.wait_for(store.download("e/m/blob", target, None), 30)
-        assert target.read_bytes() == new
+        await _refused_once_then_read(store, proxy, target, None, "ETag", new)
     finally:
         await store.close()
 
@@ -351,8 +355,6 @@ async def test_an_answer_for_another_range_than_asked_is_refused(
     """A cache that ignores the range answers another slice of the blob, its own Content-Range saying
     so, with the length asked: with no MD5 recorded or expected, nothing else tells the bytes are
     from the wrong place."""
-    from azure.storage.blob import BlobBlock, BlobClient as SyncBlobClient
-
     store = _store(azurite, proxy, inflightbytes=CHUNK)
     target = tmp_path / "in" / "blob"
     content = os.urandom(4 * CHUNK)
@@ -368,18 +370,9 @@ async def test_an_answer_for_another_range_than_asked_is_refused(
         return True
 
     try:
-        (tmp_path / "seed").write_bytes(b"x")
-        await store.upload(tmp_path / "seed", "e/m/seed")  # creates the container
-        direct = SyncBlobClient.from_connection_string(azurite.connection_string(), store.container, "e/m/blob")
-        direct.stage_block("b0", content)  # a block blob with no MD5 recorded
-        direct.commit_block_list([BlobBlock("b0")])
+        (await _blob_without_md5(azurite, store, tmp_path, "e/m/blob"))(content)
         proxy.rewrite = other_slice
-        error = await _fails_and_leaves_nothing(store, "e/m/blob", target, BlobInfo("e/m/blob", len(content), None))
-        assert isinstance(error, BlobVerificationError) and f"at {at}" in str(error), repr(error)
-        assert proxy.rewritten == 1
-        proxy.rewrite = None
-        await asyncio.wait_for(store.download("e/m/blob", target, None), 30)
-        assert target.read_bytes() == content
+        await _refused_once_then_read(store, proxy, target, BlobInfo("e/m/blob", len(content), None), f"at {at}", content)
     finally:
         await store.close()
 
@@ -392,7 +385,6 @@ async def test_an_answer_whose_length_disagrees_with_its_content_range_is_refuse
     so the file had the right size and, with no MD5 known, passed."""
     import gzip
 
-    from azure.storage.blob import BlobBlock, BlobClient as SyncBlobClient
 
     store = _store(azurite, proxy, inflightbytes=CHUNK)
     target = tmp_path / "in" / "blob"
@@ -405,18 +397,9 @@ async def test_an_answer_whose_length_disagrees_with_its_content_range_is_refuse
         return True
 
     try:
-        (tmp_path / "seed").write_bytes(b"x")
-        await store.upload(tmp_path / "seed", "e/m/seed")  # creates the container
-        direct = SyncBlobClient.from_connection_string(azurite.connection_string(), store.container, "e/m/blob")
-        direct.stage_block("b0", content)  # a block blob with no MD5 recorded
-        direct.commit_block_list([BlobBlock("b0")])
+        (await _blob_without_md5(azurite, store, tmp_path, "e/m/blob"))(content)
         proxy.rewrite = _first_get(compressed)
-        error = await _fails_and_leaves_nothing(store, "e/m/blob", target, BlobInfo("e/m/blob", len(content), None))
-        assert isinstance(error, BlobVerificationError) and "Content-Range" in str(error), repr(error)
-        assert proxy.rewritten == 1
-        proxy.rewrite = None
-        await asyncio.wait_for(store.download("e/m/blob", target, None), 30)
-        assert target.read_bytes() == content
+        await _refused_once_then_read(store, proxy, target, BlobInfo("e/m/blob", len(content), None), "Content-Range", content)
     finally:
         await store.close()
 
@@ -464,8 +447,6 @@ async def test_a_range_answered_from_another_version_is_refused(azurite: Azurite
     """A cache that keys on the URL and range only answers a later range from the version it saw
     before, ignoring ``If-Match``: its answer names that version's ETag, and must not be joined to
     the current version's first range (same size, no MD5 recorded or expected)."""
-    from azure.storage.blob import BlobBlock, BlobClient as SyncBlobClient
-
     store = _store(azurite, proxy, inflightbytes=CHUNK)
     target = tmp_path / "in" / "blob"
     old, new = os.urandom(4 * CHUNK), os.urandom(4 * CHUNK)
@@ -486,14 +467,8 @@ async def test_a_range_answered_from_another_version_is_refused(azurite: Azurite
         handler.wfile.write(data)
         return True
 
-    def write(data: bytes) -> None:  # a block blob with no MD5 recorded
-        direct.stage_block("b0", data)
-        direct.commit_block_list([BlobBlock("b0")])
-
     try:
-        (tmp_path / "seed").write_bytes(b"x")
-        await store.upload(tmp_path / "seed", "e/m/seed")  # creates the container
-        direct = SyncBlobClient.from_connection_string(azurite.connection_string(), store.container, "e/m/blob")
+        write = await _blob_without_md5(azurite, store, tmp_path, "e/m/blob")
         write(old)
         proxy.rewrite = stale_cache
         await asyncio.wait_for(store.download("e/m/blob", target, None), 30)
@@ -501,11 +476,6 @@ async def test_a_range_answered_from_another_version_is_refused(azurite: Azurite
         target.unlink()
         write(new)
         replaying = True
-        error = await _fails_and_leaves_nothing(store, "e/m/blob", target, BlobInfo("e/m/blob", len(new), None))
-        assert isinstance(error, BlobVerificationError) and "ETag" in str(error), repr(error)
-        assert proxy.rewritten == 1
-        proxy.rewrite = None
-        await asyncio.wait_for(store.download("e/m/blob", target, None), 30)
-        assert target.read_bytes() == new
+        await _refused_once_then_read(store, proxy, target, BlobInfo("e/m/blob", len(new), None), "ETag", new)
     finally:
         await store.close()
