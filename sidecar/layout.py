@@ -301,7 +301,7 @@ def read_pairs(path: Path, where: str, max_bytes: int, *, empty_ok: bool, limit:
             raise InputError(where, f"{size} bytes is over the limit of {max_bytes} bytes" + (f" ({limit})" if limit else ""))
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise InputError(where, VANISHED.replace("out/data", "out/")) from None
+        raise InputError(where, vanished("out/")) from None
     if not raw.strip():
         if empty_ok:
             return []
@@ -457,7 +457,7 @@ def _walk_output_files(layout: ModuleLayout) -> tuple[list[OutputFile], list[tup
             with os.scandir(folder) as listing:
                 entries = sorted(listing, key=lambda e: e.name)
         except (FileNotFoundError, NotADirectoryError):
-            problems.append(("out/data/" + prefix, VANISHED))
+            problems.append(("out/data/" + prefix, vanished("out/data")))
             return 1
         below = 0
         for entry in entries:
@@ -498,7 +498,7 @@ def _walk_output_files(layout: ModuleLayout) -> tuple[list[OutputFile], list[tup
                 try:
                     stat = entry.stat()
                 except FileNotFoundError:
-                    problem = VANISHED
+                    problem = vanished("out/data")
                 else:
                     found.append(OutputFile(rel, path, stat.st_size, file_version(stat)))
                     below += 1
@@ -520,9 +520,11 @@ def _walk_output_files(layout: ModuleLayout) -> tuple[list[OutputFile], list[tup
 # multiplies names is not.
 MAX_FOLDER_NAMES = 16
 
-# An entry listed under out/data and gone when the walk came to it: the module changed its outputs while
-# /done read them (a FileNotFoundError, a 500, before this was a refusal naming it).
-VANISHED = "vanished while /done was reading out/data: the module changed its outputs; restore them and call /done again"
+def vanished(folder: str) -> str:
+    """The problem of an entry of ``folder`` (``"out/data"``, ``"out/"``) listed and then gone when /done
+    came to read it: the module changed its outputs meanwhile (a FileNotFoundError, a 500, before this was
+    a refusal naming it)."""
+    return f"vanished while /done was reading {folder}: the module changed its outputs; restore them and call /done again"
 
 
 def _link_problem(path: Path, real_root: str) -> str | None:
