@@ -28,17 +28,26 @@ def dev_run_pausing_at(workdir: Path, sidecars: list, step: str, event_id: str, 
     sidecar and the module's client; ``/done`` is the caller's to call."""
     args = ["--development=true", f"--context.eventid={event_id}", f"--context.correlationid={correlation_id}",
             "--context.name=mod", f"--valideventtypes={event_types}", f"--devdir={workdir / '.dev'}", *flags]
+    sidecar, client = started_and_staged(workdir, sidecars, args, step)
+    for i in range(files):
+        client.write_file(f"d/f{i}.bin", content(i))
+    for i in range(events):
+        client.write_event(f"e{i}", "file_discovered", [f"d/f{i}.bin"], index=str(i))
+    client.write_insight(**insight)
+    return sidecar, client
+
+
+def started_and_staged(workdir: Path, sidecars: list, args: list[str], step: str
+                       ) -> tuple[RestartableSidecar, SidecarClient]:
+    """Start a sidecar in ``workdir`` with the flags ``args`` that freezes at crash point ``step``, append it
+    to ``sidecars`` (the tests' fixture stops them), wait until it is healthy and call ``/ready`` (retried
+    for up to 60 s); returns the sidecar and the module's client."""
     sidecar = RestartableSidecar(workdir, args)
     sidecars.append(sidecar)
     sidecar.start(pause_at=step)
     sidecar.wait_healthy()
     client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
     client.ready(retry_seconds=60)
-    for i in range(files):
-        client.write_file(f"d/f{i}.bin", content(i))
-    for i in range(events):
-        client.write_event(f"e{i}", "file_discovered", [f"d/f{i}.bin"], index=str(i))
-    client.write_insight(**insight)
     return sidecar, client
 
 

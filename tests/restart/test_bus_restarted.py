@@ -27,8 +27,8 @@ import pytest
 
 from ion_sidecar_client import SidecarClient
 from testsupport.amqp_peer import AmqpPeer, Topic
-from testsupport.processes import SECRET, RestartableSidecar, free_port
-from testsupport.restart import call_in_background, record
+from testsupport.processes import RestartableSidecar, free_port
+from testsupport.restart import call_in_background, record, started_and_staged
 from testsupport.servicebus import receive_all_sync, unique
 from testsupport.stack import Stack, seed_args
 
@@ -119,12 +119,7 @@ def start_sidecar(tmp_path: Path, stack: Stack, bus: Bus, sidecars: list, pause_
     args += [f"--servicebuseventprovider.topic={bus.topic.name}",
              f"--servicebuseventprovider.connectionstring={bus.connection_string()}",
              f"--devdir={tmp_path / '.dev'}", "--transfer.retrydelayseconds=0.5", *extra]
-    sidecar = RestartableSidecar(tmp_path, args)
-    sidecars.append(sidecar)
-    sidecar.start(pause_at=pause_at)
-    sidecar.wait_healthy()
-    client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
-    client.ready(retry_seconds=60)
+    sidecar, client = started_and_staged(tmp_path, sidecars, args, pause_at)
     for i in range(EVENTS):
         client.write_file(f"f{i}.txt", f"{i}".encode() * 100)
         client.write_event(f"e{i}", "file_discovered", [f"f{i}.txt"], index=str(i))

@@ -20,7 +20,8 @@ import pytest
 
 from ion_sidecar_client import SidecarClient
 from sidecar.childprocess import dies_with_parent
-from testsupport.processes import SECRET, RestartableSidecar, wait_http
+from testsupport.processes import SECRET, wait_http
+from testsupport.restart import started_and_staged
 from testsupport.stack import Stack, seed_args
 
 FILES, EVENTS = 6, 3
@@ -71,12 +72,7 @@ def test_service_process_killed_mid_done_then_back_commits_once(tmp_path: Path, 
     args = seed_args(stack, event_id, "corr-" + event_id, "mod") + [
         "--transfer.concurrency=1", "--transfer.retries=1", "--transfer.retrydelayseconds=0.2",
         "--mongodbdocprovider.serverselectiontimeoutseconds=3", f"--devdir={tmp_path / '.dev'}"]
-    sidecar = RestartableSidecar(tmp_path, args)
-    sidecars.append(sidecar)
-    sidecar.start(pause_at=point)
-    sidecar.wait_healthy()
-    client = SidecarClient(url=sidecar.url, secret=SECRET, basedir=sidecar.basedir)
-    client.ready(retry_seconds=60)
+    sidecar, client = started_and_staged(tmp_path, sidecars, args, point)
     write_outputs(client)
     kill, start = (kill_mongo, start_mongo) if service == "mongo" else (kill_azurite, start_azurite)
     with httpx.Client(timeout=300) as http:
